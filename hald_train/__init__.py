@@ -1,0 +1,1 @@
+"""hald_train: a thin trainer with HALD's Soft-Hard-Soft schedule (see README)."""

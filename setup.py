@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="hald-store",
+    version="0.1.0",
+    description="Compact soft-label stores, exact crop replay and the HALD schedule for "
+    "dataset distillation and fast knowledge distillation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hald_store", "hald_store.*", "hald_train", "hald_train.*"]),
+    install_requires=[
+        # torchvision>=0.29 pulls a matching torch; never pin torch itself (see README).
+        "torchvision>=0.29",
+        "nvidia-dali-cuda130>=2.0",
+        "zarr>=3.0",
+        "numcodecs>=0.13",
+        "numpy>=1.24",
+        "click>=8.1",
+        "tqdm>=4.60",
+        "pillow>=9.0",
+    ],
+    extras_require={
+        "test": ["pytest>=7.0"],
+        "bench": ["matplotlib>=3.6"],
+    },
+    entry_points={"console_scripts": ["hald-store=hald_store.cli:main"]},
+)
