@@ -15,12 +15,13 @@ Two backends implement the same contract:
 * :class:`DaliRenderer` -- one NVIDIA DALI pipeline (``decoders.image_slice`` ->
   ``resize`` -> ``crop_mirror_normalize``), on the CPU or on the GPU (``"mixed"`` decode).
   ROI decoding means only the window is decoded where the codec allows it.
-* :class:`TorchvisionRenderer` -- the reference path: ``torchvision.io.decode_image``,
+* :class:`TorchvisionRenderer` -- the reference path: Pillow decode (as the reference
+  pipelines do),
   tensor slicing, ``transforms.v2.functional.resize``; pixel work on the CPU (with
   ``device="gpu"`` the finished tensors are moved to CUDA, bit-identical to CPU).
 
 Both are deterministic run to run and independent of how a request is split into batches.
-They decode identically (same libjpeg-turbo / libpng results were measured for JPEG and
+They decode identically (Pillow and DALI gave the same pixels for every JPEG and
 PNG); their resize kernels differ slightly, so a store should record
 :meth:`CropRenderer.describe` and replay with the same backend and device for bit-exact
 crops (see ``tests/test_pipeline.py`` for the measured differences).
@@ -33,7 +34,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -64,13 +64,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
-
-# torchvision 0.29 warns on every decode_image call that its decoders are deprecated in
-# favour of TorchCodec; the reference renderer relies on them deliberately.
-warnings.filterwarnings(
-    "ignore", message=r"The image decoding and encoding capabilities of TorchVision are deprecated",
-    category=DeprecationWarning,
-)
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,21 +359,14 @@ class TorchvisionRenderer(CropRenderer):
         return torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
 
     def _decode(self, index: int, data: np.ndarray) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
-        if not data.flags.writeable:
-            data = data.copy()
         try:
-            img = decode_image(torch.from_numpy(data), mode=ImageReadMode.RGB)
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.array(im.convert("RGB"))
         except Exception as exc:
             raise ImageError(f"sample {index}: cannot decode image ({len(data)} bytes): {exc}") from exc
-        if img.dtype != torch.uint8:  # e.g. 16-bit PNG
-            from torchvision.transforms.v2.functional import to_dtype
-
-            img = to_dtype(img, torch.uint8, scale=True)
-        if img.ndim != 3 or img.shape[0] != 3:
-            raise ImageError(f"sample {index}: decoded to an unexpected shape {tuple(img.shape)}")
-        return img
+        return torch.from_numpy(rgb).permute(2, 0, 1)
 
     def _render(self, encoded, boxes, flips, normalize):
         from torchvision.transforms.v2.functional import resize
