@@ -1,0 +1,171 @@
+"""Image folders and manifests.
+
+An image folder is laid out like torchvision's ``ImageFolder``: one sub-folder per class,
+class indices in sorted folder-name order. A :class:`Manifest` records, per image, its
+relative path, class, byte size, content hash (BLAKE2b-128) and pixel size; a store keeps
+it so that training can prove it reads the very files the labels were computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from .errors import ImageError, ManifestMismatchError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DIGEST_SIZE = 16
+
+
+@dataclass
+class Manifest:
+    """Column-wise description of the images a store was built from."""
+
+    paths: list[str]  # relative to the image root, '/'-separated
+    labels: np.ndarray  # (N,) int64 class index
+    class_names: list[str]
+    nbytes: np.ndarray  # (N,) int64 file size
+    digests: np.ndarray  # (N, 16) uint8 BLAKE2b-128 of the file
+    heights: np.ndarray  # (N,) int32
+    widths: np.ndarray  # (N,) int32
+    skipped: list[dict] = field(default_factory=list)  # [{'path': ..., 'error': ...}]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def images_per_class(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.class_names))
+
+    def fingerprint(self) -> str:
+        """One hash over paths, labels, sizes and content hashes (for settings checks)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update("\n".join(self.paths).encode())
+        for arr in (self.labels.astype(np.int64), self.nbytes.astype(np.int64), self.digests):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+
+def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    if not root.exists():
+        raise ImageError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ImageError(f"image folder {str(root)!r} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ImageError(
+            f"image folder {str(root)!r} has no class sub-folders (expected ROOT/<class>/<image>)"
+        )
+    files: list[tuple[str, int]] = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
+                    rel = Path(dirpath, fname).relative_to(root).as_posix()
+                    files.append((rel, label))
+    if not files:
+        raise ImageError(
+            f"image folder {str(root)!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    return classes, files
+
+
+def _inspect(path: Path) -> tuple[int, bytes, int, int]:
+    """Read one file, hash it and fully decode it; returns (nbytes, digest, height, width)."""
+    data = path.read_bytes()
+    digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        img.load()  # a full decode catches truncated and corrupt files
+    return len(data), digest, height, width
+
+
+def scan_image_folder(
+    root: str | os.PathLike, *, skip_bad: bool = False, progress: bool = True, num_threads: int = 4
+) -> Manifest:
+    """Scan ``root`` (``root/<class>/<image>``), hashing and decoding every image once.
+
+    A corrupt or unreadable image raises :class:`ImageError` naming the file, unless
+    ``skip_bad`` is set, in which case it is left out and listed in ``Manifest.skipped``.
+    """
+    root = Path(root)
+    classes, files = _list_class_folders(root)
+    results: list = [None] * len(files)
+
+    def work(i: int):
+        try:
+            results[i] = _inspect(root / files[i][0])
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            results[i] = e
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc="scan images",
+                  unit="img", disable=not progress, leave=False))
+
+    keep, skipped = [], []
+    for i, res in enumerate(results):
+        if isinstance(res, Exception):
+            path = str(root / files[i][0])
+            if not skip_bad:
+                raise ImageError(f"cannot read image {path!r}: {res} (pass --skip-bad to skip it)")
+            skipped.append({"path": files[i][0], "error": str(res)})
+        else:
+            keep.append(i)
+    if not keep:
+        raise ImageError(f"image folder {str(root)!r}: every image is unreadable")
+    info = [results[i] for i in keep]
+    return Manifest(
+        paths=[files[i][0] for i in keep],
+        labels=np.array([files[i][1] for i in keep], dtype=np.int64),
+        class_names=classes,
+        nbytes=np.array([r[0] for r in info], dtype=np.int64),
+        digests=np.frombuffer(b"".join(r[1] for r in info), dtype=np.uint8).reshape(-1, DIGEST_SIZE).copy(),
+        heights=np.array([r[2] for r in info], dtype=np.int32),
+        widths=np.array([r[3] for r in info], dtype=np.int32),
+        skipped=skipped,
+    )
+
+
+def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
+    """Raise :class:`ManifestMismatchError` unless ``root`` holds the manifest's files.
+
+    Sizes are always compared; ``check_hashes`` also re-hashes every file (slower).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestMismatchError(f"image root {str(root)!r} is not a directory")
+    missing, changed = [], []
+    for i, rel in enumerate(manifest.paths):
+        path = root / rel
+        try:
+            size = path.stat().st_size
+        except OSError:
+            missing.append(rel)
+            continue
+        if size != manifest.nbytes[i]:
+            changed.append(rel)
+        elif check_hashes:
+            digest = hashlib.blake2b(path.read_bytes(), digest_size=DIGEST_SIZE).digest()
+            if digest != manifest.digests[i].tobytes():
+                changed.append(rel)
+    if missing or changed:
+        parts = []
+        for label, items in (("missing", missing), ("changed", changed)):
+            if items:
+                parts.append(f"{len(items)} {label} ({', '.join(items[:5])}{' ...' if len(items) > 5 else ''})")
+        raise ManifestMismatchError(
+            f"image root {str(root)!r} does not match the store's manifest: {'; '.join(parts)}"
+        )
+
+
+def class_names(root: str | os.PathLike) -> list[str]:
+    """Sorted class folder names of an image folder (no files are read)."""
+    return _list_class_folders(Path(root))[0]
