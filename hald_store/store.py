@@ -1,0 +1,321 @@
+"""The label store: a Zarr v3 group that anyone with zarr alone can open and understand.
+
+Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
+
+    zarr.json                 attributes under "hald_store" (format, version, settings)
+    images/path    (N,)       str     relative path in the image folder
+    images/label   (N,)       int32   hard label (class index)
+    images/nbytes  (N,)       int64   file size in bytes
+    images/blake2b (N, 16)    uint8   BLAKE2b-128 of the file
+    images/height, images/width (N,) int32
+    crops/box      (N, S, 4)  int32   (top, left, height, width) in image pixels
+    crops/flip     (N, S)     bool    horizontal flip
+    labels/<field> (N, S, ...)        the label codec's fields (indices, gaps/codes, scale)
+    progress/block_done (B,)  uint8   1 once block b (images b*chunk .. (b+1)*chunk) is written
+
+Label arrays are chunked ``(chunk_images, S, ...)`` and compressed with Blosc/zstd: one
+chunk file per block, so a block is written by exactly one writer and a resumed build
+redoes only blocks whose ``block_done`` marker is missing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from .codec import LabelCodec, TopKLabels
+from .crop_plan import CropPolicy
+from .errors import SettingsMismatchError, StoreError
+from .images import Manifest, check_image_root
+
+FORMAT_NAME = "hald-store"
+FORMAT_VERSION = 1
+ATTR_KEY = "hald_store"
+# Attributes that describe the store but are not build settings (ignored by resume checks).
+_NON_SETTINGS = ("format", "format_version", "library_version")
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def settings_diff(stored: dict, requested: dict) -> list[str]:
+    """Human-readable differences between two settings dicts (``key: stored -> requested``)."""
+    keys = sorted((set(stored) | set(requested)) - set(_NON_SETTINGS))
+    return [
+        f"{k}: {stored.get(k)!r} -> {requested.get(k)!r}"
+        for k in keys
+        if stored.get(k) != requested.get(k)
+    ]
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a directory holding a hald-store group."""
+    try:
+        return ATTR_KEY in zarr.open_group(os.fspath(path), mode="r").attrs
+    except Exception:  # zarr raises several types for "not a group"
+        return False
+
+
+class LabelStore:
+    """Read (and, for the builder, write) a hald-store label store."""
+
+    def __init__(self, group: zarr.Group, path: str) -> None:
+        self.group = group
+        self.path = path
+        self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])
+        self.codec = LabelCodec.from_dict(self.attrs["codec"])
+        self.crop_policy = CropPolicy.from_dict(self.attrs["crop_policy"])
+        self._done_cache: np.ndarray | None = None
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, allow_incomplete: bool = False) -> "LabelStore":
+        """Open a store; refuses unknown formats and versions, and incomplete builds unless allowed."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise StoreError(f"store {path!r} does not exist")
+        try:
+            group = zarr.open_group(path, mode=mode)
+        except Exception as e:
+            raise StoreError(f"{path!r} is not a Zarr group: {e}") from e
+        attrs = group.attrs.get(ATTR_KEY)
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
+            raise StoreError(f"{path!r} is a Zarr group but not a hald-store store (no '{ATTR_KEY}' attributes)")
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"store {path!r} has format version {version!r}; this hald-store reads version "
+                f"{FORMAT_VERSION} only (upgrade hald-store, or rebuild the store)"
+            )
+        store = cls(group, path)
+        if not allow_incomplete and not store.complete:
+            done = int(store.block_done().sum())
+            raise StoreError(
+                f"store {path!r} is incomplete ({done} of {store.num_blocks} blocks written); "
+                "finish it with `hald-store build ... --resume`"
+            )
+        return store
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        manifest: Manifest,
+        boxes: np.ndarray,
+        flips: np.ndarray,
+        attrs: dict[str, Any],
+        codec: LabelCodec,
+        chunk_images: int,
+    ) -> "LabelStore":
+        """Write a new, empty store (manifest, crop boxes, attributes) atomically at ``path``.
+
+        Everything is written into a sibling temporary directory that is renamed into place
+        at the end, so a killed creation never leaves a half-made store behind.
+        """
+        path = os.fspath(path)
+        n, s = boxes.shape[:2]
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".hald-store-tmp-", dir=parent)
+        try:
+            g = zarr.open_group(tmp, mode="w")
+
+            def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dtype: Any = None) -> None:
+                arr = g.create_array(name, shape=data.shape, dtype=dtype or data.dtype, chunks=chunks,
+                                     compressors=_compressor())
+                arr[...] = data
+
+            ci = min(chunk_images, n)
+            put("images/path", np.array(manifest.paths, dtype=object), (ci,), dtype=str)
+            put("images/label", manifest.labels.astype(np.int32), (ci,))
+            put("images/nbytes", manifest.nbytes.astype(np.int64), (ci,))
+            put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
+            put("images/height", manifest.heights.astype(np.int32), (ci,))
+            put("images/width", manifest.widths.astype(np.int32), (ci,))
+            put("crops/box", boxes.astype(np.int32), (ci, s, 4))
+            put("crops/flip", flips.astype(bool), (ci, s))
+            for name, (dtype, shape) in codec.fields().items():
+                g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, s, *shape),
+                               compressors=_compressor(), fill_value=0)
+            g.create_array("progress/block_done", shape=(math.ceil(n / ci),), dtype=np.uint8, chunks=(1,),
+                           fill_value=0, compressors=None)
+            g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs}
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(path, mode="r+", allow_incomplete=True)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def num_images(self) -> int:
+        return int(self.attrs["num_images"])
+
+    @property
+    def crops_per_image(self) -> int:
+        return int(self.attrs["crops_per_image"])
+
+    @property
+    def num_crops(self) -> int:
+        return self.num_images * self.crops_per_image
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.codec.temperature)
+
+    @property
+    def chunk_images(self) -> int:
+        return int(self.group["crops/box"].chunks[0])
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.group["progress/block_done"].shape[0])
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Image index range ``[start, stop)`` of a block."""
+        start = block * self.chunk_images
+        return start, min(start + self.chunk_images, self.num_images)
+
+    def block_done(self) -> np.ndarray:
+        """Boolean array: which blocks are fully written."""
+        if self._done_cache is None or not self._done_cache.all():
+            self._done_cache = self.group["progress/block_done"][:].astype(bool)
+        return self._done_cache
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.block_done().all())
+
+    def settings(self) -> dict[str, Any]:
+        """The attributes that define the store's contents (compared on resume)."""
+        return {k: v for k, v in self.attrs.items() if k not in _NON_SETTINGS}
+
+    def check_settings(self, requested: dict[str, Any]) -> None:
+        """Raise :class:`SettingsMismatchError` listing every setting that differs."""
+        diff = settings_diff(self.settings(), requested)
+        if diff:
+            raise SettingsMismatchError(
+                f"store {self.path!r} was built with different settings:\n  " + "\n  ".join(diff)
+                + "\nuse the original settings with --resume, or --overwrite to rebuild"
+            )
+
+    # ---------------------------------------------------------------- manifest
+    def manifest(self) -> Manifest:
+        g = self.group
+        return Manifest(
+            paths=[str(p) for p in g["images/path"][:]],
+            labels=g["images/label"][:].astype(np.int64),
+            class_names=self.class_names,
+            nbytes=g["images/nbytes"][:],
+            digests=g["images/blake2b"][:],
+            heights=g["images/height"][:],
+            widths=g["images/width"][:],
+            skipped=list(self.attrs.get("skipped", [])),
+        )
+
+    def hard_labels(self) -> np.ndarray:
+        """(N,) int64 class index per image."""
+        return self.group["images/label"][:].astype(np.int64)
+
+    def check_images(self, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
+        """Raise :class:`~hald_store.errors.ManifestMismatchError` unless ``root`` matches the manifest."""
+        check_image_root(self.manifest(), root, check_hashes=check_hashes)
+
+    # -------------------------------------------------------------- label I/O
+    def _coords(self, images, seeds) -> tuple[np.ndarray, np.ndarray]:
+        images, seeds = np.broadcast_arrays(np.asarray(images, dtype=np.int64), np.asarray(seeds, dtype=np.int64))
+        images, seeds = images.ravel(), seeds.ravel()
+        if images.size and (images.min() < 0 or images.max() >= self.num_images):
+            raise IndexError(f"image index out of range [0, {self.num_images})")
+        if seeds.size and (seeds.min() < 0 or seeds.max() >= self.crops_per_image):
+            raise IndexError(f"crop seed out of range [0, {self.crops_per_image})")
+        return images, seeds
+
+    def _gather(self, name: str, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """Values of array ``name`` at ``(images[i], seeds[i])``: one orthogonal read of the
+        distinct images' rows (all their crops), then a NumPy gather."""
+        unique, inverse = np.unique(images, return_inverse=True)
+        arr = self.group[name]
+        rows = arr.get_orthogonal_selection((unique,) + (slice(None),) * (arr.ndim - 1))
+        return rows[inverse, seeds]
+
+    def read_fields(self, images, seeds) -> dict[str, np.ndarray]:
+        """Raw codec fields for crops ``(images[i], seeds[i])``."""
+        images, seeds = self._coords(images, seeds)
+        return {name: self._gather(f"labels/{name}", images, seeds) for name in self.codec.fields()}
+
+    def read(self, images, seeds) -> TopKLabels:
+        """Decoded top-k labels for crops ``(images[i], seeds[i])``."""
+        return self.codec.decode(self.read_fields(images, seeds))
+
+    def soft_labels(self, images, seeds, temperature: float | None = None) -> torch.Tensor:
+        """Dense (n, C) probabilities at ``temperature`` (the build temperature by default)."""
+        return self.read(images, seeds).probs(self.temperature if temperature is None else temperature)
+
+    def boxes(self, images, seeds) -> tuple[np.ndarray, np.ndarray]:
+        """Stored crop windows (n, 4) int32 ``(top, left, height, width)`` and flips (n,) bool."""
+        images, seeds = self._coords(images, seeds)
+        return self._gather("crops/box", images, seeds), self._gather("crops/flip", images, seeds)
+
+    def write_block(self, block: int, fields: dict[str, np.ndarray]) -> None:
+        """Write the labels of one block (arrays shaped (images in block, S, ...)), then mark it done."""
+        start, stop = self.block_range(block)
+        for name in self.codec.fields():
+            self.group[f"labels/{name}"][start:stop] = fields[name]
+        self.group["progress/block_done"][block] = 1
+        self._done_cache = None
+
+    # -------------------------------------------------------------------- size
+    def bytes_on_disk(self, prefix: str = "") -> int:
+        """Bytes of all files under the store (or under ``prefix``, e.g. ``'labels'``)."""
+        root = Path(self.path, prefix)
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``hald-store info --json`` prints)."""
+        total = self.bytes_on_disk()
+        label_bytes = self.bytes_on_disk("labels")
+        done = self.block_done()
+        return {
+            "path": self.path,
+            "format_version": self.attrs["format_version"],
+            "complete": bool(done.all()),
+            "blocks_done": int(done.sum()),
+            "num_blocks": self.num_blocks,
+            "num_images": self.num_images,
+            "crops_per_image": self.crops_per_image,
+            "num_crops": self.num_crops,
+            "num_classes": self.num_classes,
+            "top_k": self.codec.top_k,
+            "values": self.codec.values,
+            "temperature": self.temperature,
+            "teacher": self.attrs.get("teacher"),
+            "input_size": self.attrs.get("input_size"),
+            "backend": self.attrs.get("renderer", {}).get("backend"),
+            "seed": self.attrs.get("plan_seed"),
+            "bytes_on_disk": total,
+            "bytes_per_crop": total / max(self.num_crops, 1),
+            "label_bytes_on_disk": label_bytes,
+            "label_bytes_per_crop": label_bytes / max(self.num_crops, 1),
+            "raw_label_bytes_per_crop": self.codec.bytes_per_crop(),
+            "reference_fp16_bytes_per_crop": 2 * self.num_classes,
+            "skipped_images": len(self.attrs.get("skipped", [])),
+        }
