@@ -1,0 +1,314 @@
+"""Build a label store: run a teacher over the planned crops of an image folder.
+
+The work is split into blocks of ``chunk_images`` images (all their crops). Each block is
+rendered, labelled, encoded and written as one chunk per array, then marked done; a killed
+build resumed with ``resume=True`` redoes only unfinished blocks, in the same batches, so
+the result is identical to an uninterrupted build.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .codec import LabelCodec
+from .crop_plan import CropPolicy, plan_crops
+from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
+from .images import Manifest, scan_image_folder
+from .models import weights_sha256
+from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, read_files
+from .store import LabelStore, is_store
+
+# Renderer description keys that may change between runs without changing the labels' meaning.
+_RUNTIME_RENDERER_KEYS = ("device", "num_threads", "max_batch_size", "device_id")
+
+
+@dataclass
+class BuildSummary:
+    """What a build did; ``str()`` gives the human summary the CLI prints."""
+
+    path: str
+    crops_total: int
+    crops_written: int
+    blocks_written: int
+    blocks_skipped: int
+    seconds: float
+    teacher_seconds: float
+    bytes_on_disk: int
+    label_bytes_on_disk: int
+
+    @property
+    def crops_per_second(self) -> float:
+        return self.crops_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_crop(self) -> float:
+        return self.bytes_on_disk / max(self.crops_total, 1)
+
+    @property
+    def outside_teacher_fraction(self) -> float:
+        """Share of the wall time not spent in the teacher's forward pass."""
+        return 1.0 - self.teacher_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"store            {self.path}\n"
+            f"crops written    {self.crops_written:,} this run ({self.blocks_written} blocks; "
+            f"{self.blocks_skipped} already done), {self.crops_total:,} in the store\n"
+            f"bytes on disk    {self.bytes_on_disk:,} ({self.label_bytes_on_disk:,} of them labels)\n"
+            f"bytes per crop   {self.bytes_per_crop:.2f} (labels {self.label_bytes_on_disk / max(self.crops_total, 1):.2f})\n"
+            f"throughput       {self.crops_per_second:,.0f} crops/s over {self.seconds:.1f} s "
+            f"({100 * self.outside_teacher_fraction:.0f}% of the time outside the teacher)"
+        )
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``'auto'`` picks CUDA when available, else CPU; asking for CUDA without it is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HaldStoreError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def crops_for_slc(manifest: Manifest, slc: int) -> int:
+    """Crops per image giving ``slc`` soft labels per class (needs equal images per class)."""
+    per_class = manifest.images_per_class()
+    present = per_class[per_class > 0]
+    if len(set(present.tolist())) != 1:
+        raise HaldStoreError("--slc needs the same number of images in every class; use --crops-per-image")
+    ipc = int(present[0])
+    if slc < ipc or slc % ipc:
+        raise HaldStoreError(
+            f"--slc {slc} is not a positive multiple of the {ipc} images per class; "
+            f"try --slc {max(ipc, slc // ipc * ipc)}"
+        )
+    return slc // ipc
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Decide what to do with an existing output path; returns True to resume into it."""
+    if not out.exists():
+        return False
+    if resume and overwrite:
+        raise HaldStoreError("--resume and --overwrite contradict each other; pass one")
+    if resume:
+        if not is_store(out):
+            raise StoreError(f"cannot resume: {str(out)!r} exists but is not a hald-store store")
+        return True
+    if not overwrite:
+        raise StoreError(f"output {str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
+    if is_store(out) or (out.is_dir() and not any(out.iterdir())):
+        shutil.rmtree(out)
+        return False
+    raise StoreError(f"refusing to --overwrite {str(out)!r}: it is not a hald-store store")
+
+
+def _batches(
+    store: LabelStore, root: Path, paths: Sequence[str], renderer: CropRenderer,
+    blocks: Sequence[int], batch_size: int, stop: threading.Event,
+) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    """Rendered crops of the given blocks, in fixed batches: yields (block, image indices, images)."""
+    s = store.crops_per_image
+    for block in blocks:
+        start, stop_img = store.block_range(block)
+        encoded = read_files([root / p for p in paths[start:stop_img]])
+        images = np.repeat(np.arange(start, stop_img), s)
+        seeds = np.tile(np.arange(s), stop_img - start)
+        boxes, flips = store.boxes(images, seeds)
+        for b0 in range(0, len(images), batch_size):
+            if stop.is_set():
+                return
+            sel = slice(b0, b0 + batch_size)
+            idx = images[sel]
+            try:
+                x = renderer([encoded[i - start] for i in idx], boxes[sel], flips[sel])
+            except HaldStoreError as e:
+                names = ", ".join(sorted({paths[i] for i in idx})[:4])
+                raise HaldStoreError(f"rendering crops of {names} ...: {e}") from e
+            yield block, idx, x
+
+
+def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run an iterator in a background thread, ``depth`` items ahead; re-raises its errors."""
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+
+    def worker():
+        try:
+            for item in it:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # forwarded to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    while True:
+        item = q.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def build_store(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    teacher: nn.Module,
+    *,
+    teacher_name: str | None = None,
+    num_classes: int | None = None,
+    crops_per_image: int | None = None,
+    slc: int | None = None,
+    top_k: int = 5,
+    values: str = "uint8",
+    temperature: float = 20.0,
+    input_size: int = 224,
+    crop_policy: CropPolicy = CropPolicy(),
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    backend: str = "auto",
+    chunk_images: int = 1024,
+    resume: bool = False,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> BuildSummary:
+    """Label ``crops_per_image`` planned crops of every image in ``images`` with ``teacher``.
+
+    ``images`` is an ImageFolder-style directory; ``out`` the store directory. Exactly one of
+    ``crops_per_image`` and ``slc`` (soft labels per class) is given. See the README for the
+    meaning of each option; the CLI ``hald-store build`` maps its flags one to one.
+    """
+    t_start = time.perf_counter()
+    root, out = Path(images), Path(out)
+    if (crops_per_image is None) == (slc is None):
+        raise HaldStoreError("give exactly one of --crops-per-image and --slc")
+    for name, value in (("--batch-size", batch_size), ("--input-size", input_size), ("--chunk-images", chunk_images)):
+        if value < 1:
+            raise HaldStoreError(f"{name} must be >= 1, got {value}")
+    if not temperature > 0:
+        raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    if out.exists() and not (resume or overwrite):  # fail before the (slow) scan
+        _prepare_out(out, resume, overwrite)
+    dev = resolve_device(device)
+
+    manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress)
+    num_classes = len(manifest.class_names) if num_classes is None else num_classes
+    if num_classes < len(manifest.class_names):
+        raise HaldStoreError(
+            f"--num-classes {num_classes} is smaller than the {len(manifest.class_names)} class folders in {str(root)!r}"
+        )
+    if crops_per_image is None:
+        crops_per_image = crops_for_slc(manifest, slc)
+    if crops_per_image < 1:
+        raise HaldStoreError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+    if not 1 <= top_k <= num_classes:
+        raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({num_classes})")
+    codec = LabelCodec(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
+    renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
+                             device="gpu" if dev.type == "cuda" else "cpu")
+    teacher = teacher.to(dev).eval()
+    renderer_info = {k: v for k, v in renderer.describe().items() if k not in _RUNTIME_RENDERER_KEYS}
+    attrs = {
+        "library_version": __version__,
+        "num_images": len(manifest),
+        "crops_per_image": int(crops_per_image),
+        "num_classes": int(num_classes),
+        "class_names": manifest.class_names,
+        "plan_seed": int(seed),
+        "crop_policy": crop_policy.to_dict(),
+        "input_size": int(input_size),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "renderer": renderer_info,
+        "teacher": {"name": teacher_name or type(teacher).__name__, "weights_sha256": weights_sha256(teacher),
+                    "mode": "eval"},
+        "codec": codec.to_dict(),
+        "manifest_blake2b": manifest.fingerprint(),
+        "skipped": manifest.skipped,
+    }
+
+    n, s = len(manifest), int(crops_per_image)
+    img = np.repeat(np.arange(n), s)
+    boxes, flips = plan_crops(seed, img, np.tile(np.arange(s), n), manifest.heights[img], manifest.widths[img],
+                              crop_policy)
+    # Probe the teacher on one crop, so a wrong teacher fails before anything is written.
+    probe = renderer(read_files([root / manifest.paths[0]]), boxes[:1], flips[:1])
+    with torch.inference_mode():
+        _check_logits(teacher(probe.to(dev)).float().cpu(), img[:1], manifest, num_classes)
+
+    if _prepare_out(out, resume, overwrite):
+        store = LabelStore.open(out, mode="r+", allow_incomplete=True)
+        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
+            raise ManifestMismatchError(
+                f"cannot resume {str(out)!r}: the images in {str(root)!r} differ from the ones it was built from"
+            )
+        store.check_settings(attrs)
+    else:
+        store = LabelStore.create(out, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s), attrs, codec,
+                                  chunk_images)
+
+    todo = [b for b, done in enumerate(store.block_done()) if not done]
+    s = store.crops_per_image
+    remaining = s * sum(stop_img - start for start, stop_img in map(store.block_range, todo))
+    pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
+                disable=not progress, dynamic_ncols=True)
+    teacher_seconds, written, stop = 0.0, 0, threading.Event()
+    pending: dict[int, list[torch.Tensor]] = {}
+    try:
+        for block, idx, x in _prefetch(_batches(store, root, manifest.paths, renderer, todo, batch_size, stop)):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
+            teacher_seconds += time.perf_counter() - t0
+            _check_logits(logits, idx, manifest, num_classes)
+            pending.setdefault(block, []).append(logits)
+            pbar.update(len(idx))
+            start, stop_img = store.block_range(block)
+            if sum(len(t) for t in pending[block]) == (stop_img - start) * s:
+                fields = codec.encode(torch.cat(pending.pop(block)))
+                store.write_block(block, {k: v.reshape(stop_img - start, s, *v.shape[1:]) for k, v in fields.items()})
+                written += (stop_img - start) * s
+    finally:
+        stop.set()
+        pbar.close()
+    return BuildSummary(
+        path=str(out), crops_total=store.num_crops, crops_written=written, blocks_written=len(todo),
+        blocks_skipped=store.num_blocks - len(todo), seconds=time.perf_counter() - t_start,
+        teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
+        label_bytes_on_disk=store.bytes_on_disk("labels"),
+    )
+
+
+def _check_logits(logits: torch.Tensor, idx: np.ndarray, manifest: Manifest, num_classes: int) -> None:
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise TeacherOutputError(
+            f"the teacher returned shape {tuple(logits.shape)}; expected (batch, {num_classes}) "
+            "(check --num-classes against the teacher)"
+        )
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        names = sorted({manifest.paths[i] for i in idx[bad.numpy()]})
+        raise TeacherOutputError(
+            f"the teacher returned NaN/Inf for {int(bad.sum())} crops of {', '.join(names[:5])}"
+            f"{' ...' if len(names) > 5 else ''}; finished blocks are kept"
+        )

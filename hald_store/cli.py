@@ -1,0 +1,141 @@
+"""The ``hald-store`` command line: a thin click layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .build import build_store
+from .codec import VALUE_CODECS
+from .crop_plan import CropPolicy
+from .errors import HaldStoreError
+from .images import class_names
+from .models import load_teacher
+from .pipeline import IMAGENET_MEAN, IMAGENET_STD
+from .store import LabelStore
+from .verify import verify_store
+
+
+def _friendly_errors(fn):
+    """Turn library errors into a one-line ``Error: ...`` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HaldStoreError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _teacher_options(fn):
+    fn = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                      help="Weights for the teacher (state dict, or a dict with 'state_dict').")(fn)
+    fn = click.option("--teacher", required=True,
+                      help="cifar_resnet20/56/..., a torchvision model name, or package.module:factory.")(fn)
+    return fn
+
+
+def _device_option(fn):
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="hald-store")
+def main() -> None:
+    """Compact teacher soft-label stores with exact crop replay."""
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.argument("out_store", type=click.Path())
+@_teacher_options
+@click.option("--num-classes", type=int, default=None, help="Teacher output width [default: number of class folders].")
+@click.option("--crops-per-image", "-s", type=int, default=None, help="Stored crops per image.")
+@click.option("--slc", type=int, default=None, help="Soft labels per class (instead of --crops-per-image).")
+@click.option("--top-k", type=int, default=5, help="Classes kept per crop.")
+@click.option("--values", type=click.Choice(VALUE_CODECS), default="uint8", help="How the logit gaps are stored.")
+@click.option("--temperature", type=float, default=20.0, help="Build temperature (the rest-class mass is exact at it).")
+@click.option("--input-size", type=int, default=224, help="Side of the square crops fed to the teacher.")
+@click.option("--scale", type=float, nargs=2, default=(0.08, 1.0), help="RandomResizedCrop area range MIN MAX.")
+@click.option("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="Aspect ratio range MIN MAX.")
+@click.option("--flip-prob", type=float, default=0.5, help="Probability of a horizontal flip.")
+@click.option("--seed", type=int, default=0, help="Crop plan seed.")
+@click.option("--batch-size", type=int, default=256, help="Teacher batch size.")
+@_device_option
+@click.option("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="Normalization mean (RGB, 0-1).")
+@click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")
+@click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto",
+              help="Crop renderer (the same one training uses).")
+@click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_image, slc, top_k, values, temperature,
+          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, chunk_images, resume,
+          overwrite, skip_bad, quiet) -> None:
+    """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
+    try:
+        policy = CropPolicy(scale=tuple(scale), ratio=tuple(ratio), flip_prob=flip_prob)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    model = load_teacher(teacher, checkpoint, num_classes or len(class_names(images_dir)))
+    summary = build_store(
+        images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
+        slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
+        seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend,
+        chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=not quiet,
+    )
+    click.echo(str(summary))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly_errors
+def info(store, as_json) -> None:
+    """Summarize a store."""
+    summary = LabelStore.open(store, allow_incomplete=True).info()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:,.2f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        click.echo(f"{key:<30} {value}")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@_teacher_options
+@click.option("--sample", type=int, default=256, help="Number of random crops to check.")
+@click.option("--seed", type=int, default=0, help="Seed for choosing the crops.")
+@click.option("--batch-size", type=int, default=256)
+@_device_option
+@click.option("--temperature", type=float, default=None, help="Compare at this T [default: the build temperature].")
+@click.option("--min-agreement", type=float, default=0.99, help="Required top-1 agreement.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly_errors
+def verify(store, images_dir, teacher, checkpoint, sample, seed, batch_size, device, temperature, min_agreement,
+           as_json) -> None:
+    """Re-run the teacher on regenerated crops and compare with STORE; exit 1 on disagreement."""
+    opened = LabelStore.open(store)
+    model = load_teacher(teacher, checkpoint, opened.num_classes)
+    report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size, device=device,
+                          temperature=temperature, min_agreement=min_agreement)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
+    if not report.passed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

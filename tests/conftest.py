@@ -1,0 +1,48 @@
+"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hald_store.models import load_teacher
+from hald_store.reference_data import shared_data_dir, shared_data_path
+
+
+def require_data(*parts: str) -> Path:
+    path = shared_data_path(*parts)
+    if path is None:
+        pytest.skip(f"reference data {'/'.join(parts)} not found under {shared_data_dir()} (set HALD_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_mini_train() -> Path:
+    return require_data("cifar10-mini", "train")
+
+
+@pytest.fixture(scope="session")
+def resnet56():
+    return load_teacher("cifar_resnet56", require_data("teachers", "cifar10-resnet56.th"), 10)
+
+
+@pytest.fixture(scope="session")
+def resnet20():
+    return load_teacher("cifar_resnet20", require_data("teachers", "cifar10-resnet20.th"), 10)
+
+
+def copy_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
+    """Copy the first ``per_class`` images of the first ``classes`` class folders of ``src``."""
+    for class_dir in sorted(p for p in src.iterdir() if p.is_dir())[:classes]:
+        (dst / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copy(f, dst / class_dir.name / f.name)
+    return dst
+
+
+@pytest.fixture
+def small_folder(tmp_path, cifar_mini_train) -> Path:
+    """24 real CIFAR JPEGs: 3 classes x 8 images, in a writable copy."""
+    return copy_subset(cifar_mini_train, tmp_path / "images", classes=3, per_class=8)

@@ -1,0 +1,288 @@
+"""Building stores from real images with real teachers: round trip, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from torch import nn
+
+from hald_store import LabelStore, build_store
+from hald_store.cli import main
+from hald_store.errors import (HaldStoreError, ImageError, ManifestMismatchError, ModelError, SettingsMismatchError,
+                               StoreError, TeacherOutputError)
+from hald_store.models import load_checkpoint, resolve_model
+from hald_store.pipeline import make_renderer, read_files
+
+from .conftest import require_data
+
+SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
+             backend="torchvision", progress=False)
+
+
+def assert_stores_equal(a: Path, b: Path) -> None:
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert dict(ga.attrs) == dict(gb.attrs)
+    names_a = sorted(name for name, _ in ga.arrays()) + sorted(f"{g}/{n}" for g, sub in ga.groups() for n, _ in sub.arrays())
+    names_b = sorted(name for name, _ in gb.arrays()) + sorted(f"{g}/{n}" for g, sub in gb.groups() for n, _ in sub.arrays())
+    assert names_a == names_b and names_a
+    for name in names_a:
+        np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
+
+
+def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
+    out = tmp_path / "s.zarr"
+    summary = build_store(small_folder, out, resnet20, teacher_name="cifar_resnet20", **SMALL)
+    assert summary.crops_total == summary.crops_written == 24 * 4
+    store = LabelStore.open(out)
+    assert store.num_images == 24 and store.crops_per_image == 4 and store.complete
+    assert store.class_names == ["airplane", "automobile", "bird"]
+    np.testing.assert_array_equal(store.hard_labels(), np.repeat([0, 1, 2], 8))
+
+    # Re-render the stored windows independently and re-run the teacher: labels match the codec's encoding.
+    img, seeds = np.repeat(np.arange(24), 4), np.tile(np.arange(4), 24)
+    boxes, flips = store.boxes(img, seeds)
+    paths = store.manifest().paths
+    x = make_renderer("torchvision", size=32)(read_files([small_folder / paths[i] for i in img]), boxes, flips)
+    with torch.inference_mode():
+        logits = resnet20.eval()(x)
+    expected = store.codec.encode(logits)
+    got = store.read_fields(img, seeds)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    labels = store.read(img, seeds)
+    assert torch.equal(labels.indices[:, 0], logits.argmax(1))
+    dense = store.soft_labels(img, seeds, temperature=4.0)
+    assert dense.shape == (96, 10) and torch.allclose(dense.sum(1), torch.ones(96), atol=1e-5)
+    # Attributes say how it was made.
+    a = store.attrs
+    assert a["teacher"]["name"] == "cifar_resnet20" and a["plan_seed"] == 0 and a["input_size"] == 32
+    assert a["codec"]["values"] == "uint8" and a["renderer"]["backend"] == "torchvision"
+
+
+def test_rebuild_is_identical_and_resume_of_complete_store_is_noop(small_folder, tmp_path, resnet20):
+    a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    build_store(small_folder, a, resnet20, **SMALL)
+    build_store(small_folder, b, resnet20, **SMALL)
+    assert_stores_equal(a, b)
+    again = build_store(small_folder, a, resnet20, resume=True, **SMALL)
+    assert again.crops_written == 0 and again.blocks_skipped == 3
+
+
+@pytest.fixture(scope="module")
+def mini_store(tmp_path_factory, cifar_mini_train):
+    """The issue's acceptance build: cifar10-mini/train, ResNet-56, 8 crops, top-5, 8-bit, via the CLI."""
+    ckpt = require_data("teachers", "cifar10-resnet56.th")
+    out = tmp_path_factory.mktemp("mini") / "mini.zarr"
+    result = CliRunner().invoke(main, [
+        "build", str(cifar_mini_train), str(out), "--teacher", "cifar_resnet56", "--checkpoint", str(ckpt),
+        "--crops-per-image", "8", "--top-k", "5", "--values", "uint8", "--input-size", "32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "crops written    4,000" in result.output
+    return out, ckpt
+
+
+def test_cli_info_json(mini_store):
+    out, _ = mini_store
+    result = CliRunner().invoke(main, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["num_images"] == 500 and info["crops_per_image"] == 8 and info["num_crops"] == 4000
+    assert info["num_classes"] == 10 and info["top_k"] == 5 and info["values"] == "uint8"
+    assert info["temperature"] == 20.0 and info["complete"]
+    assert 0 < info["bytes_per_crop"] < 20 * 2  # well under the 20-byte fp16 reference vector... plus metadata
+    assert CliRunner().invoke(main, ["info", str(out)]).exit_code == 0
+
+
+def test_cli_verify_passes(mini_store, cifar_mini_train):
+    out, ckpt = mini_store
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet56",
+                                       "--checkpoint", str(ckpt), "--sample", "4000", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["passed"] and report["top1_agreement"] >= 0.99 and report["num_crops"] == 4000
+
+
+def test_verify_fails_against_other_teacher(mini_store, cifar_mini_train):
+    out, _ = mini_store
+    ckpt20 = require_data("teachers", "cifar10-resnet20.th")
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet20",
+                                       "--checkpoint", str(ckpt20), "--sample", "200"])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
+    from .conftest import copy_subset
+
+    images = copy_subset(cifar_mini_train, tmp_path / "images", classes=10, per_class=8)
+    ckpt = require_data("teachers", "cifar10-resnet56.th")
+    args = [str(images), None, "--teacher", "cifar_resnet56", "--checkpoint", str(ckpt), "-s", "16", "--top-k", "4",
+            "--values", "uint4", "--input-size", "32", "--chunk-images", "4", "--batch-size", "16", "--quiet"]
+    killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
+    cmd = [sys.executable, "-m", "hald_store", "build"]
+    proc = subprocess.Popen(cmd + [args[0], str(killed), *args[2:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    marker_dir = killed / "progress" / "block_done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if marker_dir.is_dir() and len(list(marker_dir.iterdir())) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "build finished before it could be killed: " + proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = LabelStore.open(killed, allow_incomplete=True).block_done()
+    assert 0 < done_before.sum() < len(done_before)
+    with pytest.raises(StoreError, match="incomplete"):
+        LabelStore.open(killed)
+
+    resumed = subprocess.run(cmd + [args[0], str(killed), *args[2:], "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{int(done_before.sum())} already done" in resumed.stdout
+    subprocess.run(cmd + [args[0], str(whole), *args[2:]], check=True, capture_output=True)
+    assert_stores_equal(killed, whole)
+
+
+# ------------------------------------------------------------------ bad input
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_missing_and_empty_image_folder(tmp_path, resnet20):
+    with pytest.raises(ImageError, match="does not exist"):
+        build_store(tmp_path / "nope", tmp_path / "s.zarr", resnet20, **SMALL)
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ImageError, match="holds no images"):
+        build_store(tmp_path / "empty", tmp_path / "s.zarr", resnet20, **SMALL)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ImageError, match="no class sub-folders"):
+        build_store(tmp_path / "flat", tmp_path / "s.zarr", resnet20, **SMALL)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_corrupt_image_is_named_and_skip_bad_records_it(small_folder, tmp_path, resnet20):
+    bad = small_folder / "bird" / "0003.jpg"
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated JPEG
+    (small_folder / "bird" / "zz.png").write_bytes(b"not an image at all")
+    out = tmp_path / "s.zarr"
+    with pytest.raises(ImageError, match="0003.jpg"):
+        build_store(small_folder, out, resnet20, **SMALL)
+    assert not out.exists()
+    build_store(small_folder, out, resnet20, skip_bad=True, **SMALL)
+    store = LabelStore.open(out)
+    assert store.num_images == 23
+    assert sorted(s["path"] for s in store.attrs["skipped"]) == ["bird/0003.jpg", "bird/zz.png"]
+    assert "bird/0003.jpg" not in store.manifest().paths
+
+
+def test_unknown_teacher_and_bad_checkpoint(small_folder, tmp_path):
+    r = run_cli("build", str(small_folder), str(tmp_path / "s.zarr"), "--teacher", "no_such_net", "-s", "2")
+    assert r.exit_code == 1 and "unknown model 'no_such_net'" in r.output
+    r = run_cli("build", str(small_folder), str(tmp_path / "s.zarr"), "--teacher", "nomodule_xyz:make", "-s", "2")
+    assert r.exit_code == 1 and "cannot import module 'nomodule_xyz'" in r.output
+    ckpt56 = require_data("teachers", "cifar10-resnet56.th")
+    with pytest.raises(ModelError, match="does not fit the model: unexpected keys"):
+        load_checkpoint(resolve_model("cifar_resnet20", 10), ckpt56)
+    r = run_cli("build", str(small_folder), str(tmp_path / "s.zarr"), "--teacher", "cifar_resnet20", "--checkpoint",
+                str(ckpt56), "-s", "2")
+    assert r.exit_code == 1 and "does not fit the model" in r.output
+    junk = tmp_path / "junk.th"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_checkpoint(resolve_model("cifar_resnet20", 10), junk)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_bad_numbers(small_folder, tmp_path, resnet20):
+    out = tmp_path / "s.zarr"
+    with pytest.raises(HaldStoreError, match="--top-k 11 must be between 1 and the number of classes"):
+        build_store(small_folder, out, resnet20, **{**SMALL, "top_k": 11})
+    with pytest.raises(HaldStoreError, match="exactly one of --crops-per-image and --slc"):
+        build_store(small_folder, out, resnet20, **{**SMALL, "crops_per_image": None})
+    with pytest.raises(HaldStoreError, match="--slc 12 is not a positive multiple of the 8 images per class"):
+        build_store(small_folder, out, resnet20, **{**SMALL, "crops_per_image": None}, slc=12)
+    with pytest.raises(TeacherOutputError, match=r"expected \(batch, 3\)"):
+        build_store(small_folder, out, resnet20, **{**SMALL, "num_classes": None})  # 10-way teacher, 3 folders
+    r = run_cli("build", str(small_folder), str(out), "--teacher", "cifar_resnet20", "-s", "2", "--scale", "0.5", "0.1")
+    assert r.exit_code == 2 and "scale" in r.output
+    assert not out.exists()
+
+
+def test_existing_output_needs_resume_or_overwrite(small_folder, tmp_path, resnet20):
+    out = tmp_path / "s.zarr"
+    build_store(small_folder, out, resnet20, **SMALL)
+    before = LabelStore.open(out).read_fields(np.arange(24), 0)
+    with pytest.raises(StoreError, match="already exists; pass --resume"):
+        build_store(small_folder, out, resnet20, **SMALL)
+    with pytest.raises(SettingsMismatchError, match=r"crops_per_image: 4 -> 5"):
+        build_store(small_folder, out, resnet20, resume=True, **{**SMALL, "crops_per_image": 5})
+    with pytest.raises(SettingsMismatchError, match="codec"):
+        build_store(small_folder, out, resnet20, resume=True, **{**SMALL, "values": "fp16"})
+    after = LabelStore.open(out).read_fields(np.arange(24), 0)
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    # Overwrite replaces a store but never an unrelated directory.
+    build_store(small_folder, out, resnet20, overwrite=True, **{**SMALL, "crops_per_image": 2})
+    assert LabelStore.open(out).crops_per_image == 2
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("x")
+    with pytest.raises(StoreError, match="refusing to --overwrite"):
+        build_store(small_folder, other, resnet20, overwrite=True, **SMALL)
+    assert (other / "thesis.tex").exists()
+
+
+def test_resume_with_changed_images_is_refused(small_folder, tmp_path, resnet20):
+    out = tmp_path / "s.zarr"
+    build_store(small_folder, out, resnet20, **SMALL)
+    (small_folder / "bird" / "0000.jpg").unlink()
+    with pytest.raises(ManifestMismatchError, match="differ from the ones it was built from"):
+        build_store(small_folder, out, resnet20, resume=True, **SMALL)
+    with pytest.raises(ManifestMismatchError, match=r"1 missing \(bird/0000.jpg\)"):
+        LabelStore.open(out).check_images(small_folder)
+
+
+class NaNAfter(nn.Module):
+    """A real teacher whose outputs turn NaN for images of one class (a broken teacher)."""
+
+    def __init__(self, teacher: nn.Module, bad_from: float) -> None:
+        super().__init__()
+        self.teacher, self.bad_from = teacher, bad_from
+
+    def forward(self, x):
+        out = self.teacher(x)
+        return torch.where(x.mean(dim=(1, 2, 3), keepdim=False)[:, None] > self.bad_from, out * float("nan"), out)
+
+
+def test_nan_teacher_names_images_and_keeps_finished_blocks(small_folder, tmp_path, resnet20):
+    out = tmp_path / "s.zarr"
+    with pytest.raises(TeacherOutputError, match="NaN/Inf .*jpg"):
+        build_store(small_folder, out, NaNAfter(resnet20, bad_from=-10.0), **SMALL)
+    assert not out.exists()  # caught by the probe before anything was written
+    # A teacher that breaks mid-build keeps the blocks finished before.
+    flaky = NaNAfter(resnet20, bad_from=0.6)
+    with pytest.raises(TeacherOutputError, match="finished blocks are kept"):
+        build_store(small_folder, out, flaky, **SMALL)
+
+
+def test_unknown_format_version_and_non_store(tmp_path, small_folder, resnet20):
+    out = tmp_path / "s.zarr"
+    build_store(small_folder, out, resnet20, **SMALL)
+    g = zarr.open_group(str(out), mode="r+")
+    g.attrs["hald_store"] = {**g.attrs["hald_store"], "format_version": 99}
+    with pytest.raises(StoreError, match="format version 99; this hald-store reads version 1"):
+        LabelStore.open(out)
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not a hald-store store"):
+        LabelStore.open(tmp_path / "plain.zarr")
+    r = run_cli("info", str(tmp_path / "missing.zarr"))
+    assert r.exit_code == 1 and "does not exist" in r.output
