@@ -44,7 +44,8 @@ ATTR_KEY = "hald_store"
 _NON_SETTINGS = ("format", "format_version", "library_version")
 
 
-def _compressor() -> BloscCodec:
+def default_compressor() -> BloscCodec:
+    """Blosc/zstd level 5 with bit-shuffle: the compressor of every array in a store."""
     return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
 
 
@@ -132,7 +133,7 @@ class LabelStore:
 
             def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dtype: Any = None) -> None:
                 arr = g.create_array(name, shape=data.shape, dtype=dtype or data.dtype, chunks=chunks,
-                                     compressors=_compressor())
+                                     compressors=default_compressor())
                 arr[...] = data
 
             ci = min(chunk_images, n)
@@ -146,7 +147,7 @@ class LabelStore:
             put("crops/flip", flips.astype(bool), (ci, s))
             for name, (dtype, shape) in codec.fields().items():
                 g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, s, *shape),
-                               compressors=_compressor(), fill_value=0)
+                               compressors=default_compressor(), fill_value=0)
             g.create_array("progress/block_done", shape=(math.ceil(n / ci),), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=None)
             g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs}

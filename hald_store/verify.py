@@ -49,6 +49,34 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
+def teacher_logits(
+    store: LabelStore,
+    images: str | os.PathLike,
+    teacher: nn.Module,
+    image_ids: np.ndarray,
+    seeds: np.ndarray,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+) -> torch.Tensor:
+    """Fresh teacher logits (n, C) float32 on CPU for stored crops ``(image_ids[i], seeds[i])``,
+    re-rendered with the store's own backend, input size and normalization."""
+    dev = resolve_device(device)
+    a = store.attrs
+    renderer = make_renderer(a["renderer"]["backend"], size=a["input_size"], mean=a["mean"], std=a["std"],
+                             device="gpu" if dev.type == "cuda" else "cpu")
+    paths = store.manifest().paths
+    boxes, flips = store.boxes(image_ids, seeds)
+    teacher = teacher.to(dev).eval()
+    out = []
+    for b0 in range(0, len(image_ids), batch_size):
+        sel = slice(b0, b0 + batch_size)
+        x = renderer(read_files([Path(images, paths[i]) for i in image_ids[sel]]), boxes[sel], flips[sel])
+        with torch.inference_mode():
+            out.append(teacher(x.to(dev)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, store.num_classes)
+
+
 def verify_store(
     store: LabelStore | str | os.PathLike,
     images: str | os.PathLike,
@@ -71,24 +99,11 @@ def verify_store(
     if not isinstance(store, LabelStore):
         store = LabelStore.open(store)
     store.check_images(images)
-    dev = resolve_device(device)
     temperature = store.temperature if temperature is None else float(temperature)
     rng = np.random.default_rng(seed)
     flat = rng.choice(store.num_crops, size=min(sample, store.num_crops), replace=False)
     img, seeds = np.divmod(flat, store.crops_per_image)
-    a = store.attrs
-    renderer = make_renderer(a["renderer"]["backend"], size=a["input_size"], mean=a["mean"], std=a["std"],
-                             device="gpu" if dev.type == "cuda" else "cpu")
-    paths = store.manifest().paths
-    boxes, flips = store.boxes(img, seeds)
-    teacher = teacher.to(dev).eval()
-    fresh = []
-    for b0 in range(0, len(img), batch_size):
-        sel = slice(b0, b0 + batch_size)
-        x = renderer(read_files([Path(images, paths[i]) for i in img[sel]]), boxes[sel], flips[sel])
-        with torch.inference_mode():
-            fresh.append(teacher(x.to(dev)).float().cpu())
-    fresh_logits = torch.cat(fresh)
+    fresh_logits = teacher_logits(store, images, teacher, img, seeds, batch_size=batch_size, device=device)
     fresh_log = torch.log_softmax(fresh_logits / temperature, dim=1)
     stored = store.read(img, seeds)
     kl = _kl(fresh_log, stored.log_probs(temperature))
