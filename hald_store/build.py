@@ -9,9 +9,7 @@ the result is identical to an uninterrupted build.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOu
 from .images import Manifest, scan_image_folder
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, read_files
+from .prefetch import prefetch
 from .store import LabelStore, is_store
 
 # Renderer description keys that may change between runs without changing the labels' meaning.
@@ -119,7 +118,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
 
 def _batches(
     store: LabelStore, root: Path, paths: Sequence[str], renderer: CropRenderer,
-    blocks: Sequence[int], batch_size: int, stop: threading.Event,
+    blocks: Sequence[int], batch_size: int,
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """Rendered crops of the given blocks, in fixed batches: yields (block, image indices, images)."""
     s = store.crops_per_image
@@ -130,8 +129,6 @@ def _batches(
         seeds = np.tile(np.arange(s), stop_img - start)
         boxes, flips = store.boxes(images, seeds)
         for b0 in range(0, len(images), batch_size):
-            if stop.is_set():
-                return
             sel = slice(b0, b0 + batch_size)
             idx = images[sel]
             try:
@@ -140,30 +137,6 @@ def _batches(
                 names = ", ".join(sorted({paths[i] for i in idx})[:4])
                 raise HaldStoreError(f"rendering crops of {names} ...: {e}") from e
             yield block, idx, x
-
-
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run an iterator in a background thread, ``depth`` items ahead; re-raises its errors."""
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-
-    def worker():
-        try:
-            for item in it:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # forwarded to the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    while True:
-        item = q.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def build_store(
@@ -272,10 +245,10 @@ def build_store(
     remaining = s * sum(stop_img - start for start, stop_img in map(store.block_range, todo))
     pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                 disable=not progress, dynamic_ncols=True)
-    teacher_seconds, written, stop = 0.0, 0, threading.Event()
+    teacher_seconds, written = 0.0, 0
     pending: dict[int, list[torch.Tensor]] = {}
     try:
-        for block, idx, x in _prefetch(_batches(store, root, manifest.paths, renderer, todo, batch_size, stop)):
+        for block, idx, x in prefetch(_batches(store, root, manifest.paths, renderer, todo, batch_size)):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
@@ -289,7 +262,6 @@ def build_store(
                 store.write_block(block, {k: v.reshape(stop_img - start, s, *v.shape[1:]) for k, v in fields.items()})
                 written += (stop_img - start) * s
     finally:
-        stop.set()
         pbar.close()
     return BuildSummary(
         path=str(out), crops_total=store.num_crops, crops_written=written, blocks_written=len(todo),

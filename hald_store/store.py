@@ -276,6 +276,23 @@ class LabelStore:
         images, seeds = self._coords(images, seeds)
         return self._gather("crops/box", images, seeds), self._gather("crops/flip", images, seeds)
 
+    def read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i``, in one
+        sequential pass over the store (each chunk read once): how a loader fetches an epoch."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        if seeds.shape != (self.num_images,):
+            raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
+        self._coords(np.arange(self.num_images), seeds)
+        names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
+        out = {name: np.empty((self.num_images, *self.group[name].shape[2:]), self.group[name].dtype) for name in names}
+        for block in range(self.num_blocks):
+            start, stop = self.block_range(block)
+            rows = np.arange(stop - start)
+            for name in names:
+                out[name][start:stop] = self.group[name][start:stop][rows, seeds[start:stop]]
+        fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
+        return fields, out["crops/box"], out["crops/flip"]
+
     def write_block(self, block: int, fields: dict[str, np.ndarray]) -> None:
         """Write the labels of one block (arrays shaped (images in block, S, ...)), then mark it done."""
         start, stop = self.block_range(block)
