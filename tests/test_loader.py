@@ -1,0 +1,238 @@
+"""Loaders: labels belong to the crops handed out, epochs cycle through stored crops, sharding
+and resume are exact, and the teacher reproduces stored labels on loader output."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, build_store, epoch_crop_seeds
+from hald_store.errors import HaldStoreError, ManifestMismatchError
+from hald_store.loader import HARD_CROP_STREAM
+from hald_store.crop_plan import plan_crops
+from hald_store.pipeline import read_files
+
+from .conftest import copy_subset, require_data
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, resnet20):
+    """A store over 3 classes x 8 real CIFAR images, 5 crops each (copy of the images alongside)."""
+    src = require_data("cifar10-mini", "train")
+    root = copy_subset(src, tmp_path_factory.mktemp("loader") / "images", classes=3, per_class=8)
+    out = root.parent / "s.zarr"
+    build_store(root, out, resnet20, num_classes=10, crops_per_image=5, top_k=3, values="uint8", input_size=32,
+                progress=False)
+    return LabelStore.open(out), root
+
+
+def _all(loader, epoch=0):
+    return list(loader.iter_epoch(epoch))
+
+
+def test_epoch_crop_seeds_cycle_without_repetition():
+    s, n = 6, 1000
+    seen = np.stack([epoch_crop_seeds(n, s, e, seed=3) for e in range(2 * s)])
+    for cycle in (seen[:s], seen[s:]):
+        assert (np.sort(cycle, axis=0) == np.arange(s)[:, None]).all()  # each crop once per cycle
+    assert not np.array_equal(seen[:s], seen[s:])  # a new order every cycle
+    assert np.array_equal(seen[2], epoch_crop_seeds(n, s, 2, seed=3))
+    assert not np.array_equal(seen[0], epoch_crop_seeds(n, s, 0, seed=4))
+    assert (epoch_crop_seeds(5, 1, 7) == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_labels_and_pixels_belong_to_the_crop_handed_out(small_store, backend):
+    store, root = small_store
+    loader = SoftLabelLoader(store, root, batch_size=5, seed=7, backend=backend, prefetch=3)
+    ref = loader.renderer
+    paths = store.manifest().paths
+    for epoch in (0, 3):
+        batches = _all(loader, epoch)
+        ids = torch.cat([b.image_ids for b in batches]).numpy()
+        seeds = torch.cat([b.crop_seeds for b in batches]).numpy()
+        assert sorted(ids) == list(range(24)) and not np.array_equal(ids, np.arange(24))  # shuffled, all images
+        assert np.array_equal(seeds, loader.crop_seeds(epoch)[ids])
+        for b in batches:
+            i, s = b.image_ids.numpy(), b.crop_seeds.numpy()
+            boxes, flips = store.boxes(i, s)
+            expect = ref(read_files([root / paths[k] for k in i]), boxes, flips)
+            assert torch.equal(b.images, expect)
+            assert torch.allclose(b.soft, store.soft_labels(i, s))
+            assert torch.equal(b.hard, torch.from_numpy(store.hard_labels()[i]))
+
+
+def test_each_stored_crop_is_used_once_per_cycle(small_store):
+    store, root = small_store
+    loader = SoftLabelLoader(store, root, batch_size=8, backend="torchvision")
+    used = set()
+    for epoch in range(store.crops_per_image):
+        for b in loader:
+            used.update(zip(b.image_ids.tolist(), b.crop_seeds.tolist()))
+    assert loader.epoch == store.crops_per_image
+    assert used == {(i, s) for i in range(24) for s in range(store.crops_per_image)}
+
+
+def test_topk_labels_and_other_temperature(small_store):
+    store, root = small_store
+    b = next(iter(SoftLabelLoader(store, root, batch_size=6, dense=False, backend="torchvision")))
+    stored = store.read(b.image_ids.numpy(), b.crop_seeds.numpy())
+    assert torch.equal(b.soft.indices, stored.indices) and b.soft.top_k == 3
+    warm = next(iter(SoftLabelLoader(store, root, batch_size=6, temperature=4.0, backend="torchvision")))
+    assert torch.allclose(warm.soft, stored.probs(4.0))
+    assert (warm.soft.max(1).values > b.soft.probs(20.0).max(1).values).all()  # sharper at lower T
+
+
+@pytest.mark.parametrize("world,drop_last", [(2, False), (3, False), (5, True)])
+def test_sharding_covers_every_image(small_store, world, drop_last):
+    store, root = small_store
+    shards = [
+        SoftLabelLoader(store, root, batch_size=2, seed=1, rank=r, world_size=world, drop_last=drop_last,
+                        backend="torchvision")
+        for r in range(world)
+    ]
+    lens = {len(s) for s in shards}
+    assert len(lens) == 1  # every rank runs the same number of steps
+    got = [torch.cat([b.image_ids for b in _all(s, 2)]).tolist() for s in shards]
+    flat = [i for g in got for i in g]
+    if drop_last:
+        assert len(flat) == len(set(flat)) == (24 // world // 2) * 2 * world
+    else:
+        assert set(flat) == set(range(24)) and all(len(g) == len(got[0]) for g in got)
+    order = shards[0].epoch_order(2)
+    assert np.array_equal(got[0], order[: len(got[0])])
+
+
+def test_resume_mid_epoch(small_store):
+    store, root = small_store
+    loader = SoftLabelLoader(store, root, batch_size=5, seed=2, backend="torchvision")
+    full = _all(loader, 1)
+    tail = list(loader.iter_epoch(1, start_batch=3))
+    assert len(full) == 5 and len(tail) == 2
+    for a, b in zip(full[3:], tail):
+        assert torch.equal(a.images, b.images) and torch.equal(a.soft, b.soft)
+    last = full[-1]
+    assert len(last.images) == 4  # 24 = 4 * 5 + 4, kept without drop_last
+    assert len(SoftLabelLoader(store, root, batch_size=5, drop_last=True, backend="torchvision")) == 4
+
+
+def test_early_break_stops_the_producer(small_store):
+    store, root = small_store
+    loader = SoftLabelLoader(store, root, batch_size=2, backend="torchvision", prefetch=1)
+    it = loader.iter_epoch(0)
+    next(it)
+    it.close()  # must return promptly, not hang on a full queue
+
+
+def test_hard_loader_gives_fresh_crops_with_classes(small_store):
+    store, root = small_store
+    hard = HardLabelLoader(store, root, batch_size=24, shuffle=False, backend="torchvision")
+    b0, b1 = next(iter(hard.iter_epoch(0))), next(iter(hard.iter_epoch(1)))
+    assert torch.equal(b0.hard, torch.from_numpy(store.hard_labels()))
+    assert not torch.equal(b0.images, b1.images)  # new crops every epoch
+    m = store.manifest()
+    boxes, flips = plan_crops(store.attrs["plan_seed"], np.arange(24), np.zeros(24, int), m.heights, m.widths,
+                              store.crop_policy, stream=HARD_CROP_STREAM)
+    expect = hard.renderer(read_files([root / p for p in m.paths]), boxes, flips)
+    assert torch.equal(b0.images, expect)
+    stored_boxes = store.group["crops/box"][:]
+    assert not any((stored_boxes[i] == boxes[i]).all(axis=1).any() for i in range(24))  # not the stored crops
+    folder = HardLabelLoader.from_folder(root, input_size=32, batch_size=24, shuffle=False, seed=store.attrs["plan_seed"],
+                                         backend="torchvision")
+    assert torch.equal(next(iter(folder.iter_epoch(0))).images, b0.images)
+
+
+def test_eval_loader_whole_images_in_order(small_store):
+    store, root = small_store
+    ev = EvalLoader(root, input_size=32, batch_size=10, class_names=store.class_names, backend="torchvision")
+    batches = list(ev)
+    assert [len(b.images) for b in batches] == [10, 10, 4]
+    ids = torch.cat([b.image_ids for b in batches])
+    assert torch.equal(ids, torch.arange(24))
+    m = store.manifest()
+    full = np.tile([0, 0, 32, 32], (24, 1)).astype(np.int32)
+    assert torch.equal(torch.cat([b.images for b in batches]),
+                       ev.renderer(read_files([root / p for p in m.paths]), full, np.zeros(24, bool)))
+    with pytest.raises(HaldStoreError, match="classes of .* differ.*missing: \\['zebra'\\]"):
+        EvalLoader(root, input_size=32, class_names=store.class_names + ["zebra"])
+
+
+def test_teacher_reproduces_stored_top1_on_loader_output(tmp_path, cifar_mini_train, resnet56):
+    """cifar10-mini/train, 4 stored crops per image: every crop the loader hands out over
+    4 epochs goes back through the teacher."""
+    out = tmp_path / "mini.zarr"
+    build_store(cifar_mini_train, out, resnet56, crops_per_image=4, top_k=5, values="uint8", input_size=32,
+                progress=False)
+    loader = SoftLabelLoader(out, cifar_mini_train, batch_size=250, seed=5)
+    agree = total = 0
+    for _ in range(4):
+        for b in loader:
+            with torch.inference_mode():
+                fresh = resnet56(b.images).argmax(1)
+            agree += int((fresh == b.soft.argmax(1)).sum())
+            total += len(fresh)
+    assert total == 2000 and agree / total >= 0.99, agree / total
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_missing_and_changed_images_are_named(small_store, tmp_path):
+    store, root = small_store
+    bad = Path(shutil.copytree(root, tmp_path / "images"))
+    paths = store.manifest().paths
+    (bad / paths[3]).unlink()
+    (bad / paths[5]).write_bytes(b"\xff\xd8" + bytes(10))
+    with pytest.raises(ManifestMismatchError, match=rf"1 missing \({paths[3]}\); 1 changed \({paths[5]}\)"):
+        SoftLabelLoader(store, bad)
+    with pytest.raises(ManifestMismatchError, match="does not match"):
+        HardLabelLoader(store, tmp_path / "images" / "..")  # wrong root
+
+
+def test_batch_size_and_rank_errors(small_store):
+    store, root = small_store
+    with pytest.raises(HaldStoreError, match="batch_size 25 is larger than the 24 images"):
+        SoftLabelLoader(store, root, batch_size=25)
+    with pytest.raises(HaldStoreError, match="batch_size 13 is larger than the 12 images each of 2 rank"):
+        SoftLabelLoader(store, root, batch_size=13, world_size=2)
+    with pytest.raises(HaldStoreError, match="rank must be in"):
+        SoftLabelLoader(store, root, rank=2, world_size=2)
+    with pytest.raises(HaldStoreError, match="start_batch"):
+        SoftLabelLoader(store, root, batch_size=8).iter_epoch(0, start_batch=9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_gpu_requested_without_cuda(small_store):
+    store, root = small_store
+    with pytest.raises(HaldStoreError, match="device='gpu' was requested but torch.cuda.is_available"):
+        SoftLabelLoader(store, root, device="cuda")
+    assert SoftLabelLoader(store, root, batch_size=8, device="auto").device.type == "cpu"
+
+
+def test_dali_store_without_dali_falls_back_with_warning(small_store, monkeypatch):
+    import hald_store.loader as loader_mod
+    import hald_store.pipeline as pipeline_mod
+
+    store, root = small_store
+    assert store.attrs["renderer"]["backend"] == "dali"
+    monkeypatch.setattr(pipeline_mod, "_dali_import_error", lambda: "No module named 'nvidia.dali'")
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+    with pytest.warns(UserWarning, match="DALI is not installed; using the torchvision renderer"):
+        auto = SoftLabelLoader(store, root, batch_size=4)
+    assert auto.renderer.backend == "torchvision"
+    with pytest.raises(HaldStoreError, match="backend='dali' was requested but NVIDIA DALI cannot be imported"):
+        SoftLabelLoader(store, root, backend="dali")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+def test_gpu_loader_matches_cpu_labels(small_store):
+    store, root = small_store
+    gpu = next(iter(SoftLabelLoader(store, root, batch_size=8, device="cuda")))
+    cpu = next(iter(SoftLabelLoader(store, root, batch_size=8, device="cpu")))
+    assert gpu.images.is_cuda and torch.equal(gpu.image_ids.cpu(), cpu.image_ids)
+    assert torch.allclose(gpu.soft.cpu(), cpu.soft)
+    assert (gpu.images.cpu() - cpu.images).abs().max() < 0.1
