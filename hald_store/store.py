@@ -77,6 +77,14 @@ class LabelStore:
         self.codec = LabelCodec.from_dict(self.attrs["codec"])
         self.crop_policy = CropPolicy.from_dict(self.attrs["crop_policy"])
         self._done_cache: np.ndarray | None = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._manifest: Manifest | None = None
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (e.g. ``"labels/indices"``), opened once and cached."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -184,11 +192,11 @@ class LabelStore:
 
     @property
     def chunk_images(self) -> int:
-        return int(self.group["crops/box"].chunks[0])
+        return int(self.array("crops/box").chunks[0])
 
     @property
     def num_blocks(self) -> int:
-        return int(self.group["progress/block_done"].shape[0])
+        return int(self.array("progress/block_done").shape[0])
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Image index range ``[start, stop)`` of a block."""
@@ -198,7 +206,7 @@ class LabelStore:
     def block_done(self) -> np.ndarray:
         """Boolean array: which blocks are fully written."""
         if self._done_cache is None or not self._done_cache.all():
-            self._done_cache = self.group["progress/block_done"][:].astype(bool)
+            self._done_cache = self.array("progress/block_done")[:].astype(bool)
         return self._done_cache
 
     @property
@@ -220,21 +228,24 @@ class LabelStore:
 
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> Manifest:
-        g = self.group
-        return Manifest(
-            paths=[str(p) for p in g["images/path"][:]],
-            labels=g["images/label"][:].astype(np.int64),
-            class_names=self.class_names,
-            nbytes=g["images/nbytes"][:],
-            digests=g["images/blake2b"][:],
-            heights=g["images/height"][:],
-            widths=g["images/width"][:],
-            skipped=list(self.attrs.get("skipped", [])),
-        )
+        """The images the store was built from (read once, then cached)."""
+        if self._manifest is None:
+            a = self.array
+            self._manifest = Manifest(
+                paths=[str(p) for p in a("images/path")[:]],
+                labels=a("images/label")[:].astype(np.int64),
+                class_names=self.class_names,
+                nbytes=a("images/nbytes")[:],
+                digests=a("images/blake2b")[:],
+                heights=a("images/height")[:],
+                widths=a("images/width")[:],
+                skipped=list(self.attrs.get("skipped", [])),
+            )
+        return self._manifest
 
     def hard_labels(self) -> np.ndarray:
         """(N,) int64 class index per image."""
-        return self.group["images/label"][:].astype(np.int64)
+        return self.manifest().labels.copy()
 
     def check_images(self, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
         """Raise :class:`~hald_store.errors.ManifestMismatchError` unless ``root`` matches the manifest."""
@@ -254,7 +265,7 @@ class LabelStore:
         """Values of array ``name`` at ``(images[i], seeds[i])``: one orthogonal read of the
         distinct images' rows (all their crops), then a NumPy gather."""
         unique, inverse = np.unique(images, return_inverse=True)
-        arr = self.group[name]
+        arr = self.array(name)
         rows = arr.get_orthogonal_selection((unique,) + (slice(None),) * (arr.ndim - 1))
         return rows[inverse, seeds]
 
@@ -284,12 +295,12 @@ class LabelStore:
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
         self._coords(np.arange(self.num_images), seeds)
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
-        out = {name: np.empty((self.num_images, *self.group[name].shape[2:]), self.group[name].dtype) for name in names}
+        out = {name: np.empty((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
         for block in range(self.num_blocks):
             start, stop = self.block_range(block)
             rows = np.arange(stop - start)
             for name in names:
-                out[name][start:stop] = self.group[name][start:stop][rows, seeds[start:stop]]
+                out[name][start:stop] = self.array(name)[start:stop][rows, seeds[start:stop]]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         return fields, out["crops/box"], out["crops/flip"]
 
@@ -297,8 +308,8 @@ class LabelStore:
         """Write the labels of one block (arrays shaped (images in block, S, ...)), then mark it done."""
         start, stop = self.block_range(block)
         for name in self.codec.fields():
-            self.group[f"labels/{name}"][start:stop] = fields[name]
-        self.group["progress/block_done"][block] = 1
+            self.array(f"labels/{name}")[start:stop] = fields[name]
+        self.array("progress/block_done")[block] = 1
         self._done_cache = None
 
     # -------------------------------------------------------------------- size
