@@ -24,5 +24,5 @@ setup(
         "test": ["pytest>=7.0"],
         "bench": ["matplotlib>=3.6"],
     },
-    entry_points={"console_scripts": ["hald-store=hald_store.cli:main"]},
+    entry_points={"console_scripts": ["hald-store=hald_store.cli:main", "hald-train=hald_train.cli:main"]},
 )

@@ -1,1 +1,13 @@
-"""hald_train: a thin trainer with HALD's Soft-Hard-Soft schedule (see README)."""
+"""hald_train: a thin trainer with HALD's Soft-Hard-Soft schedule, and its building blocks.
+
+    from hald_train import TrainConfig, train, parse_schedule, soft_kl_loss, cutmix
+"""
+
+from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
+from .schedule import PRESETS, Phase, Schedule, ScheduleError, parse_schedule, preset
+from .trainer import TrainConfig, Trainer, evaluate, lr_factor, train
+
+__all__ = [
+    "cutmix", "smooth_one_hot", "soft_kl_loss", "soft_target_cross_entropy", "PRESETS", "Phase", "Schedule",
+    "ScheduleError", "parse_schedule", "preset", "TrainConfig", "Trainer", "evaluate", "lr_factor", "train",
+]

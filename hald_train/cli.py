@@ -1,0 +1,51 @@
+"""The ``hald-train`` command: a thin click layer over :class:`hald_train.TrainConfig`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from hald_store.cli import _friendly_errors
+
+from .schedule import PRESETS
+from .trainer import TrainConfig, train
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("store", type=click.Path())
+@click.argument("images", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt).")
+@click.option("--val", type=click.Path(file_okay=False), default=None, help="Held-out image folder to evaluate on.")
+@click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
+@click.option("--schedule", default="shs", help=f"A preset ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
+@click.option("--epochs", type=int, default=None, help="Total epochs (needed by presets; an explicit schedule sums its own).")
+@click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a preset [default: half of --epochs].")
+@click.option("--batch-size", type=int, default=64)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
+@click.option("--lr", type=float, default=1e-3)
+@click.option("--weight-decay", type=float, default=0.01)
+@click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
+@click.option("--warmup-epochs", type=int, default=0)
+@click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")
+@click.option("--cutmix-alpha", type=float, default=1.0, help="Hard phases: CutMix Beta(alpha, alpha); 0 turns it off.")
+@click.option("--label-smoothing", type=float, default=0.8, help="Hard phases: label smoothing.")
+@click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
+@click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")
+@click.option("--seed", type=int, default=0)
+@click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto")
+@click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def main(resume: bool, quiet: bool, **options) -> None:
+    """Train a student on STORE's soft labels over IMAGES with a Soft/Hard phase schedule."""
+    config = TrainConfig(progress=not quiet, **options)
+    last = train(config, resume=resume)
+    click.echo(json.dumps(last, indent=2))
+
+
+if __name__ == "__main__":
+    main()

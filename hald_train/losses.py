@@ -1,0 +1,54 @@
+"""The two losses of HALD training, and the hard phase's CutMix with label smoothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def soft_kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(target || softmax(student / T)), batch mean: the soft phases' loss.
+
+    ``target_probs`` is the stored distribution at the same temperature (e.g. a
+    :class:`~hald_store.SoftLabelLoader` batch's ``soft``). As in the reference code there is
+    no ``T**2`` factor.
+    """
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return F.kl_div(log_q, target_probs.float(), reduction="batchmean")
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """``(1 - smoothing) * one_hot + smoothing / C`` (smoothing 0.8 in the reference)."""
+    if not 0 <= smoothing < 1:
+        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+    target = torch.full((len(labels), num_classes), smoothing / num_classes, device=labels.device)
+    return target.scatter_add_(1, labels[:, None], torch.full((len(labels), 1), 1 - smoothing, device=labels.device))
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-sum(target * log_softmax(logits))``, batch mean."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix a batch with its own permutation: paste a box of image ``perm[i]`` into image
+    ``i`` (lambda ~ Beta(alpha, alpha), box centre uniform, clipped at the border) and mix the
+    targets by the pasted area. ``alpha <= 0`` returns the batch unchanged."""
+    if alpha <= 0 or len(images) < 2:
+        return images, targets
+    lam = rng.beta(alpha, alpha)
+    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    h, w = images.shape[-2:]
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    mixed = images.clone()
+    mixed[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
+    kept = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    return mixed, kept * targets + (1 - kept) * targets[perm]

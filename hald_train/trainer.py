@@ -1,0 +1,250 @@
+"""The HALD trainer: one learning-rate schedule over soft and hard phases, evaluation,
+per-epoch checkpoints with exact resume, metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, resolve_model
+from hald_store.errors import HaldStoreError, SettingsMismatchError
+from hald_store.store import settings_diff
+
+from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
+from .schedule import Schedule, parse_schedule
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+# Settings that may change between a run and its resume without changing the result's meaning.
+_RESUME_FREE = ("device", "progress", "stop_after")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (``hald-train`` flags map one to one)."""
+
+    store: str
+    images: str
+    out_dir: str
+    val: str | None = None
+    student: str = "cifar_resnet20"
+    schedule: str = "shs"
+    epochs: int | None = None  # needed by presets; an explicit schedule sums its own
+    hard_epochs: int | None = None
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    temperature: float | None = None  # None: the store's build temperature
+    cutmix_alpha: float = 1.0
+    label_smoothing: float = 0.8
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_crop_fraction: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+    stop_after: int | None = None  # stop this call after that many epochs (resume later)
+
+    def check(self) -> None:
+        positive = {"batch_size": self.batch_size, "lr": self.lr}
+        for name, v in positive.items():
+            if not v > 0:
+                raise HaldStoreError(f"{name} must be > 0, got {v}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise HaldStoreError(f"temperature must be > 0, got {self.temperature}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise HaldStoreError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise HaldStoreError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up, then cosine decay to 0 at ``total_steps``: one curve for the whole run."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: EvalLoader) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    top1 = top5 = n = 0
+    for images, labels, _ in loader:
+        logits = model(images)
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        top1 += int((top[:, 0] == labels).sum())
+        top5 += int((top == labels[:, None]).any(dim=1).sum())
+        n += len(labels)
+    model.train(was_training)
+    return {"top1": top1 / n, "top5": top5 / n}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Set up a run from a :class:`TrainConfig`; :meth:`run` trains (or resumes) it."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.check()
+        self.config = c = config
+        self.out = Path(c.out_dir)
+        self.store = LabelStore.open(c.store)
+        self.schedule: Schedule = parse_schedule(c.schedule, c.epochs, c.hard_epochs)
+        if c.stop_after is not None and c.stop_after < 1:
+            raise HaldStoreError(f"stop_after must be >= 1, got {c.stop_after}")
+        kinds = set(self.schedule.kinds())
+        common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device)
+        self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {}
+        if "soft" in kinds:
+            self.loaders["soft"] = SoftLabelLoader(self.store, c.images, temperature=c.temperature, **common)
+        if "hard" in kinds:
+            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **common)
+        self.device = next(iter(self.loaders.values())).device
+        a = self.store.attrs
+        self.val = None if c.val is None else EvalLoader(
+            c.val, input_size=a["input_size"], mean=a["mean"], std=a["std"], crop_fraction=c.eval_crop_fraction,
+            batch_size=256, class_names=self.store.class_names, backend=c.backend, device=c.device)
+        torch.manual_seed(c.seed)
+        self.model = resolve_model(c.student, self.store.num_classes).to(self.device)
+        with torch.no_grad():
+            width = self.model.eval()(torch.zeros(2, 3, a["input_size"], a["input_size"], device=self.device)).shape[-1]
+        if width != self.store.num_classes:
+            raise HaldStoreError(
+                f"student {c.student!r} outputs {width} classes but the store has {self.store.num_classes}"
+            )
+        if c.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
+                                             weight_decay=c.weight_decay, nesterov=True)
+        steps = [len(self.loaders[k]) for k in self.schedule.kinds()]
+        self.epoch_start_step = np.concatenate([[0], np.cumsum(steps)])
+        warmup = int(self.epoch_start_step[min(c.warmup_epochs, len(steps))])
+        total = int(self.epoch_start_step[-1])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return {
+            "epoch": self.epoch, "config": self.config.settings(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def _resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise HaldStoreError(f"cannot resume: no {CHECKPOINT} in {str(self.out)!r}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        diff = settings_diff(state["config"], self.config.settings())
+        if diff:
+            raise SettingsMismatchError(
+                f"cannot resume the run in {str(self.out)!r} with different settings:\n  " + "\n  ".join(diff)
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+        metrics = self.out / METRICS
+        if metrics.exists():  # drop lines of epochs that will be redone
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= self.epoch]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ epochs
+    def _train_epoch(self, epoch: int) -> dict:
+        c, kind = self.config, self.schedule.kind_at(epoch)
+        loader = self.loaders[kind]
+        rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
+        temperature = loader.temperature if kind == "soft" else None
+        self.model.train()
+        loss_sum = correct = n = 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader.iter_epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
+                   unit="batch", disable=not c.progress, leave=False, dynamic_ncols=True)
+        for batch in bar:
+            if kind == "soft":
+                logits = self.model(batch.images)
+                loss = soft_kl_loss(logits, batch.soft, temperature)
+            else:
+                target = smooth_one_hot(batch.hard, self.store.num_classes, c.label_smoothing)
+                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)
+                logits = self.model(images)
+                loss = soft_target_cross_entropy(logits, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            loss_sum += float(loss.detach()) * len(logits)
+            correct += int((logits.argmax(1) == batch.hard).sum())
+            n += len(logits)
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        seconds = time.perf_counter() - t0
+        return {"epoch": epoch + 1, "phase": self.schedule.phase_at(epoch), "kind": kind, "loss": loss_sum / n,
+                "lr": self.optimizer.param_groups[0]["lr"], "train_top1": correct / n,
+                "images_per_s": n / seconds, "seconds": seconds}
+
+    def run(self, resume: bool = False) -> dict:
+        """Train to the end of the schedule (or ``stop_after`` epochs); returns the last metrics.
+
+        Writes ``checkpoint.pt`` after every epoch, ``metrics.jsonl`` (one line per epoch) and,
+        at the end, ``final.json`` and ``model.pt`` (the student's state dict) to ``out_dir``.
+        """
+        c = self.config
+        if resume:
+            self._resume()
+        elif (self.out / CHECKPOINT).exists():
+            raise HaldStoreError(f"{str(self.out)!r} already holds a run; pass --resume or choose another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        last: dict = {}
+        stop = self.schedule.epochs if c.stop_after is None else min(self.schedule.epochs, self.epoch + c.stop_after)
+        while self.epoch < stop:
+            last = self._train_epoch(self.epoch)
+            self.epoch += 1
+            final = self.epoch == self.schedule.epochs
+            if self.val is not None and (final or (c.eval_every and self.epoch % c.eval_every == 0)):
+                last.update({f"val_{k}": v for k, v in evaluate(self.model, self.val).items()})
+            _atomic_save(self._state(), self.out / CHECKPOINT)
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            if c.progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+        if last and self.epoch == self.schedule.epochs:
+            torch.save(self.model.state_dict(), self.out / "model.pt")
+            (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last}, indent=2))
+        return last
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Train a student as ``config`` says (see :class:`Trainer`)."""
+    return Trainer(config).run(resume=resume)
+
