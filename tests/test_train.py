@@ -1,0 +1,196 @@
+"""hald_train: schedules, losses, which loader each phase uses, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from hald_store import LabelStore, build_store
+from hald_store.errors import HaldStoreError, SettingsMismatchError
+from hald_train import (ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, parse_schedule, smooth_one_hot,
+                        soft_kl_loss, soft_target_cross_entropy, train)
+from hald_train.cli import main as train_cli
+
+from .conftest import copy_subset, require_data
+
+
+# ------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("spec,epochs,hard,expect", [
+    ("shs", 10, None, "soft:2,hard:5,soft:3"),
+    ("shs", 300, 150, "soft:75,hard:150,soft:75"),
+    ("hs", 10, 4, "hard:4,soft:6"),
+    ("sh", 10, None, "soft:5,hard:5"),
+    ("hsh", 10, 5, "hard:2,soft:5,hard:3"),
+    ("soft-only", 7, None, "soft:7"),
+    ("hard-only", 7, None, "hard:7"),
+    ("alt-soft:3", 10, None, "soft:3,hard:3,soft:3,hard:1"),
+    ("alt-hard:2", 5, None, "hard:2,soft:2,hard:1"),
+    ("soft:75,hard:150,soft:75", None, None, "soft:75,hard:150,soft:75"),
+    (" soft : 2 , soft:1,hard:1", 4, None, "soft:3,hard:1"),
+])
+def test_schedules(spec, epochs, hard, expect):
+    s = parse_schedule(spec, epochs, hard)
+    assert str(s) == expect
+    assert len(s.kinds()) == s.epochs == sum(int(p.split(":")[1]) for p in expect.split(","))
+    assert [s.kind_at(e) for e in range(s.epochs)] == s.kinds()
+
+
+def test_schedule_from_python_list():
+    s = parse_schedule([("soft", 2), ("hard", 1)])
+    assert s.phase_at(2) == 1 and s.kind_at(0) == "soft"
+    with pytest.raises(IndexError):
+        s.phase_at(3)
+
+
+@pytest.mark.parametrize("spec,epochs,hard,match", [
+    ("soft:5,medium:3", None, None, r"unknown phase kind 'medium' at character 7"),
+    ("soft:5,hard", None, None, r"cannot parse schedule 'soft:5,hard' at character 7"),
+    ("soft:5,,hard:1", None, None, r"at character 7"),
+    ("soft:0", None, None, r"needs epochs >= 1"),
+    ("hard:-3", None, None, r"needs epochs >= 1"),
+    ("shs", None, None, r"preset 'shs' needs a total number of epochs"),
+    ("shs", 0, None, r"epochs must be a positive whole number"),
+    ("shs", -5, None, r"epochs must be a positive whole number"),
+    ("shs", 10, 10, r"hard epochs must be between 1 and epochs - 1 = 9"),
+    ("alt-soft:0", 10, None, r"block length must be >= 1"),
+    ("soft:3,hard:3", 10, None, r"has 6 epochs but epochs=10"),
+    ("sohs", 10, None, r"cannot parse"),
+])
+def test_bad_schedules(spec, epochs, hard, match):
+    with pytest.raises(ScheduleError, match=match):
+        parse_schedule(spec, epochs, hard)
+
+
+def test_schedule_error_points_at_the_culprit():
+    with pytest.raises(ScheduleError) as e:
+        parse_schedule("soft:5,hard:x,soft:1")
+    assert "soft:5,hard:x,soft:1\n         ^^^^^^" in str(e.value)
+
+
+# --------------------------------------------------------------------------- losses
+def test_soft_kl_loss_is_zero_on_the_teacher_and_positive_elsewhere():
+    z = torch.randn(16, 10)
+    assert soft_kl_loss(z, torch.softmax(z / 4, 1), 4.0).abs() < 1e-6
+    assert soft_kl_loss(torch.zeros(16, 10), torch.softmax(z / 4, 1), 4.0) > 0
+
+
+def test_smoothing_and_soft_cross_entropy():
+    t = smooth_one_hot(torch.tensor([2, 0]), 5, 0.8)
+    assert torch.allclose(t.sum(1), torch.ones(2)) and torch.isclose(t[0, 2], torch.tensor(0.2 + 0.16))
+    logits = torch.randn(2, 5)
+    onehot = smooth_one_hot(torch.tensor([2, 0]), 5, 0.0)
+    assert torch.isclose(soft_target_cross_entropy(logits, onehot),
+                         nn.functional.cross_entropy(logits, torch.tensor([2, 0])))
+
+
+def test_cutmix_mixes_pixels_and_targets_by_area():
+    x = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()
+    targets = torch.eye(4)
+    mixed, t = cutmix(x, targets, 1.0, np.random.default_rng(3))
+    again, t2 = cutmix(x, targets, 1.0, np.random.default_rng(3))
+    assert torch.equal(mixed, again) and torch.equal(t, t2)
+    assert torch.allclose(t.sum(1), torch.ones(4))
+    for i in range(4):  # each image's own-class weight is the fraction of its own pixels kept
+        assert torch.isclose(t[i, i], (mixed[i, 0] == i).float().mean()) or t[i].max() == 1
+    assert cutmix(x, targets, 0.0, np.random.default_rng(0))[0] is x
+
+
+def test_lr_schedule_spans_the_run():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == 1.0
+    assert lr_factor(10, 100, 10) == 1.0 and lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0) == pytest.approx(0.0)
+
+
+# ------------------------------------------------------------------------- trainer
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, resnet20):
+    src = require_data("cifar10-mini", "train")
+    root = copy_subset(src, tmp_path_factory.mktemp("train") / "images", classes=10, per_class=2)
+    store = root.parent / "s.zarr"
+    build_store(root, store, resnet20, crops_per_image=3, top_k=4, input_size=32, progress=False)
+    return store, root
+
+
+def _config(tiny, out, **kw) -> TrainConfig:
+    store, root = tiny
+    base = dict(store=str(store), images=str(root), out_dir=str(out), student="cifar_resnet20",
+                schedule="soft:1,hard:1,soft:1", batch_size=8, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_each_phase_feeds_its_own_loader_and_loss(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", cutmix_alpha=0.0, label_smoothing=0.0))
+    seen: list[torch.Tensor] = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
+    trainer.run()
+    per_epoch = len(trainer.loaders["soft"])
+    assert len(trainer.loaders["hard"]) == per_epoch and len(seen) == 3 * per_epoch
+    soft0 = [b.images for b in trainer.loaders["soft"].iter_epoch(0)]
+    hard1 = [b.images for b in trainer.loaders["hard"].iter_epoch(1)]
+    soft2 = [b.images for b in trainer.loaders["soft"].iter_epoch(2)]
+    for got, want in zip(seen, soft0 + hard1 + soft2):
+        assert torch.equal(got, want)
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["kind"] for ln in lines] == ["soft", "hard", "soft"] and [ln["phase"] for ln in lines] == [0, 1, 2]
+    assert lines[0]["loss"] < 0.2 < lines[1]["loss"]  # KL at T=20 vs cross-entropy
+    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert (tmp_path / "run" / "model.pt").exists() and json.loads((tmp_path / "run" / "final.json").read_text())
+
+
+def test_resume_gives_identical_weights(tiny, tmp_path):
+    kw = dict(schedule="soft:1,hard:2,soft:1", eval_every=1, val=str(tiny[1]))
+    full = _config(tiny, tmp_path / "full", **kw)
+    train(full)
+    part = _config(tiny, tmp_path / "part", stop_after=2, **kw)
+    train(part)
+    assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "part" / "model.pt").exists()
+    train(_config(tiny, tmp_path / "part", **kw), resume=True)
+    a = torch.load(tmp_path / "full" / "model.pt")
+    b = torch.load(tmp_path / "part" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [{k: v for k, v in json.loads(ln).items() if k not in ("images_per_s", "seconds")}  # noqa: E731
+                       for ln in p.read_text().splitlines()]
+    assert strip(tmp_path / "full" / "metrics.jsonl") == strip(tmp_path / "part" / "metrics.jsonl")
+
+
+def test_resume_with_other_settings_is_refused(tiny, tmp_path):
+    train(_config(tiny, tmp_path / "run", stop_after=1))
+    with pytest.raises(SettingsMismatchError, match=r"lr: 0.001 -> 0.002(.|\n)*batch_size: 8 -> 4|batch_size: 8 -> 4"):
+        train(_config(tiny, tmp_path / "run", lr=0.002, batch_size=4), resume=True)
+    with pytest.raises(HaldStoreError, match="already holds a run; pass --resume"):
+        train(_config(tiny, tmp_path / "run"))
+    with pytest.raises(HaldStoreError, match="no checkpoint.pt"):
+        train(_config(tiny, tmp_path / "fresh"), resume=True)
+
+
+def seven_class_net() -> nn.Module:
+    """A factory that ignores num_classes (for the class-mismatch test)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
+
+
+def test_student_and_validation_class_mismatch(tiny, tmp_path):
+    with pytest.raises(HaldStoreError, match="student 'tests.test_train:seven_class_net' outputs 7 classes but the store has 10"):
+        Trainer(_config(tiny, tmp_path / "a", student="tests.test_train:seven_class_net"))
+    val = copy_subset(require_data("cifar10-mini", "test"), tmp_path / "val", classes=9, per_class=1)
+    with pytest.raises(HaldStoreError, match="classes of .* differ .*missing: \\['truck'\\]"):
+        Trainer(_config(tiny, tmp_path / "b", val=str(val)))
+
+
+def test_cli_reports_bad_schedule_and_trains(tiny, tmp_path):
+    store, root = tiny
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "soft:2,hadr:1"])
+    assert r.exit_code == 1 and "unknown phase kind 'hadr' at character 7" in r.output
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "shs"])
+    assert r.exit_code == 1 and "needs a total number of epochs" in r.output
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "hs",
+                                       "--epochs", "2", "--batch-size", "10", "--val", str(root), "-q"])
+    assert r.exit_code == 0, r.output
+    final = json.loads((tmp_path / "x" / "final.json").read_text())
+    assert final["schedule"] == "hard:1,soft:1" and 0 <= final["val_top1"] <= 1
+    assert LabelStore.open(store).complete
