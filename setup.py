@@ -19,10 +19,10 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "matplotlib>=3.6",
     ],
     extras_require={
         "test": ["pytest>=7.0"],
-        "bench": ["matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["hald-store=hald_store.cli:main", "hald-train=hald_train.cli:main"]},
 )
