@@ -137,5 +137,17 @@ def verify(store, images_dir, teacher, checkpoint, sample, seed, batch_size, dev
         sys.exit(1)
 
 
+@main.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
+              help="Where data, teacher, store, runs and the plot go (finished steps are reused).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def demo(out, quiet) -> None:
+    """End to end on generated scenes: teacher, store, students with shs and soft-only."""
+    from hald_train.demo import format_table, run_demo  # the trainer is only needed here
+
+    click.echo(format_table(run_demo(out, progress=not quiet)))
+
+
 if __name__ == "__main__":
     main()

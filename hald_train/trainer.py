@@ -227,6 +227,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         last: dict = {}
         stop = self.schedule.epochs if c.stop_after is None else min(self.schedule.epochs, self.epoch + c.stop_after)
+        bar = tqdm(total=self.schedule.epochs, initial=self.epoch, desc=f"train {self.schedule}", unit="epoch",
+                   disable=not c.progress, dynamic_ncols=True)
         while self.epoch < stop:
             last = self._train_epoch(self.epoch)
             self.epoch += 1
@@ -236,8 +238,9 @@ class Trainer:
             _atomic_save(self._state(), self.out / CHECKPOINT)
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            if c.progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last.items()))
+            bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "train_top1", "val_top1") if k in last} | {"kind": last["kind"]})
+            bar.update()
+        bar.close()
         if last and self.epoch == self.schedule.epochs:
             torch.save(self.model.state_dict(), self.out / "model.pt")
             (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last}, indent=2))

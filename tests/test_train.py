@@ -194,3 +194,20 @@ def test_cli_reports_bad_schedule_and_trains(tiny, tmp_path):
     final = json.loads((tmp_path / "x" / "final.json").read_text())
     assert final["schedule"] == "hard:1,soft:1" and 0 <= final["val_top1"] <= 1
     assert LabelStore.open(store).complete
+
+
+def test_demo_end_to_end_small(tmp_path):
+    """The embedded demo's whole chain on a tiny budget; a second call reuses every step."""
+    from hald_train.demo import DemoSettings, format_table, run_demo
+
+    s = DemoSettings(num_classes=3, train_per_class=8, test_per_class=4, teacher_epochs=1, student_epochs=4,
+                     batch_size=8, teacher_batch_size=8)
+    r = run_demo(tmp_path / "demo", s, progress=False)
+    assert set(r["students"]) == {"shs", "soft-only"} and r["num_crops"] == 3 * 8 * s.crops_per_image
+    assert r["students"]["shs"]["schedule"] == "soft:1,hard:2,soft:1"
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
+    table = format_table(r)
+    assert "shs" in table and "soft-only" in table and "B/crop" in table
+    mtime = (tmp_path / "demo" / "teacher.pt").stat().st_mtime
+    assert run_demo(tmp_path / "demo", s, progress=False)["students"] == r["students"]
+    assert (tmp_path / "demo" / "teacher.pt").stat().st_mtime == mtime
