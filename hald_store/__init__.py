@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .build import BuildSummary, build_store  # noqa: E402
 from .codec import VALUE_CODECS, LabelCodec, TopKLabels  # noqa: E402
+from .convert import reencode_store  # noqa: E402
 from .crop_plan import CropPolicy, plan_crops  # noqa: E402
 from .errors import HaldStoreError  # noqa: E402
 from .images import Manifest, scan_image_folder  # noqa: E402
@@ -21,5 +22,5 @@ from .verify import VerifyReport, teacher_logits, verify_store  # noqa: E402
 __all__ = [
     "__version__", "BuildSummary", "build_store", "VALUE_CODECS", "LabelCodec", "TopKLabels", "CropPolicy",
     "plan_crops", "HaldStoreError", "Manifest", "scan_image_folder", "load_checkpoint", "load_teacher", "resolve_model",
-    "make_renderer", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "epoch_crop_seeds", "LabelStore", "VerifyReport", "teacher_logits", "verify_store",
+    "make_renderer", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "epoch_crop_seeds", "LabelStore", "VerifyReport", "reencode_store", "teacher_logits", "verify_store",
 ]

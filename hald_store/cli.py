@@ -10,6 +10,7 @@ import click
 
 from .build import build_store
 from .codec import VALUE_CODECS
+from .convert import reencode_store
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError
 from .images import class_names
@@ -135,6 +136,23 @@ def verify(store, images_dir, teacher, checkpoint, sample, seed, batch_size, dev
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
     if not report.passed:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("dst", type=click.Path())
+@click.option("--top-k", type=int, required=True, help="Classes kept per crop (at most the source's).")
+@click.option("--values", type=click.Choice(VALUE_CODECS), required=True, help="How the logit gaps are stored.")
+@click.option("--overwrite", is_flag=True, help="Replace DST.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def convert(src, dst, top_k, values, overwrite, quiet) -> None:
+    """Re-encode the labels of store SRC into DST with another --top-k / --values."""
+    before = LabelStore.open(src).bytes_on_disk("labels")
+    out = reencode_store(src, dst, top_k=top_k, values=values, overwrite=overwrite, progress=not quiet)
+    after = out.bytes_on_disk("labels")
+    click.echo(f"label bytes {before:,} -> {after:,} ({after / max(before, 1):.2f}x), "
+               f"{after / out.num_crops:.2f} B/crop")
 
 
 @main.command()

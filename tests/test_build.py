@@ -286,3 +286,28 @@ def test_unknown_format_version_and_non_store(tmp_path, small_folder, resnet20):
         LabelStore.open(tmp_path / "plain.zarr")
     r = run_cli("info", str(tmp_path / "missing.zarr"))
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_convert_reencodes_labels_and_keeps_crops(tmp_path, small_folder, resnet20):
+    full = tmp_path / "full.zarr"
+    build_store(small_folder, full, resnet20, num_classes=10, crops_per_image=3, top_k=10, values="fp32",
+                input_size=32, progress=False)
+    direct = tmp_path / "direct.zarr"
+    build_store(small_folder, direct, resnet20, num_classes=10, crops_per_image=3, top_k=4, values="uint8",
+                input_size=32, progress=False)
+    r = CliRunner().invoke(main, ["convert", str(full), str(tmp_path / "conv.zarr"), "--top-k", "4",
+                                  "--values", "uint8", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "label bytes" in r.output and "B/crop" in r.output
+    conv, ref = LabelStore.open(tmp_path / "conv.zarr"), LabelStore.open(direct)
+    assert conv.attrs["codec"] == ref.attrs["codec"] and conv.attrs["reencoded_from"]["values"] == "fp32"
+    assert np.array_equal(conv.array("crops/box")[:], ref.array("crops/box")[:])
+    i, s = np.divmod(np.arange(conv.num_crops), 3)
+    a, b = conv.read(i, s), ref.read(i, s)
+    assert torch.equal(a.indices, b.indices)
+    assert torch.allclose(a.probs(20.0), b.probs(20.0), atol=1e-3)
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "conv.zarr"), str(tmp_path / "x.zarr"), "--top-k", "5",
+                                  "--values", "uint8"])
+    assert r.exit_code == 1 and "top_k 5 exceeds the source store's top_k 4" in r.output
+    r = CliRunner().invoke(main, ["convert", str(full), str(direct), "--top-k", "4", "--values", "uint8"])
+    assert r.exit_code == 1 and "exists" in r.output and LabelStore.open(direct).complete

@@ -1,0 +1,52 @@
+"""Re-encode a store's labels with another codec (fewer classes kept, fewer bits), keeping
+its images, crops and every other attribute. Cheap: no teacher, no pixels."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import __version__
+from .codec import LabelCodec
+from .errors import HaldStoreError
+from .store import LabelStore
+
+
+def reencode_store(
+    src: LabelStore | str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    top_k: int,
+    values: str,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> LabelStore:
+    """Write ``dst``: ``src`` with its labels decoded and re-encoded as ``(top_k, values)``.
+
+    From a full-precision source (``top_k`` = number of classes, ``fp32``) the result equals a
+    fresh build with the new codec up to float rounding of the logit gaps. A source that keeps
+    fewer classes can only lose more: ``top_k`` may not exceed the source's.
+    """
+    src = src if isinstance(src, LabelStore) else LabelStore.open(src)
+    dst = Path(dst)
+    if top_k > src.codec.top_k:
+        raise HaldStoreError(f"top_k {top_k} exceeds the source store's top_k {src.codec.top_k}: those classes are gone")
+    codec = LabelCodec(values=values, top_k=top_k, num_classes=src.num_classes, temperature=src.temperature)
+    if dst.exists():
+        if not overwrite:
+            raise HaldStoreError(f"output {str(dst)!r} exists; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(dst)
+    n, s = src.num_images, src.crops_per_image
+    attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
+    out = LabelStore.create(dst, src.manifest(), src.array("crops/box")[:], src.array("crops/flip")[:], attrs, codec,
+                            src.chunk_images)
+    for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
+        start, stop = out.block_range(block)
+        fields = {k: src.array(f"labels/{k}")[start:stop].reshape((stop - start) * s, *src.array(f"labels/{k}").shape[2:])
+                  for k in src.codec.fields()}
+        new = codec.encode(src.codec.decode(fields).dense_logits())
+        out.write_block(block, {k: v.reshape(stop - start, s, *v.shape[1:]) for k, v in new.items()})
+    return out
