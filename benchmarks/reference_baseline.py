@@ -1,13 +1,15 @@
-"""The reference pipelines' label loading, re-created as the benchmarks' baseline.
+"""The reference pipelines' label building and loading, re-created as the benchmarks' baseline.
 
 SRe2L-style pipelines save, per epoch, a pickled list of batches (crop coordinates as
-fractions of the image, flips, full fp16 soft-label vectors) and at training time
-``torch.load`` that file and crop each image with PIL in a per-image Python loop.
+fractions of the image, flips, full fp16 soft-label vectors): building crops each image with
+PIL in a per-image Python loop, runs the teacher and ``torch.save``s the list; training
+``torch.load``s that file and crops each image again with PIL.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,33 @@ def _crop(path: Path, frac: torch.Tensor, flip: bool, size: int, mean: torch.Ten
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (x - mean) / std
+
+
+def reference_build(store: LabelStore, images_root: str | os.PathLike, teacher: torch.nn.Module, path: Path,
+                    batch_size: int) -> tuple[float, float]:
+    """Label every stored crop the reference way into one pickled epoch file.
+
+    Returns (seconds, seconds inside the teacher's forward pass).
+    """
+    m = store.manifest()
+    files = [Path(images_root, p) for p in m.paths]
+    size, mean, std = store.attrs["input_size"], torch.tensor(store.attrs["mean"]).view(3, 1, 1), torch.tensor(store.attrs["std"]).view(3, 1, 1)
+    ids, seeds = np.divmod(np.arange(store.num_crops), store.crops_per_image)
+    boxes, flips = store.boxes(ids, seeds)
+    hw = np.stack([m.heights[ids], m.widths[ids], m.heights[ids], m.widths[ids]], 1)
+    coords = torch.from_numpy(boxes / hw).float()
+    t0, in_teacher, batches = time.perf_counter(), 0.0, []
+    teacher = teacher.eval()
+    for b0 in range(0, len(ids), batch_size):
+        sel = slice(b0, b0 + batch_size)
+        x = torch.stack([_crop(files[i], c, bool(f), size, mean, std) for i, c, f in zip(ids[sel], coords[sel], flips[sel])])
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            probs = torch.softmax(teacher(x) / store.temperature, 1).half()
+        in_teacher += time.perf_counter() - t1
+        batches.append([coords[sel], torch.from_numpy(flips[sel]), probs, torch.from_numpy(ids[sel])])
+    torch.save(batches, path)
+    return time.perf_counter() - t0, in_teacher
 
 
 class ReferenceEpoch(torch.utils.data.Dataset):

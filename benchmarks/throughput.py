@@ -1,9 +1,10 @@
-"""Loader throughput: our SoftLabelLoader (DALI CPU / GPU, torchvision) against the reference
-baseline (per-epoch pickled label lists + PIL crops in a per-image Python loop), side by side
-in one run, plus the label-read path alone.
+"""Throughput against the reference baseline (per-epoch pickled label lists + PIL crops in a
+per-image Python loop), side by side in one run: build (crops/s, share of time outside the
+teacher), the label-read path alone (labels/s), and the loaders (images/s) -- our
+SoftLabelLoader with DALI CPU (GPU when present) and torchvision.
 
-    python benchmarks/loader_throughput.py                  # cifar10-mini + a Tiny-ImageNet subset
-    python benchmarks/loader_throughput.py --tiny-classes 0 # cifar10-mini only
+    python benchmarks/throughput.py                  # cifar10-mini + a Tiny-ImageNet subset
+    python benchmarks/throughput.py --tiny-classes 0 # cifar10-mini only
 
 Each loader yields one crop (and one soft label) per image, so images/s == labels/s. Every
 loader gets one untimed warm-up epoch (DALI builds its pipeline then), then ``--epochs`` timed.
@@ -25,7 +26,7 @@ from hald_store.loader import epoch_crop_seeds
 from hald_store.pipeline import cuda_available, dali_available
 from hald_store.reference_data import shared_data_path
 
-from reference_baseline import ReferenceEpoch, write_epoch_file
+from reference_baseline import ReferenceEpoch, reference_build, write_epoch_file
 
 
 def timed(fn, epochs: int) -> float:
@@ -55,6 +56,24 @@ def extract_tiny(tar_path: Path, dst: Path, classes: int) -> Path:
             tar.extract(member, dst, filter="data")
     done.touch()
     return dst / "train"
+
+
+def measure_build(name: str, root: Path, teacher: torch.nn.Module, work: Path, **build_kw) -> tuple[LabelStore, list[dict]]:
+    """Build the store (fresh, timed) and the reference epoch file of the same crops."""
+    path = work / f"{name}.zarr"
+    summary = build_store(root, path, teacher, overwrite=True, progress=False, **build_kw)
+    store = LabelStore.open(path)
+    seconds, in_teacher = reference_build(store, root, teacher, work / f"{name}-reference-build.pt", build_kw["batch_size"])
+    rows = [
+        {"dataset": name, "path": "build: hald-store", "crops_per_s": summary.crops_per_second,
+         "outside_teacher": summary.outside_teacher_fraction},
+        {"dataset": name, "path": "build: reference PIL loop", "crops_per_s": store.num_crops / seconds,
+         "outside_teacher": 1 - in_teacher / seconds},
+    ]
+    print(f"{name}: build {store.num_crops} crops")
+    for r in rows:
+        print(f"  {r['path']:<34}{r['crops_per_s']:>12,.0f} crops/s  {100 * r['outside_teacher']:.0f}% outside the teacher")
+    return store, rows
 
 
 def measure(name: str, store: LabelStore, root: Path, args, work: Path) -> list[dict]:
@@ -129,30 +148,26 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default="benchmarks/results/work")
-    ap.add_argument("--out", default="benchmarks/results/loader_throughput.json")
+    ap.add_argument("--out", default="benchmarks/results/throughput.json")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    datasets = []
-    cifar = work / "cifar10-mini.zarr"
-    build_store(args.images, cifar, load_teacher("cifar_resnet56", args.checkpoint, 10), teacher_name="cifar_resnet56",
-                crops_per_image=args.crops_per_image, input_size=32, resume=cifar.exists(), progress=False)
-    datasets.append(("cifar10-mini", cifar, Path(args.images)))
+    rows = []
+    store, build_rows = measure_build("cifar10-mini", Path(args.images), load_teacher("cifar_resnet56", args.checkpoint, 10),
+                                      work, teacher_name="cifar_resnet56", crops_per_image=args.crops_per_image,
+                                      input_size=32, batch_size=args.batch_size)
+    rows += build_rows + measure("cifar10-mini", store, Path(args.images), args, work)
     tar = shared_data_path("tiny-imagenet", "tiny-imagenet-train.tar.gz")
     if args.tiny_classes and tar is not None:
         root = extract_tiny(tar, work / "tiny", args.tiny_classes)
-        tiny = work / f"tiny-{args.tiny_classes}.zarr"
+        name = f"tiny-imagenet-{args.tiny_classes}cls"
         # No Tiny-ImageNet teacher is supplied: an untrained CIFAR ResNet-20 with 200 outputs
-        # labels the crops. Label values do not affect loader speed.
-        build_store(root, tiny, resolve_model("cifar_resnet20", 200), teacher_name="untrained cifar_resnet20",
-                    num_classes=200, crops_per_image=2, input_size=64, resume=tiny.exists(), progress=False)
-        datasets.append((f"tiny-imagenet-{args.tiny_classes}cls", tiny, root))
-
-    rows = []
-    for name, path, root in datasets:
-        rows += measure(name, LabelStore.open(path), root, args, work)
+        # labels the crops. Label values do not affect speed.
+        store, build_rows = measure_build(name, root, resolve_model("cifar_resnet20", 200), work,
+                                          teacher_name="untrained cifar_resnet20", num_classes=200, crops_per_image=2,
+                                          input_size=64, batch_size=args.batch_size)
+        rows += build_rows + measure(name, store, root, args, work)
     out = Path(args.out)
     out.write_text(json.dumps({"settings": vars(args), "torch_threads": torch.get_num_threads(),
                                "cuda": cuda_available(), "results": rows}, indent=2))
