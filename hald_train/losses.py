@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from hald_store.mixing import apply_mix, draw_mix, mix_targets
 
 
 def soft_kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,15 +40,5 @@ def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
     targets by the pasted area. ``alpha <= 0`` returns the batch unchanged."""
     if alpha <= 0 or len(images) < 2:
         return images, targets
-    lam = rng.beta(alpha, alpha)
-    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
-    h, w = images.shape[-2:]
-    cut = math.sqrt(1 - lam)
-    ch, cw = int(h * cut), int(w * cut)
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    mixed = images.clone()
-    mixed[:, :, y0:y1, x0:x1] = images[perm, :, y0:y1, x0:x1]
-    kept = 1 - (y1 - y0) * (x1 - x0) / (h * w)
-    return mixed, kept * targets + (1 - kept) * targets[perm]
+    perm, lam, box = draw_mix("cutmix", alpha, len(images), images.shape[-2], images.shape[-1], rng)
+    return apply_mix("cutmix", images, perm, lam, box), mix_targets(targets, perm, lam)
