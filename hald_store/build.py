@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,10 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .batch_plan import BatchPlan
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
 from .images import Manifest, scan_image_folder
+from .loader import render_recorded_batch
+from .mixing import MIXES
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, read_files
 from .prefetch import prefetch
@@ -116,11 +120,12 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
     raise StoreError(f"refusing to --overwrite {str(out)!r}: it is not a hald-store store")
 
 
-def _batches(
+def _crop_batches(
     store: LabelStore, root: Path, paths: Sequence[str], renderer: CropRenderer,
     blocks: Sequence[int], batch_size: int,
-) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
-    """Rendered crops of the given blocks, in fixed batches: yields (block, image indices, images)."""
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
+    """Rendered crops of the given image blocks in fixed batches: yields
+    (block, positions in the block's (images x S) label array, image indices, images)."""
     s = store.crops_per_image
     for block in blocks:
         start, stop_img = store.block_range(block)
@@ -136,7 +141,31 @@ def _batches(
             except HaldStoreError as e:
                 names = ", ".join(sorted({paths[i] for i in idx})[:4])
                 raise HaldStoreError(f"rendering crops of {names} ...: {e}") from e
-            yield block, idx, x
+            yield block, (idx - start) * s + seeds[sel], idx, x
+
+
+def _recorded_batches(
+    store: LabelStore, root: Path, renderer: CropRenderer, epochs: Sequence[int],
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
+    """The store's recorded labelling batches of the given epochs, rendered and mixed:
+    yields (epoch, positions = image indices, image indices, images)."""
+    files = [root / p for p in store.manifest().paths]
+    for epoch in epochs:
+        plan = store.batches(epoch)
+        for b in range(len(plan["members"])):
+            members, x = render_recorded_batch(store, renderer, files, epoch, plan, b)
+            yield epoch, members, members, x
+
+
+def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
+    """A copy of ``teacher`` whose BatchNorm layers normalize with each batch's statistics and
+    leave their running statistics untouched; every other layer stays in eval mode."""
+    copy = deepcopy(teacher).eval()
+    for m in copy.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            m.track_running_stats = False
+    return copy
 
 
 def build_store(
@@ -163,6 +192,10 @@ def build_store(
     resume: bool = False,
     overwrite: bool = False,
     skip_bad: bool = False,
+    teacher_mode: str = "eval",
+    mix: str = "none",
+    mix_alpha: float | None = None,
+    labelling_batch_size: int | None = None,
     progress: bool = True,
 ) -> BuildSummary:
     """Label ``crops_per_image`` planned crops of every image in ``images`` with ``teacher``.
@@ -170,6 +203,11 @@ def build_store(
     ``images`` is an ImageFolder-style directory; ``out`` the store directory. Exactly one of
     ``crops_per_image`` and ``slc`` (soft labels per class) is given. See the README for the
     meaning of each option; the CLI ``hald-store build`` maps its flags one to one.
+
+    ``teacher_mode="train"`` (BatchNorm on batch statistics) or ``mix="cutmix"|"mixup"`` make
+    labels batch-specific: crop seed ``e`` of every image is labelled in labelling epoch ``e``,
+    in batches of ``labelling_batch_size`` (default ``batch_size``) planned by
+    :class:`~hald_store.batch_plan.BatchPlan` and recorded in the store for replay.
     """
     t_start = time.perf_counter()
     root, out = Path(images), Path(out)
@@ -180,6 +218,7 @@ def build_store(
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
     if not temperature > 0:
         raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
     if out.exists() and not (resume or overwrite):  # fail before the (slow) scan
         _prepare_out(out, resume, overwrite)
     dev = resolve_device(device)
@@ -214,13 +253,21 @@ def build_store(
         "std": [float(s) for s in std],
         "renderer": renderer_info,
         "teacher": {"name": teacher_name or type(teacher).__name__, "weights_sha256": weights_sha256(teacher),
-                    "mode": "eval"},
+                    "mode": teacher_mode},
         "codec": codec.to_dict(),
         "manifest_blake2b": manifest.fingerprint(),
         "skipped": manifest.skipped,
     }
 
     n, s = len(manifest), int(crops_per_image)
+    plan = None
+    if batch_mode:
+        try:
+            plan = BatchPlan(num_images=n, epochs=s, batch_size=labelling_batch_size or min(batch_size, n), seed=seed,
+                             mix=mix, mix_alpha=1.0 if mix_alpha is None else mix_alpha, size=input_size)
+        except ValueError as e:
+            raise HaldStoreError(str(e)) from e
+        attrs["labelling"] = {"mode": "batch", "teacher_mode": teacher_mode, **plan.to_dict()}
     img = np.repeat(np.arange(n), s)
     boxes, flips = plan_crops(seed, img, np.tile(np.arange(s), n), manifest.heights[img], manifest.widths[img],
                               crop_policy)
@@ -238,29 +285,39 @@ def build_store(
         store.check_settings(attrs)
     else:
         store = LabelStore.create(out, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s), attrs, codec,
-                                  chunk_images)
+                                  chunk_images, batches=None if plan is None else plan.arrays())
 
     todo = [b for b, done in enumerate(store.block_done()) if not done]
-    s = store.crops_per_image
-    remaining = s * sum(stop_img - start for start, stop_img in map(store.block_range, todo))
+    if batch_mode:
+        block_shape = {b: (n,) for b in todo}
+        batches = _recorded_batches(store, root, renderer, todo)
+        if teacher_mode == "train":
+            teacher = batch_stats_teacher(teacher)
+    else:
+        block_shape = {b: (b1 - b0, s) for b, (b0, b1) in zip(todo, map(store.block_range, todo))}
+        batches = _crop_batches(store, root, manifest.paths, renderer, todo, batch_size)
+    remaining = sum(int(np.prod(shape)) for shape in block_shape.values())
     pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                 disable=not progress, dynamic_ncols=True)
     teacher_seconds, written = 0.0, 0
-    pending: dict[int, list[torch.Tensor]] = {}
+    pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
     try:
-        for block, idx, x in prefetch(_batches(store, root, manifest.paths, renderer, todo, batch_size)):
+        for block, positions, idx, x in prefetch(batches):
             t0 = time.perf_counter()
             with torch.inference_mode():
                 logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
             teacher_seconds += time.perf_counter() - t0
             _check_logits(logits, idx, manifest, num_classes)
-            pending.setdefault(block, []).append(logits)
+            pending.setdefault(block, []).append((positions, logits))
             pbar.update(len(idx))
-            start, stop_img = store.block_range(block)
-            if sum(len(t) for t in pending[block]) == (stop_img - start) * s:
-                fields = codec.encode(torch.cat(pending.pop(block)))
-                store.write_block(block, {k: v.reshape(stop_img - start, s, *v.shape[1:]) for k, v in fields.items()})
-                written += (stop_img - start) * s
+            size = int(np.prod(block_shape[block]))
+            if sum(len(p) for p, _ in pending[block]) == size:
+                ordered = torch.empty(size, num_classes)
+                for p, lg in pending.pop(block):
+                    ordered[torch.from_numpy(p)] = lg
+                fields = codec.encode(ordered)
+                store.write_block(block, {k: v.reshape(*block_shape[block], *v.shape[1:]) for k, v in fields.items()})
+                written += size
     finally:
         pbar.close()
     return BuildSummary(
@@ -269,6 +326,27 @@ def build_store(
         teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
         label_bytes_on_disk=store.bytes_on_disk("labels"),
     )
+
+
+def _check_labelling_mode(teacher_mode: str, mix: str, mix_alpha: float | None,
+                          labelling_batch_size: int | None) -> bool:
+    """Validate the batch-labelling options together; True when labels are batch-specific."""
+    if teacher_mode not in ("eval", "train"):
+        raise HaldStoreError(f"--teacher-mode must be eval or train, got {teacher_mode!r}")
+    if mix not in MIXES:
+        raise HaldStoreError(f"--mix must be one of {', '.join(MIXES)}, got {mix!r}")
+    batch_mode = teacher_mode == "train" or mix != "none"
+    if mix == "none" and mix_alpha is not None:
+        raise HaldStoreError("--mix-alpha needs --mix cutmix or --mix mixup (it has no effect with --mix none)")
+    if mix_alpha is not None and not mix_alpha > 0:
+        raise HaldStoreError(f"--mix-alpha must be > 0, got {mix_alpha}")
+    if labelling_batch_size is not None and not batch_mode:
+        raise HaldStoreError("--labelling-batch-size applies to batch-specific labels only "
+                             "(--teacher-mode train or --mix cutmix|mixup); use --batch-size otherwise")
+    if labelling_batch_size is not None and labelling_batch_size < (2 if teacher_mode == "train" else 1):
+        raise HaldStoreError(f"--labelling-batch-size {labelling_batch_size} is too small"
+                             f"{' for BatchNorm batch statistics (need >= 2)' if teacher_mode == 'train' else ''}")
+    return batch_mode
 
 
 def _check_logits(logits: torch.Tensor, idx: np.ndarray, manifest: Manifest, num_classes: int) -> None:

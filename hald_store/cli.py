@@ -76,11 +76,18 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")
+@click.option("--teacher-mode", type=click.Choice(["eval", "train"]), default="eval",
+              help="train: BatchNorm uses each labelling batch's statistics (batch-specific labels).")
+@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup"]), default="none",
+              help="Mix images inside each labelling batch before the teacher sees them (recorded for replay).")
+@click.option("--mix-alpha", type=float, default=None, help="Beta(alpha, alpha) of the mix [default: 1.0].")
+@click.option("--labelling-batch-size", type=int, default=None,
+              help="Batch size of batch-specific labelling (= the training batch size at replay) [default: --batch-size].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
 def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_image, slc, top_k, values, temperature,
           input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, chunk_images, resume,
-          overwrite, skip_bad, quiet) -> None:
+          overwrite, skip_bad, teacher_mode, mix, mix_alpha, labelling_batch_size, quiet) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
     try:
         policy = CropPolicy(scale=tuple(scale), ratio=tuple(ratio), flip_prob=flip_prob)
@@ -91,7 +98,8 @@ def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_ima
         images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
         slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
         seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend,
-        chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, progress=not quiet,
+        chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
+        mix=mix, mix_alpha=mix_alpha, labelling_batch_size=labelling_batch_size, progress=not quiet,
     )
     click.echo(str(summary))
 

@@ -39,14 +39,15 @@ def reencode_store(
         if not overwrite:
             raise HaldStoreError(f"output {str(dst)!r} exists; pass overwrite=True (--overwrite) to replace it")
         shutil.rmtree(dst)
-    n, s = src.num_images, src.crops_per_image
     attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
+    batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
     out = LabelStore.create(dst, src.manifest(), src.array("crops/box")[:], src.array("crops/flip")[:], attrs, codec,
-                            src.chunk_images)
+                            src.chunk_images, batches=batches)
     for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
-        start, stop = out.block_range(block)
-        fields = {k: src.array(f"labels/{k}")[start:stop].reshape((stop - start) * s, *src.array(f"labels/{k}").shape[2:])
-                  for k in src.codec.fields()}
-        new = codec.encode(src.codec.decode(fields).dense_logits())
-        out.write_block(block, {k: v.reshape(stop - start, s, *v.shape[1:]) for k, v in new.items()})
+        sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
+        fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}
+        lead = next(iter(fields.values())).shape[: 1 if out.batch_mode else 2]
+        flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in fields.items()}
+        new = codec.encode(src.codec.decode(flat).dense_logits())
+        out.write_block(block, {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()})
     return out

@@ -30,6 +30,7 @@ from .codec import TopKLabels
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import Manifest, check_image_root, scan_image_folder
+from .mixing import apply_mix
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, dali_available, make_renderer, read_files
 from .prefetch import prefetch
 from .store import LabelStore
@@ -67,6 +68,26 @@ def epoch_crop_seeds(num_images: int, crops_per_image: int, epoch: int, seed: in
     return (a * e + b) % s
 
 
+def replay_epoch(crops_per_image: int, epoch: int, seed: int = 0) -> int:
+    """The labelling epoch whose recorded batches training epoch ``epoch`` replays: the pool of
+    ``crops_per_image`` labelling epochs is drawn without replacement, reshuffled every cycle."""
+    cycle, e = divmod(int(epoch), int(crops_per_image))
+    return int(np.random.default_rng([int(seed), cycle, 0xE90C]).permutation(crops_per_image)[e])
+
+
+def render_recorded_batch(store: LabelStore, renderer: CropRenderer, files: Sequence[Path], epoch: int,
+                          plan: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Members and rendered, mixed images of recorded labelling batch ``batch`` of ``epoch``
+    (``plan`` = ``store.batches(epoch)``): exactly what the teacher saw at build time."""
+    members = plan["members"][batch]
+    n = int((members >= 0).sum())
+    members = members[:n]
+    boxes, flips = store.boxes(members, np.full(n, epoch))
+    x = renderer(read_files([files[i] for i in members]), boxes, flips)
+    mix = store.attrs["labelling"]["mix"]
+    return members, apply_mix(mix, x, plan["perm"][batch][:n], float(plan["lam"][batch]), plan["box"][batch])
+
+
 def _renderer_device(device: str) -> str:
     """Map a user device (auto/cpu/cuda/gpu) to a renderer device (auto/cpu/gpu)."""
     mapping = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
@@ -91,6 +112,7 @@ class CropLoader:
         rank: int,
         world_size: int,
         prefetch: int,
+        check_batch_size: bool = True,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise HaldStoreError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
@@ -106,7 +128,7 @@ class CropLoader:
         self._hard = torch.from_numpy(np.asarray(manifest.labels, dtype=np.int64))
         n = len(manifest)
         self.samples_per_rank = n // world_size if drop_last else math.ceil(n / world_size)
-        if self.batch_size > self.samples_per_rank:
+        if check_batch_size and self.batch_size > self.samples_per_rank:
             raise HaldStoreError(
                 f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} images each of "
                 f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}"
@@ -191,6 +213,13 @@ class SoftLabelLoader(CropLoader):
     with ``dense=False``, :class:`~hald_store.codec.TopKLabels` (turn them into any temperature
     with ``.probs(T)`` / ``.log_probs(T)``). ``backend="auto"`` uses the backend the store was
     labelled with; ``device="auto"`` uses the GPU when CUDA is available.
+
+    A store of batch-specific labels (built with ``teacher_mode="train"`` or a mix) is read in
+    *replay* mode: training epoch ``e`` yields the recorded batches of labelling epoch
+    :func:`replay_epoch` (the pool of labelling epochs drawn without replacement), each with
+    its recorded members and mix applied to the regenerated crops; ``batch_size`` must equal
+    the labelling batch size, ``shuffle`` shuffles the order of the batches and ``rank`` /
+    ``world_size`` deal whole batches to ranks.
     """
 
     def __init__(
@@ -210,17 +239,58 @@ class SoftLabelLoader(CropLoader):
         device: str = "auto",
         prefetch: int = 2,
         check_hashes: bool = False,
+        replay: bool | None = None,
         **renderer_kw,
     ) -> None:
         self.store = _open(store)
         check_image_root(self.store.manifest(), images_root, check_hashes=check_hashes)
+        self.replay = self.store.batch_mode if replay is None else bool(replay)
+        if self.replay != self.store.batch_mode:
+            raise HaldStoreError(
+                f"store {self.store.path!r} holds batch-specific labels: read it with replay=True"
+                if self.store.batch_mode else f"store {self.store.path!r} has no recorded labelling batches to replay"
+            )
+        if self.replay and batch_size != self.store.attrs["labelling"]["batch_size"]:
+            raise HaldStoreError(
+                f"replaying {self.store.path!r} needs batch_size = the labelling batch size "
+                f"{self.store.attrs['labelling']['batch_size']} (its labels depend on the batch), got {batch_size}"
+            )
         self.temperature = self.store.temperature if temperature is None else float(temperature)
         if not self.temperature > 0:
             raise HaldStoreError(f"temperature must be > 0, got {temperature}")
         self.dense = bool(dense)
         super().__init__(images_root, self.store.manifest(), _store_renderer(self.store, backend, device, **renderer_kw),
                          batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
-                         world_size=world_size, prefetch=prefetch)
+                         world_size=world_size, prefetch=prefetch, check_batch_size=not self.replay)
+
+    def __len__(self) -> int:
+        if not self.replay:
+            return super().__len__()
+        return len(self.batch_order(0))
+
+    def batch_order(self, epoch: int) -> np.ndarray:
+        """Replay mode: this rank's recorded batch indices for ``epoch``, in delivery order."""
+        members = self.store.array("batches/members")
+        nb, full = members.shape[1], int((members[0, -1] >= 0).all())
+        usable = nb if (full or not self.drop_last) else nb - 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(usable) if self.shuffle else np.arange(usable)
+        per_rank = usable // self.world_size if self.drop_last else -(-usable // self.world_size)
+        if per_rank == 0:
+            raise HaldStoreError(f"{usable} recorded batches cannot feed {self.world_size} ranks with drop_last")
+        return np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
+
+    def _produce(self, epoch: int, start_batch: int) -> Iterator:
+        if not self.replay:
+            yield from super()._produce(epoch, start_batch)
+            return
+        n = self.store.num_images
+        labelling_epoch = replay_epoch(self.store.crops_per_image, epoch, self.seed)
+        plan = self.store.batches(labelling_epoch)
+        seeds = np.full(n, labelling_epoch)
+        fields, _, _ = self.store.read_one_crop_per_image(seeds)
+        for b in self.batch_order(epoch)[start_batch:]:
+            members, x = render_recorded_batch(self.store, self.renderer, self._paths, labelling_epoch, plan, b)
+            yield self._batch(x, members, {"fields": fields, "seeds": seeds})
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         """Stored crop seed of every image in ``epoch``."""

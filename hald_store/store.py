@@ -125,11 +125,14 @@ class LabelStore:
         attrs: dict[str, Any],
         codec: LabelCodec,
         chunk_images: int,
+        batches: dict[str, np.ndarray] | None = None,
     ) -> "LabelStore":
         """Write a new, empty store (manifest, crop boxes, attributes) atomically at ``path``.
 
         Everything is written into a sibling temporary directory that is renamed into place
-        at the end, so a killed creation never leaves a half-made store behind.
+        at the end, so a killed creation never leaves a half-made store behind. With
+        ``batches`` (a :meth:`~hald_store.batch_plan.BatchPlan.arrays` dict) the store holds
+        batch-specific labels: they are written one labelling epoch (crop seed) at a time.
         """
         path = os.fspath(path)
         n, s = boxes.shape[:2]
@@ -153,10 +156,14 @@ class LabelStore:
             put("images/width", manifest.widths.astype(np.int32), (ci,))
             put("crops/box", boxes.astype(np.int32), (ci, s, 4))
             put("crops/flip", flips.astype(bool), (ci, s))
+            label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
-                g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, s, *shape),
+                g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
                                compressors=default_compressor(), fill_value=0)
-            g.create_array("progress/block_done", shape=(math.ceil(n / ci),), dtype=np.uint8, chunks=(1,),
+            for name, data in (batches or {}).items():
+                put(f"batches/{name}", data, (1, *data.shape[1:]))
+            blocks = math.ceil(n / ci) if batches is None else s
+            g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=None)
             g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs}
             os.rename(tmp, path)
@@ -198,8 +205,20 @@ class LabelStore:
     def num_blocks(self) -> int:
         return int(self.array("progress/block_done").shape[0])
 
+    @property
+    def batch_mode(self) -> bool:
+        """True for batch-specific labels (written and replayed by labelling batch)."""
+        return "labelling" in self.attrs
+
+    def batches(self, epoch: int) -> dict[str, np.ndarray]:
+        """The recorded labelling batches of crop seed ``epoch``: ``members``, ``perm``
+        ((batches, batch_size), -1 padded), ``lam`` (batches,), ``box`` (batches, 4)."""
+        if not self.batch_mode:
+            raise StoreError(f"store {self.path!r} has per-crop labels, not recorded labelling batches")
+        return {k: self.array(f"batches/{k}")[epoch] for k in ("members", "perm", "lam", "box")}
+
     def block_range(self, block: int) -> tuple[int, int]:
-        """Image index range ``[start, stop)`` of a block."""
+        """Image index range ``[start, stop)`` of a block (per-crop stores)."""
         start = block * self.chunk_images
         return start, min(start + self.chunk_images, self.num_images)
 
@@ -296,8 +315,8 @@ class LabelStore:
         self._coords(np.arange(self.num_images), seeds)
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
         out = {name: np.empty((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
-        for block in range(self.num_blocks):
-            start, stop = self.block_range(block)
+        for start in range(0, self.num_images, self.chunk_images):
+            stop = min(start + self.chunk_images, self.num_images)
             rows = np.arange(stop - start)
             for name in names:
                 out[name][start:stop] = self.array(name)[start:stop][rows, seeds[start:stop]]
@@ -305,10 +324,15 @@ class LabelStore:
         return fields, out["crops/box"], out["crops/flip"]
 
     def write_block(self, block: int, fields: dict[str, np.ndarray]) -> None:
-        """Write the labels of one block (arrays shaped (images in block, S, ...)), then mark it done."""
-        start, stop = self.block_range(block)
+        """Write the labels of one block, then mark it done. A block is a range of images
+        (arrays shaped (images in block, S, ...)) or, in batch mode, one crop seed of every
+        image (arrays shaped (N, ...))."""
         for name in self.codec.fields():
-            self.array(f"labels/{name}")[start:stop] = fields[name]
+            if self.batch_mode:
+                self.array(f"labels/{name}")[:, block] = fields[name]
+            else:
+                start, stop = self.block_range(block)
+                self.array(f"labels/{name}")[start:stop] = fields[name]
         self.array("progress/block_done")[block] = 1
         self._done_cache = None
 
