@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .batch_plan import BatchPlan
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_crops
@@ -118,6 +118,21 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
         shutil.rmtree(out)
         return False
     raise StoreError(f"refusing to --overwrite {str(out)!r}: it is not a hald-store store")
+
+
+def _open_or_create(out: Path, resume: bool, overwrite: bool, root: Path, manifest: Manifest, boxes: np.ndarray,
+                    flips: np.ndarray, attrs: dict, codec: LabelCodec, chunk_images: int,
+                    batches: dict[str, np.ndarray] | None) -> None:
+    """Check an existing store for resuming, or create a new one."""
+    if _prepare_out(out, resume, overwrite):
+        store = LabelStore.open(out, mode="r+", allow_incomplete=True)
+        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
+            raise ManifestMismatchError(
+                f"cannot resume {str(out)!r}: the images in {str(root)!r} differ from the ones it was built from"
+            )
+        store.check_settings(attrs)
+    else:
+        LabelStore.create(out, manifest, boxes, flips, attrs, codec, chunk_images, batches=batches)
 
 
 def _crop_batches(
@@ -221,7 +236,9 @@ def build_store(
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
     if out.exists() and not (resume or overwrite):  # fail before the (slow) scan
         _prepare_out(out, resume, overwrite)
-    dev = resolve_device(device)
+    ranks = distributed.context()
+    progress = progress and ranks.is_main
+    dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
 
     manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress)
     num_classes = len(manifest.class_names) if num_classes is None else num_classes
@@ -276,18 +293,22 @@ def build_store(
     with torch.inference_mode():
         _check_logits(teacher(probe.to(dev)).float().cpu(), img[:1], manifest, num_classes)
 
-    if _prepare_out(out, resume, overwrite):
-        store = LabelStore.open(out, mode="r+", allow_incomplete=True)
-        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
-            raise ManifestMismatchError(
-                f"cannot resume {str(out)!r}: the images in {str(root)!r} differ from the ones it was built from"
-            )
-        store.check_settings(attrs)
-    else:
-        store = LabelStore.create(out, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s), attrs, codec,
-                                  chunk_images, batches=None if plan is None else plan.arrays())
+    ranks.check_same(attrs, "build settings")
+    failure = None
+    if ranks.is_main:  # one writer creates (or checks) the store; the other ranks wait for it
+        try:
+            _open_or_create(out, resume, overwrite, root, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s),
+                            attrs, codec, chunk_images, None if plan is None else plan.arrays())
+        except HaldStoreError as e:
+            failure = e
+    message = ranks.broadcast(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise HaldStoreError(f"rank 0 could not prepare the store: {message}")
+    store = LabelStore.open(out, mode="r+", allow_incomplete=True)
 
-    todo = [b for b, done in enumerate(store.block_done()) if not done]
+    todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
     if batch_mode:
         block_shape = {b: (n,) for b in todo}
         batches = _recorded_batches(store, root, renderer, todo)
@@ -320,9 +341,11 @@ def build_store(
                 written += size
     finally:
         pbar.close()
+    written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
+    ranks.barrier()  # every rank's blocks are on disk before anyone reports
     return BuildSummary(
-        path=str(out), crops_total=store.num_crops, crops_written=written, blocks_written=len(todo),
-        blocks_skipped=store.num_blocks - len(todo), seconds=time.perf_counter() - t_start,
+        path=str(out), crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
+        blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
         teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
         label_bytes_on_disk=store.bytes_on_disk("labels"),
     )

@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from . import distributed
 from .build import build_store
 from .codec import VALUE_CODECS
 from .convert import reencode_store
@@ -101,7 +102,8 @@ def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_ima
         chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
         mix=mix, mix_alpha=mix_alpha, labelling_batch_size=labelling_batch_size, progress=not quiet,
     )
-    click.echo(str(summary))
+    if distributed.context().is_main:
+        click.echo(str(summary))
 
 
 @main.command()

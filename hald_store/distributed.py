@@ -1,0 +1,83 @@
+"""torch.distributed helpers: launch under ``torchrun`` and every rank knows its place.
+
+Nothing here is needed for single-process use: without the torchrun environment (``WORLD_SIZE``
+unset or 1) :func:`context` returns rank 0 of 1 and the collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import HaldStoreError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def device(self) -> torch.device:
+        """``cuda:local_rank`` when CUDA is available, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        """The sum of ``value`` over all ranks."""
+        if not self.active:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_same(self, settings: dict[str, Any], what: str = "settings") -> None:
+        """Raise on every rank unless all ranks pass equal ``settings`` (JSON-able)."""
+        if not self.active:
+            return
+        mine = json.dumps(settings, sort_keys=True, default=str)
+        gathered: list[str] = [""] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        ref = json.loads(gathered[0])
+        for rank, other in enumerate(gathered[1:], start=1):
+            if other != gathered[0]:
+                theirs = json.loads(other)
+                diff = [f"{k}: {ref.get(k)!r} (rank 0) vs {theirs.get(k)!r} (rank {rank})"
+                        for k in sorted(set(ref) | set(theirs)) if ref.get(k) != theirs.get(k)]
+                raise HaldStoreError(f"ranks were launched with different {what}:\n  " + "\n  ".join(diff))
+
+
+def context() -> DistContext:
+    """This process's rank, joining the process group (gloo on CPU, NCCL with CUDA) when
+    launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=int(os.environ.get("LOCAL_RANK", "0")))
