@@ -6,6 +6,7 @@ import json
 
 import click
 
+from hald_store import distributed
 from hald_store.cli import _friendly_errors
 
 from .schedule import PRESETS
@@ -44,7 +45,8 @@ def main(resume: bool, quiet: bool, **options) -> None:
     """Train a student on STORE's soft labels over IMAGES with a Soft/Hard phase schedule."""
     config = TrainConfig(progress=not quiet, **options)
     last = train(config, resume=resume)
-    click.echo(json.dumps(last, indent=2))
+    if distributed.context().is_main:
+        click.echo(json.dumps(last, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, resolve_model
+from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, distributed, resolve_model
 from hald_store.errors import HaldStoreError, SettingsMismatchError
 from hald_store.store import settings_diff
 
@@ -121,7 +121,11 @@ class Trainer:
         if c.stop_after is not None and c.stop_after < 1:
             raise HaldStoreError(f"stop_after must be >= 1, got {c.stop_after}")
         kinds = set(self.schedule.kinds())
-        common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device)
+        self.ranks = distributed.context()
+        common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device,
+                      rank=self.ranks.rank, world_size=self.ranks.world_size)
+        if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
+            common.update(device="cuda", device_id=self.ranks.local_rank)
         self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {}
         if "soft" in kinds:
             self.loaders["soft"] = SoftLabelLoader(self.store, c.images, temperature=c.temperature, **common)
@@ -129,17 +133,21 @@ class Trainer:
             self.loaders["hard"] = HardLabelLoader(self.store, c.images, **common)
         self.device = next(iter(self.loaders.values())).device
         a = self.store.attrs
-        self.val = None if c.val is None else EvalLoader(
+        self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
             c.val, input_size=a["input_size"], mean=a["mean"], std=a["std"], crop_fraction=c.eval_crop_fraction,
-            batch_size=256, class_names=self.store.class_names, backend=c.backend, device=c.device)
+            batch_size=256, class_names=self.store.class_names, backend=c.backend, device=self.device.type)
         torch.manual_seed(c.seed)
-        self.model = resolve_model(c.student, self.store.num_classes).to(self.device)
+        self.net = resolve_model(c.student, self.store.num_classes).to(self.device)
         with torch.no_grad():
-            width = self.model.eval()(torch.zeros(2, 3, a["input_size"], a["input_size"], device=self.device)).shape[-1]
+            width = self.net.eval()(torch.zeros(2, 3, a["input_size"], a["input_size"], device=self.device)).shape[-1]
         if width != self.store.num_classes:
             raise HaldStoreError(
                 f"student {c.student!r} outputs {width} classes but the store has {self.store.num_classes}"
             )
+        self.model = self.net  # what the training step calls: DDP-wrapped under torchrun
+        if self.ranks.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if c.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         else:
@@ -151,11 +159,12 @@ class Trainer:
         total = int(self.epoch_start_step[-1])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
         self.epoch = 0
+        self.progress = c.progress and self.ranks.is_main
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
         return {
-            "epoch": self.epoch, "config": self.config.settings(), "model": self.model.state_dict(),
+            "epoch": self.epoch, "config": self.config.settings(), "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -170,13 +179,13 @@ class Trainer:
             raise SettingsMismatchError(
                 f"cannot resume the run in {str(self.out)!r} with different settings:\n  " + "\n  ".join(diff)
             )
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch = int(state["epoch"])
         metrics = self.out / METRICS
-        if metrics.exists():  # drop lines of epochs that will be redone
+        if metrics.exists() and self.ranks.is_main:  # drop lines of epochs that will be redone
             keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= self.epoch]
             metrics.write_text("".join(ln + "\n" for ln in keep))
 
@@ -190,7 +199,7 @@ class Trainer:
         loss_sum = correct = n = 0
         t0 = time.perf_counter()
         bar = tqdm(loader.iter_epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
-                   unit="batch", disable=not c.progress, leave=False, dynamic_ncols=True)
+                   unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
         for batch in bar:
             if kind == "soft":
                 logits = self.model(batch.images)
@@ -209,6 +218,7 @@ class Trainer:
             n += len(logits)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         seconds = time.perf_counter() - t0
+        loss_sum, correct, n = (self.ranks.sum(v) for v in (loss_sum, correct, n))  # over all ranks
         return {"epoch": epoch + 1, "phase": self.schedule.phase_at(epoch), "kind": kind, "loss": loss_sum / n,
                 "lr": self.optimizer.param_groups[0]["lr"], "train_top1": correct / n,
                 "images_per_s": n / seconds, "seconds": seconds}
@@ -219,30 +229,34 @@ class Trainer:
         Writes ``checkpoint.pt`` after every epoch, ``metrics.jsonl`` (one line per epoch) and,
         at the end, ``final.json`` and ``model.pt`` (the student's state dict) to ``out_dir``.
         """
-        c = self.config
+        c, main = self.config, self.ranks.is_main
         if resume:
             self._resume()
         elif (self.out / CHECKPOINT).exists():
             raise HaldStoreError(f"{str(self.out)!r} already holds a run; pass --resume or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.ranks.barrier()  # nobody writes before every rank has read the run directory
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         last: dict = {}
         stop = self.schedule.epochs if c.stop_after is None else min(self.schedule.epochs, self.epoch + c.stop_after)
         bar = tqdm(total=self.schedule.epochs, initial=self.epoch, desc=f"train {self.schedule}", unit="epoch",
-                   disable=not c.progress, dynamic_ncols=True)
+                   disable=not self.progress, dynamic_ncols=True)
         while self.epoch < stop:
             last = self._train_epoch(self.epoch)
             self.epoch += 1
             final = self.epoch == self.schedule.epochs
             if self.val is not None and (final or (c.eval_every and self.epoch % c.eval_every == 0)):
-                last.update({f"val_{k}": v for k, v in evaluate(self.model, self.val).items()})
-            _atomic_save(self._state(), self.out / CHECKPOINT)
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(last) + "\n")
+                last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val).items()})
+            if main:  # rank 0 writes; the others wait so that no rank runs ahead of a checkpoint
+                _atomic_save(self._state(), self.out / CHECKPOINT)
+                with open(self.out / METRICS, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+            self.ranks.barrier()
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "train_top1", "val_top1") if k in last} | {"kind": last["kind"]})
             bar.update()
         bar.close()
-        if last and self.epoch == self.schedule.epochs:
-            torch.save(self.model.state_dict(), self.out / "model.pt")
+        if main and last and self.epoch == self.schedule.epochs:
+            torch.save(self.net.state_dict(), self.out / "model.pt")
             (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last}, indent=2))
         return last
 
