@@ -20,9 +20,11 @@ setup(
         "tqdm>=4.60",
         "pillow>=9.0",
         "matplotlib>=3.6",
+        "fsspec>=2023.1",
     ],
     extras_require={
-        "test": ["pytest>=7.0"],
+        "s3": ["s3fs"],
+        "test": ["pytest>=7.0", "s3fs", "moto[server]>=5"],
     },
     entry_points={"console_scripts": ["hald-store=hald_store.cli:main", "hald-train=hald_train.cli:main"]},
 )

@@ -9,7 +9,6 @@ the result is identical to an uninterrupted build.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from copy import deepcopy
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from .mixing import MIXES
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, read_files
 from .prefetch import prefetch
-from .store import LabelStore, is_store
+from .store import LabelStore, prepare_output
 
 # Renderer description keys that may change between runs without changing the labels' meaning.
 _RUNTIME_RENDERER_KEYS = ("device", "num_threads", "max_batch_size", "device_id")
@@ -102,37 +101,20 @@ def crops_for_slc(manifest: Manifest, slc: int) -> int:
     return slc // ipc
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool) -> bool:
-    """Decide what to do with an existing output path; returns True to resume into it."""
-    if not out.exists():
-        return False
-    if resume and overwrite:
-        raise HaldStoreError("--resume and --overwrite contradict each other; pass one")
-    if resume:
-        if not is_store(out):
-            raise StoreError(f"cannot resume: {str(out)!r} exists but is not a hald-store store")
-        return True
-    if not overwrite:
-        raise StoreError(f"output {str(out)!r} already exists; pass --resume to continue it or --overwrite to replace it")
-    if is_store(out) or (out.is_dir() and not any(out.iterdir())):
-        shutil.rmtree(out)
-        return False
-    raise StoreError(f"refusing to --overwrite {str(out)!r}: it is not a hald-store store")
-
-
-def _open_or_create(out: Path, resume: bool, overwrite: bool, root: Path, manifest: Manifest, boxes: np.ndarray,
+def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifest: Manifest, boxes: np.ndarray,
                     flips: np.ndarray, attrs: dict, codec: LabelCodec, chunk_images: int,
-                    batches: dict[str, np.ndarray] | None) -> None:
+                    batches: dict[str, np.ndarray] | None, storage_options: dict | None) -> None:
     """Check an existing store for resuming, or create a new one."""
-    if _prepare_out(out, resume, overwrite):
-        store = LabelStore.open(out, mode="r+", allow_incomplete=True)
+    if prepare_output(out, resume, overwrite, storage_options):
+        store = LabelStore.open(out, mode="r+", allow_incomplete=True, storage_options=storage_options)
         if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
             raise ManifestMismatchError(
-                f"cannot resume {str(out)!r}: the images in {str(root)!r} differ from the ones it was built from"
+                f"cannot resume {out!r}: the images in {str(root)!r} differ from the ones it was built from"
             )
         store.check_settings(attrs)
     else:
-        LabelStore.create(out, manifest, boxes, flips, attrs, codec, chunk_images, batches=batches)
+        LabelStore.create(out, manifest, boxes, flips, attrs, codec, chunk_images, batches=batches,
+                          storage_options=storage_options)
 
 
 def _crop_batches(
@@ -211,11 +193,13 @@ def build_store(
     mix: str = "none",
     mix_alpha: float | None = None,
     labelling_batch_size: int | None = None,
+    storage_options: dict | None = None,
     progress: bool = True,
 ) -> BuildSummary:
     """Label ``crops_per_image`` planned crops of every image in ``images`` with ``teacher``.
 
-    ``images`` is an ImageFolder-style directory; ``out`` the store directory. Exactly one of
+    ``images`` is an ImageFolder-style directory; ``out`` the store directory or an fsspec URL
+    (``s3://bucket/labels.zarr``; ``storage_options`` go to fsspec). Exactly one of
     ``crops_per_image`` and ``slc`` (soft labels per class) is given. See the README for the
     meaning of each option; the CLI ``hald-store build`` maps its flags one to one.
 
@@ -225,7 +209,7 @@ def build_store(
     :class:`~hald_store.batch_plan.BatchPlan` and recorded in the store for replay.
     """
     t_start = time.perf_counter()
-    root, out = Path(images), Path(out)
+    root, out = Path(images), os.fspath(out)
     if (crops_per_image is None) == (slc is None):
         raise HaldStoreError("give exactly one of --crops-per-image and --slc")
     for name, value in (("--batch-size", batch_size), ("--input-size", input_size), ("--chunk-images", chunk_images)):
@@ -234,8 +218,8 @@ def build_store(
     if not temperature > 0:
         raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
-    if out.exists() and not (resume or overwrite):  # fail before the (slow) scan
-        _prepare_out(out, resume, overwrite)
+    if not (resume or overwrite):  # fail before the (slow) scan
+        prepare_output(out, resume, overwrite, storage_options)
     ranks = distributed.context()
     progress = progress and ranks.is_main
     dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
@@ -298,7 +282,7 @@ def build_store(
     if ranks.is_main:  # one writer creates (or checks) the store; the other ranks wait for it
         try:
             _open_or_create(out, resume, overwrite, root, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s),
-                            attrs, codec, chunk_images, None if plan is None else plan.arrays())
+                            attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options)
         except HaldStoreError as e:
             failure = e
     message = ranks.broadcast(None if failure is None else str(failure))
@@ -306,7 +290,7 @@ def build_store(
         raise failure
     if message is not None:
         raise HaldStoreError(f"rank 0 could not prepare the store: {message}")
-    store = LabelStore.open(out, mode="r+", allow_incomplete=True)
+    store = LabelStore.open(out, mode="r+", allow_incomplete=True, storage_options=storage_options)
 
     todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
     if batch_mode:
@@ -344,7 +328,7 @@ def build_store(
     written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
     ranks.barrier()  # every rank's blocks are on disk before anyone reports
     return BuildSummary(
-        path=str(out), crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
+        path=out, crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
         blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
         teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
         label_bytes_on_disk=store.bytes_on_disk("labels"),

@@ -4,15 +4,13 @@ its images, crops and every other attribute. Cheap: no teacher, no pixels."""
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from . import __version__
 from .codec import LabelCodec
 from .errors import HaldStoreError
-from .store import LabelStore
+from .store import LabelStore, location_exists, prepare_output
 
 
 def reencode_store(
@@ -31,18 +29,17 @@ def reencode_store(
     fewer classes can only lose more: ``top_k`` may not exceed the source's.
     """
     src = src if isinstance(src, LabelStore) else LabelStore.open(src)
-    dst = Path(dst)
+    dst = os.fspath(dst)
     if top_k > src.codec.top_k:
         raise HaldStoreError(f"top_k {top_k} exceeds the source store's top_k {src.codec.top_k}: those classes are gone")
     codec = LabelCodec(values=values, top_k=top_k, num_classes=src.num_classes, temperature=src.temperature)
-    if dst.exists():
-        if not overwrite:
-            raise HaldStoreError(f"output {str(dst)!r} exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(dst)
+    if not overwrite and location_exists(dst, src.storage_options):
+        raise HaldStoreError(f"output {dst!r} exists; pass overwrite=True (--overwrite) to replace it")
+    prepare_output(dst, False, overwrite, src.storage_options)
     attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
     out = LabelStore.create(dst, src.manifest(), src.array("crops/box")[:], src.array("crops/flip")[:], attrs, codec,
-                            src.chunk_images, batches=batches)
+                            src.chunk_images, batches=batches, storage_options=src.storage_options)
     for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
         sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
         fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}

@@ -24,9 +24,9 @@ import math
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import zarr
@@ -34,7 +34,7 @@ from zarr.codecs import BloscCodec
 
 from .codec import LabelCodec, TopKLabels
 from .crop_plan import CropPolicy
-from .errors import SettingsMismatchError, StoreError
+from .errors import HaldStoreError, SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
 
 FORMAT_NAME = "hald-store"
@@ -59,20 +59,83 @@ def settings_diff(stored: dict, requested: dict) -> list[str]:
     ]
 
 
-def is_store(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding a hald-store group."""
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for an fsspec URL such as ``s3://bucket/labels.zarr`` (False for local paths)."""
+    return "://" in os.fspath(path) and not os.fspath(path).startswith("file://")
+
+
+def filesystem(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and root of a local path or URL (credentials and endpoints come
+    from ``storage_options`` or the usual environment, e.g. ``FSSPEC_S3_ENDPOINT_URL``)."""
     try:
-        return ATTR_KEY in zarr.open_group(os.fspath(path), mode="r").attrs
+        return fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
+    except (ImportError, ValueError) as e:
+        raise StoreError(f"cannot use store location {os.fspath(path)!r}: {e}") from e
+
+
+def location_exists(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """Whether anything is at ``path``; an unreachable remote store is a clear :class:`StoreError`."""
+    fs, root = filesystem(path, storage_options)
+    try:
+        return fs.exists(root)
+    except Exception as e:  # network and credential errors, after the client's own retries
+        raise StoreError(f"cannot reach store location {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def remove_location(path: str | os.PathLike, storage_options: dict | None = None) -> None:
+    fs, root = filesystem(path, storage_options)
+    fs.rm(root, recursive=True)
+
+
+def _open_group(path: str, mode: str, storage_options: dict | None) -> zarr.Group:
+    if is_remote(path):
+        return zarr.open_group(path, mode=mode, storage_options=storage_options or {})
+    return zarr.open_group(path, mode=mode)
+
+
+def is_store(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True when ``path`` holds a hald-store group."""
+    try:
+        return ATTR_KEY in _open_group(os.fspath(path), "r", storage_options).attrs
     except Exception:  # zarr raises several types for "not a group"
         return False
+
+
+def is_partial_store(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """True for a remote store whose creation was interrupted (arrays, but no attributes yet)."""
+    try:
+        group = _open_group(os.fspath(path), "r", storage_options)
+        return ATTR_KEY not in group.attrs and "images" in group
+    except Exception:
+        return False
+
+
+def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None) -> bool:
+    """Decide what to do with an existing output location; returns True to resume into it."""
+    if not location_exists(out, storage_options):
+        return False
+    if resume and overwrite:
+        raise HaldStoreError("--resume and --overwrite contradict each other; pass one")
+    if resume:
+        if not is_store(out, storage_options):
+            raise StoreError(f"cannot resume: {out!r} exists but is not a hald-store store")
+        return True
+    if not overwrite:
+        raise StoreError(f"output {out!r} already exists; pass --resume to continue it or --overwrite to replace it")
+    fs, root = filesystem(out, storage_options)
+    if is_store(out, storage_options) or is_partial_store(out, storage_options) or (fs.isdir(root) and not fs.ls(root)):
+        remove_location(out, storage_options)
+        return False
+    raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
 
 
 class LabelStore:
     """Read (and, for the builder, write) a hald-store label store."""
 
-    def __init__(self, group: zarr.Group, path: str) -> None:
+    def __init__(self, group: zarr.Group, path: str, storage_options: dict | None = None) -> None:
         self.group = group
         self.path = path
+        self.storage_options = storage_options
         self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])
         self.codec = LabelCodec.from_dict(self.attrs["codec"])
         self.crop_policy = CropPolicy.from_dict(self.attrs["crop_policy"])
@@ -88,13 +151,15 @@ class LabelStore:
 
     # ----------------------------------------------------------------- opening
     @classmethod
-    def open(cls, path: str | os.PathLike, mode: str = "r", *, allow_incomplete: bool = False) -> "LabelStore":
-        """Open a store; refuses unknown formats and versions, and incomplete builds unless allowed."""
+    def open(cls, path: str | os.PathLike, mode: str = "r", *, allow_incomplete: bool = False,
+             storage_options: dict | None = None) -> "LabelStore":
+        """Open a store (a local path or an fsspec URL such as ``s3://bucket/labels.zarr``);
+        refuses unknown formats and versions, and incomplete builds unless allowed."""
         path = os.fspath(path)
-        if not os.path.exists(path):
+        if not location_exists(path, storage_options):
             raise StoreError(f"store {path!r} does not exist")
         try:
-            group = zarr.open_group(path, mode=mode)
+            group = _open_group(path, mode, storage_options)
         except Exception as e:
             raise StoreError(f"{path!r} is not a Zarr group: {e}") from e
         attrs = group.attrs.get(ATTR_KEY)
@@ -106,7 +171,7 @@ class LabelStore:
                 f"store {path!r} has format version {version!r}; this hald-store reads version "
                 f"{FORMAT_VERSION} only (upgrade hald-store, or rebuild the store)"
             )
-        store = cls(group, path)
+        store = cls(group, path, storage_options)
         if not allow_incomplete and not store.complete:
             done = int(store.block_done().sum())
             raise StoreError(
@@ -126,21 +191,28 @@ class LabelStore:
         codec: LabelCodec,
         chunk_images: int,
         batches: dict[str, np.ndarray] | None = None,
+        storage_options: dict | None = None,
     ) -> "LabelStore":
         """Write a new, empty store (manifest, crop boxes, attributes) atomically at ``path``.
 
         Everything is written into a sibling temporary directory that is renamed into place
-        at the end, so a killed creation never leaves a half-made store behind. With
+        at the end, so a killed creation never leaves a half-made store behind. Object stores
+        cannot rename: there the attributes are written last, so an interrupted creation is
+        not a valid store (``--overwrite`` replaces it). With
         ``batches`` (a :meth:`~hald_store.batch_plan.BatchPlan.arrays` dict) the store holds
         batch-specific labels: they are written one labelling epoch (crop seed) at a time.
         """
         path = os.fspath(path)
         n, s = boxes.shape[:2]
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".hald-store-tmp-", dir=parent)
+        remote = is_remote(path)
+        if remote:
+            tmp = path
+        else:
+            parent = os.path.dirname(os.path.abspath(path))
+            os.makedirs(parent, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".hald-store-tmp-", dir=parent)
         try:
-            g = zarr.open_group(tmp, mode="w")
+            g = _open_group(tmp, "w", storage_options)
 
             def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dtype: Any = None) -> None:
                 arr = g.create_array(name, shape=data.shape, dtype=dtype or data.dtype, chunks=chunks,
@@ -166,11 +238,13 @@ class LabelStore:
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=None)
             g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs}
-            os.rename(tmp, path)
+            if not remote:
+                os.rename(tmp, path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not remote:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return cls.open(path, mode="r+", allow_incomplete=True)
+        return cls.open(path, mode="r+", allow_incomplete=True, storage_options=storage_options)
 
     # -------------------------------------------------------------- properties
     @property
@@ -338,9 +412,10 @@ class LabelStore:
 
     # -------------------------------------------------------------------- size
     def bytes_on_disk(self, prefix: str = "") -> int:
-        """Bytes of all files under the store (or under ``prefix``, e.g. ``'labels'``)."""
-        root = Path(self.path, prefix)
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        """Bytes of all files (objects) under the store, or under ``prefix`` (e.g. ``'labels'``)."""
+        fs, root = filesystem(self.path, self.storage_options)
+        root = f"{root.rstrip('/')}/{prefix}" if prefix else root
+        return int(fs.du(root)) if fs.exists(root) else 0
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary (what ``hald-store info --json`` prints)."""
