@@ -15,6 +15,7 @@ from .convert import reencode_store
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError
 from .images import class_names
+from .importer import import_reference
 from .models import load_teacher
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD
 from .store import LabelStore
@@ -175,6 +176,33 @@ def demo(out, quiet) -> None:
     from hald_train.demo import format_table, run_demo  # the trainer is only needed here
 
     click.echo(format_table(run_demo(out, progress=not quiet)))
+
+
+@main.command("import")
+@click.argument("labels_dir", type=click.Path(file_okay=False))
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.argument("out_store", type=click.Path())
+@click.option("--num-classes", type=int, default=None, help="Expected label width [default: the files' width].")
+@click.option("--top-k", type=int, default=5, help="Classes kept per crop.")
+@click.option("--values", type=click.Choice(VALUE_CODECS), default="uint8", help="How the logit gaps are stored.")
+@click.option("--temperature", type=float, default=20.0, help="Temperature T of the reference softmax(logits / T).")
+@click.option("--input-size", type=int, default=224, help="Side of the square crops the labels were made on.")
+@click.option("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="Normalization mean (RGB, 0-1).")
+@click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")
+@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup"]), default=None,
+              help="Mix of the labelling batches [default: what the files record].")
+@click.option("--teacher-mode", type=click.Choice(["eval", "train"]), default="train",
+              help="How the teacher's BatchNorm ran (recorded only).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def import_(labels_dir, images_dir, out_store, num_classes, top_k, values, temperature, input_size, mean, std, mix,
+            teacher_mode, overwrite, quiet) -> None:
+    """Import reference soft labels (LABELS_DIR/epoch_<e>.tar, SRe2L/LPLD/HALD layout) of IMAGES_DIR into OUT_STORE."""
+    summary = import_reference(labels_dir, images_dir, out_store, num_classes=num_classes, top_k=top_k, values=values,
+                               temperature=temperature, input_size=input_size, mean=mean, std=std, mix=mix,
+                               teacher_mode=teacher_mode, overwrite=overwrite, progress=not quiet)
+    click.echo(str(summary))
 
 
 if __name__ == "__main__":
