@@ -226,8 +226,8 @@ class LabelStore:
             put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
-            put("crops/box", boxes.astype(np.int32), (ci, s, 4))
-            put("crops/flip", flips.astype(bool), (ci, s))
+            put("crops/box", boxes.astype(np.int32, copy=False), (ci, s, 4))
+            put("crops/flip", flips.astype(bool, copy=False), (ci, s))
             label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
                 g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
