@@ -33,8 +33,6 @@ from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, 
 from .prefetch import prefetch
 from .store import LabelStore, prepare_output
 
-# Renderer description keys that may change between runs without changing the labels' meaning.
-_RUNTIME_RENDERER_KEYS = ("device", "num_threads", "max_batch_size", "device_id")
 
 
 @dataclass
@@ -147,10 +145,12 @@ def _recorded_batches(
     """The store's recorded labelling batches of the given epochs, rendered and mixed:
     yields (epoch, positions = image indices, image indices, images)."""
     files = [root / p for p in store.manifest().paths]
+    mix = store.attrs["labelling"]["mix"]
     for epoch in epochs:
         plan = store.batches(epoch)
+        boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
         for b in range(len(plan["members"])):
-            members, x = render_recorded_batch(store, renderer, files, epoch, plan, b)
+            members, x = render_recorded_batch(renderer, files, plan, b, boxes, flips, mix)
             yield epoch, members, members, x
 
 
@@ -240,7 +240,7 @@ def build_store(
     renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
                              device="gpu" if dev.type == "cuda" else "cpu")
     teacher = teacher.to(dev).eval()
-    renderer_info = {k: v for k, v in renderer.describe().items() if k not in _RUNTIME_RENDERER_KEYS}
+    renderer_info = renderer.record()
     attrs = {
         "library_version": __version__,
         "num_images": len(manifest),

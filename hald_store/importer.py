@@ -31,7 +31,6 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .build import _RUNTIME_RENDERER_KEYS
 from .codec import VALUE_CODECS, LabelCodec
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError, StoreError
@@ -296,7 +295,7 @@ def import_reference(
             plan[key].append(value)
     assert codec is not None and resolved is not None
 
-    renderer_info = {k: v for k, v in renderer.describe().items() if k not in _RUNTIME_RENDERER_KEYS}
+    renderer_info = renderer.record()
     attrs = {
         "library_version": __version__,
         "num_images": n,

@@ -75,16 +75,15 @@ def replay_epoch(crops_per_image: int, epoch: int, seed: int = 0) -> int:
     return int(np.random.default_rng([int(seed), cycle, 0xE90C]).permutation(crops_per_image)[e])
 
 
-def render_recorded_batch(store: LabelStore, renderer: CropRenderer, files: Sequence[Path], epoch: int,
-                          plan: dict[str, np.ndarray], batch: int) -> tuple[np.ndarray, torch.Tensor]:
-    """Members and rendered, mixed images of recorded labelling batch ``batch`` of ``epoch``
-    (``plan`` = ``store.batches(epoch)``): exactly what the teacher saw at build time."""
+def render_recorded_batch(renderer: CropRenderer, files: Sequence[Path], plan: dict[str, np.ndarray], batch: int,
+                          boxes: np.ndarray, flips: np.ndarray, mix: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Members and rendered, mixed images of recorded labelling batch ``batch`` (``plan`` =
+    ``store.batches(epoch)``; ``boxes``/``flips``: that epoch's crop of every image, indexed by
+    image): exactly what the teacher saw at build time."""
     members = plan["members"][batch]
-    n = int((members >= 0).sum())
-    members = members[:n]
-    boxes, flips = store.boxes(members, np.full(n, epoch))
-    x = renderer(read_files([files[i] for i in members]), boxes, flips)
-    mix = store.attrs["labelling"]["mix"]
+    members = members[members >= 0]
+    x = renderer(read_files([files[i] for i in members]), boxes[members], flips[members])
+    n = len(members)
     return members, apply_mix(mix, x, plan["perm"][batch][:n], float(plan["lam"][batch]), plan["box"][batch])
 
 
@@ -263,6 +262,11 @@ class SoftLabelLoader(CropLoader):
                          batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
                          world_size=world_size, prefetch=prefetch, check_batch_size=not self.replay)
 
+        if self.replay:  # recorded batches usable per epoch (a short last one is dropped with drop_last)
+            members = self.store.array("batches/members")
+            short = not (members[0, -1] >= 0).all()
+            self._recorded_batches = members.shape[1] - int(short and self.drop_last)
+
     def __len__(self) -> int:
         if not self.replay:
             return super().__len__()
@@ -270,9 +274,7 @@ class SoftLabelLoader(CropLoader):
 
     def batch_order(self, epoch: int) -> np.ndarray:
         """Replay mode: this rank's recorded batch indices for ``epoch``, in delivery order."""
-        members = self.store.array("batches/members")
-        nb, full = members.shape[1], int((members[0, -1] >= 0).all())
-        usable = nb if (full or not self.drop_last) else nb - 1
+        usable = self._recorded_batches
         order = np.random.default_rng([self.seed, epoch]).permutation(usable) if self.shuffle else np.arange(usable)
         per_rank = usable // self.world_size if self.drop_last else -(-usable // self.world_size)
         if per_rank == 0:
@@ -287,9 +289,10 @@ class SoftLabelLoader(CropLoader):
         labelling_epoch = replay_epoch(self.store.crops_per_image, epoch, self.seed)
         plan = self.store.batches(labelling_epoch)
         seeds = np.full(n, labelling_epoch)
-        fields, _, _ = self.store.read_one_crop_per_image(seeds)
+        fields, boxes, flips = self.store.read_one_crop_per_image(seeds)
+        mix = self.store.attrs["labelling"]["mix"]
         for b in self.batch_order(epoch)[start_batch:]:
-            members, x = render_recorded_batch(self.store, self.renderer, self._paths, labelling_epoch, plan, b)
+            members, x = render_recorded_batch(self.renderer, self._paths, plan, b, boxes, flips, mix)
             yield self._batch(x, members, {"fields": fields, "seeds": seeds})
 
     def crop_seeds(self, epoch: int) -> np.ndarray:

@@ -64,6 +64,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
+_RUNTIME_KEYS = ("device", "device_id") + _DALI_ONLY_KWARGS
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,6 +299,11 @@ class CropRenderer:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+    def record(self) -> dict:
+        """What a store records: :meth:`describe` without the settings that may change between
+        runs without changing the pixels (device, threads, batch limits)."""
+        return {k: v for k, v in self.describe().items() if k not in _RUNTIME_KEYS}
 
     @property
     def torch_device(self) -> torch.device:

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from hald_store.models import load_teacher
 from hald_store.reference_data import shared_data_dir, shared_data_path
@@ -46,3 +47,10 @@ def copy_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
 def small_folder(tmp_path, cifar_mini_train) -> Path:
     """24 real CIFAR JPEGs: 3 classes x 8 images, in a writable copy."""
     return copy_subset(cifar_mini_train, tmp_path / "images", classes=3, per_class=8)
+
+
+def agreeing(teacher, batch) -> int:
+    """How many crops of a SoftBatch the teacher, re-run on its images, gives the stored top-1."""
+    with torch.inference_mode():
+        fresh = teacher(batch.images).argmax(1)
+    return int((fresh == batch.soft.argmax(1)).sum())

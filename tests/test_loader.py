@@ -4,6 +4,7 @@ and resume are exact, and the teacher reproduces stored labels on loader output.
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from hald_store.loader import HARD_CROP_STREAM
 from hald_store.crop_plan import plan_crops
 from hald_store.pipeline import read_files
 
-from .conftest import copy_subset, require_data
+from .conftest import agreeing, copy_subset, require_data
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +124,13 @@ def test_resume_mid_epoch(small_store):
 def test_early_break_stops_the_producer(small_store):
     store, root = small_store
     loader = SoftLabelLoader(store, root, batch_size=2, backend="torchvision", prefetch=1)
+    producers = lambda: sum(t.name == "hald-store-prefetch" for t in threading.enumerate())  # noqa: E731
+    before = producers()
     it = loader.iter_epoch(0)
     next(it)
+    assert producers() == before + 1
     it.close()  # must return promptly, not hang on a full queue
+    assert producers() == before
 
 
 def test_hard_loader_gives_fresh_crops_with_classes(small_store):
@@ -171,10 +176,8 @@ def test_teacher_reproduces_stored_top1_on_loader_output(tmp_path, cifar_mini_tr
     agree = total = 0
     for _ in range(4):
         for b in loader:
-            with torch.inference_mode():
-                fresh = resnet56(b.images).argmax(1)
-            agree += int((fresh == b.soft.argmax(1)).sum())
-            total += len(fresh)
+            agree += agreeing(resnet56, b)
+            total += len(b.images)
     assert total == 2000 and agree / total >= 0.99, agree / total
 
 
