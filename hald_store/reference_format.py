@@ -52,10 +52,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batch_plan import BatchPlan
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import scan_image_folder
-from .mixing import MIXES, apply_mix, draw_mix
+from .mixing import MIXES, apply_mix
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 
 __all__ = [
@@ -69,7 +70,6 @@ __all__ = [
 
 SAMPLER_FILE = "sampler_indices_dict.pt"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.tar$")
-_ORDER_KEY, _MIX_KEY = 0x5A3B1E, 0x313  # rng stream keys of the generator
 _ENTRY = "[coords, flip, mix_index, mix_lam, mix_bbox, soft_label]"
 
 
@@ -357,11 +357,11 @@ def write_reference_epochs(
     """Label ``images_root`` with ``teacher`` the way the reference relabel code does and write
     the reference layout into ``out_dir``; returns the epoch files.
 
-    Per epoch: a seeded shuffled image order (recorded in ``sampler_indices_dict.pt``; with
-    ``with_sampler_indices=False`` the order is ``0..N-1`` and no sampler file is written), one
-    RandomResizedCrop window and flip per image (:func:`~hald_store.crop_plan.plan_crops`,
-    crop seed = epoch), crops rendered by the torchvision renderer, CutMix/MixUp inside each
-    batch (:func:`~hald_store.mixing.draw_mix`), the teacher on the mixed batch (BatchNorm on
+    Per epoch: the image order and per-batch mixes of a :class:`~hald_store.batch_plan.BatchPlan`
+    (the order recorded in ``sampler_indices_dict.pt``; with ``with_sampler_indices=False`` the
+    order is ``0..N-1`` and no sampler file is written), one RandomResizedCrop window and flip
+    per image (:func:`~hald_store.crop_plan.plan_crops`, crop seed = epoch), crops rendered by
+    the torchvision renderer, CutMix/MixUp inside each batch, the teacher on the mixed batch (BatchNorm on
     batch statistics for ``teacher_mode="train"``) and ``softmax(logits / T)`` saved as fp16.
     """
     from .build import batch_stats_teacher  # build imports the loader; keep this module light
@@ -384,20 +384,24 @@ def write_reference_epochs(
     model = teacher.to(dev).eval()
     if teacher_mode == "train":
         model = batch_stats_teacher(model)
+    try:
+        plan = BatchPlan(num_images=n, epochs=epochs, batch_size=batch_size, seed=seed, mix=mix, mix_alpha=mix_alpha,
+                         size=input_size).arrays()
+    except ValueError as exc:
+        raise HaldStoreError(str(exc)) from exc
     hw = np.stack([manifest.heights, manifest.widths, manifest.heights, manifest.widths], 1).astype(np.float64)
     sampler: dict[int, torch.Tensor] = {}
     written = []
     for e in range(epochs):
-        order = (np.random.default_rng([seed, e, _ORDER_KEY]).permutation(n) if with_sampler_indices
-                 else np.arange(n))
+        members = plan["members"][e]
+        order = members[members >= 0] if with_sampler_indices else np.arange(n)
         boxes, flips = plan_crops(seed, np.arange(n), e, manifest.heights, manifest.widths, crop_policy)
         coords = boxes / hw
         entries = []
         for b, b0 in enumerate(range(0, n, batch_size)):
             ids = order[b0 : b0 + batch_size]
             x = renderer([encoded[i] for i in ids], boxes[ids], flips[ids])
-            perm, lam, box = draw_mix(mix, mix_alpha, len(ids), input_size, input_size,
-                                      np.random.default_rng([seed, e, b, _MIX_KEY]))
+            perm, lam, box = plan["perm"][e, b, : len(ids)], float(plan["lam"][e, b]), plan["box"][e, b]
             x = apply_mix(mix, x, perm, lam, box)
             with torch.inference_mode():
                 probs = torch.softmax(model(x.to(dev)).float() / temperature, dim=1).half().cpu()
