@@ -26,12 +26,11 @@ from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
 from .images import Manifest, scan_image_folder
-from .loader import render_recorded_batch
-from .mixing import MIXES
+from .mixing import MIXES, apply_mix
 from .models import weights_sha256
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, read_files
-from .prefetch import prefetch
+from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .store import LabelStore, prepare_output
+from .stream import CropStream, open_stream
 
 
 
@@ -116,42 +115,33 @@ def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifes
 
 
 def _crop_batches(
-    store: LabelStore, root: Path, paths: Sequence[str], renderer: CropRenderer,
-    blocks: Sequence[int], batch_size: int,
+    store: LabelStore, stream: CropStream, blocks: Sequence[int], batch_size: int,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
     """Rendered crops of the given image blocks in fixed batches: yields
     (block, positions in the block's (images x S) label array, image indices, images)."""
     s = store.crops_per_image
     for block in blocks:
         start, stop_img = store.block_range(block)
-        encoded = read_files([root / p for p in paths[start:stop_img]])
         images = np.repeat(np.arange(start, stop_img), s)
         seeds = np.tile(np.arange(s), stop_img - start)
         boxes, flips = store.boxes(images, seeds)
-        for b0 in range(0, len(images), batch_size):
-            sel = slice(b0, b0 + batch_size)
-            idx = images[sel]
-            try:
-                x = renderer([encoded[i - start] for i in idx], boxes[sel], flips[sel])
-            except HaldStoreError as e:
-                names = ", ".join(sorted({paths[i] for i in idx})[:4])
-                raise HaldStoreError(f"rendering crops of {names} ...: {e}") from e
-            yield block, (idx - start) * s + seeds[sel], idx, x
+        cuts = [slice(b0, b0 + batch_size) for b0 in range(0, len(images), batch_size)]
+        for sel, x in zip(cuts, stream([(images[sel], boxes[sel], flips[sel]) for sel in cuts])):
+            yield block, (images[sel] - start) * s + seeds[sel], images[sel], x
 
 
 def _recorded_batches(
-    store: LabelStore, root: Path, renderer: CropRenderer, epochs: Sequence[int],
+    store: LabelStore, stream: CropStream, epochs: Sequence[int],
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
     """The store's recorded labelling batches of the given epochs, rendered and mixed:
     yields (epoch, positions = image indices, image indices, images)."""
-    files = [root / p for p in store.manifest().paths]
     mix = store.attrs["labelling"]["mix"]
     for epoch in epochs:
         plan = store.batches(epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
-        for b in range(len(plan["members"])):
-            members, x = render_recorded_batch(renderer, files, plan, b, boxes, flips, mix)
-            yield epoch, members, members, x
+        members = [m[m >= 0] for m in plan["members"]]
+        for b, (m, x) in enumerate(zip(members, stream([(m, boxes[m], flips[m]) for m in members]))):
+            yield epoch, m, m, apply_mix(mix, x, plan["perm"][b][: len(m)], float(plan["lam"][b]), plan["box"][b])
 
 
 def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
@@ -185,6 +175,8 @@ def build_store(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     backend: str = "auto",
+    workers: int | None = None,
+    cache_decoded: bool | str = "auto",
     chunk_images: int = 1024,
     resume: bool = False,
     overwrite: bool = False,
@@ -207,6 +199,9 @@ def build_store(
     labels batch-specific: crop seed ``e`` of every image is labelled in labelling epoch ``e``,
     in batches of ``labelling_batch_size`` (default ``batch_size``) planned by
     :class:`~hald_store.batch_plan.BatchPlan` and recorded in the store for replay.
+
+    Crops are rendered by a :mod:`~hald_store.stream` (``workers`` threads for DALI,
+    processes for torchvision; ``cache_decoded`` as for the loaders) ahead of the teacher.
     """
     t_start = time.perf_counter()
     root, out = Path(images), os.fspath(out)
@@ -238,7 +233,7 @@ def build_store(
         raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({num_classes})")
     codec = LabelCodec(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
     renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
-                             device="gpu" if dev.type == "cuda" else "cpu")
+                             device="gpu" if dev.type == "cuda" else "cpu", **threads_option(backend, workers))
     teacher = teacher.to(dev).eval()
     renderer_info = renderer.record()
     attrs = {
@@ -293,21 +288,24 @@ def build_store(
     store = LabelStore.open(out, mode="r+", allow_incomplete=True, storage_options=storage_options)
 
     todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
+    stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
+                         batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
+                         cache_decoded=cache_decoded)
     if batch_mode:
         block_shape = {b: (n,) for b in todo}
-        batches = _recorded_batches(store, root, renderer, todo)
+        batches = _recorded_batches(store, stream, todo)
         if teacher_mode == "train":
             teacher = batch_stats_teacher(teacher)
     else:
         block_shape = {b: (b1 - b0, s) for b, (b0, b1) in zip(todo, map(store.block_range, todo))}
-        batches = _crop_batches(store, root, manifest.paths, renderer, todo, batch_size)
+        batches = _crop_batches(store, stream, todo, batch_size)
     remaining = sum(int(np.prod(shape)) for shape in block_shape.values())
     pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                 disable=not progress, dynamic_ncols=True)
     teacher_seconds, written = 0.0, 0
     pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
     try:
-        for block, positions, idx, x in prefetch(batches):
+        for block, positions, idx, x in batches:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 logits = teacher(x.to(dev, non_blocking=True)).float().cpu()

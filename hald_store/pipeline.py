@@ -34,7 +34,8 @@ from __future__ import annotations
 import functools
 import io
 import os
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ __all__ = [
     "cuda_available",
     "read_files",
     "image_size",
+    "check_boxes",
+    "default_threads",
+    "threads_option",
     "CropRenderer",
     "TorchvisionRenderer",
     "DaliRenderer",
@@ -214,16 +218,32 @@ def _check_inputs(encoded: Sequence[Any], boxes: Any, flips: Any) -> tuple[list[
     return encoded, boxes_arr.astype(np.int64), flips_arr
 
 
-def _check_box(index: int, box: np.ndarray, hw: tuple[int, int]) -> None:
-    top, left, h, w = (int(v) for v in box)
-    H, W = hw
-    if h < 1 or w < 1 or top < 0 or left < 0 or top + h > H or left + w > W:
-        raise HaldStoreError(
-            f"sample {index}: box (top={top}, left={left}, height={h}, width={w}) does not lie "
-            f"inside the {H}x{W} (height x width) image; boxes must satisfy 0 <= top, "
-            f"0 <= left, height >= 1, width >= 1, top + height <= {H}, left + width <= {W} "
-            f"(was the store built from different image files?)"
-        )
+def check_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, first_index: int = 0,
+                name_of: Callable[[int], str] | None = None) -> None:
+    """Raise :class:`HaldStoreError` naming the first box that does not lie inside its image
+    (``sample <first_index + i>``, or ``name_of(i)``); vectorized: one call checks an epoch."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    top, left, h, w = boxes.T
+    bad = (h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > heights) | (left + w > widths)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    t, l, bh, bw = (int(v) for v in boxes[i])
+    H, W = int(np.broadcast_to(heights, bad.shape)[i]), int(np.broadcast_to(widths, bad.shape)[i])
+    raise HaldStoreError(
+        f"{name_of(i) if name_of else f'sample {first_index + i}'}: box (top={t}, left={l}, height={bh}, width={bw}) does not lie "
+        f"inside the {H}x{W} (height x width) image; boxes must satisfy 0 <= top, "
+        f"0 <= left, height >= 1, width >= 1, top + height <= {H}, left + width <= {W} "
+        f"(was the store built from different image files?)"
+    )
+
+
+def default_threads() -> int:
+    """Worker threads for this process: the cores it may use (``os.sched_getaffinity``),
+    divided among the local ranks under torchrun (``LOCAL_WORLD_SIZE``), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local)
 
 
 def _check_device(device: str) -> None:
@@ -384,7 +404,7 @@ class TorchvisionRenderer(CropRenderer):
         out = torch.empty((n, 3, s, s), dtype=torch.uint8)
         for i, (data, box) in enumerate(zip(encoded, boxes)):
             img = self._decode(i, data)
-            _check_box(i, box, (int(img.shape[1]), int(img.shape[2])))
+            check_boxes(box, img.shape[1], img.shape[2], first_index=i)
             top, left, h, w = (int(v) for v in box)
             crop = img[:, top : top + h, left : left + w]
             out[i] = resize(crop, [s, s], interpolation=self._mode, antialias=self.antialias)
@@ -401,10 +421,11 @@ class DaliRenderer(CropRenderer):
     """NVIDIA DALI renderer: ROI decode + resize + mirror/normalize in one pipeline.
 
     ``device="cpu"`` runs everything on host threads; ``device="gpu"`` decodes with the
-    ``"mixed"`` backend on ``device_id`` and returns CUDA tensors. Pipelines are built
-    lazily (once per output kind) so a renderer can be created before DataLoader workers
-    fork; they are dropped when the renderer is pickled. Not thread-safe: use one renderer
-    per thread/worker.
+    ``"mixed"`` backend on ``device_id`` and returns CUDA tensors -- the only difference
+    between the two pipeline definitions. ``num_threads`` defaults to this process's share
+    of the cores (:func:`default_threads`). Pipelines are built lazily, so a renderer can be
+    created before DataLoader workers fork; they are dropped when the renderer is pickled.
+    Not thread-safe: use one renderer per thread/worker.
     """
 
     backend = "dali"
@@ -416,7 +437,7 @@ class DaliRenderer(CropRenderer):
         std: Sequence[float] = IMAGENET_STD,
         device: str = "cpu",
         max_batch_size: int = 256,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         device_id: int = 0,
         interpolation: str = "bilinear",
         antialias: bool = True,
@@ -428,6 +449,7 @@ class DaliRenderer(CropRenderer):
                 f"({_dali_import_error()}); install nvidia-dali-cuda130 or use backend='torchvision'"
             )
         _check_device(device)
+        num_threads = default_threads() if num_threads is None else num_threads
         if int(max_batch_size) < 1 or int(num_threads) < 1:
             raise HaldStoreError(
                 f"max_batch_size and num_threads must be >= 1, got {max_batch_size} and {num_threads}"
@@ -436,7 +458,7 @@ class DaliRenderer(CropRenderer):
         self.max_batch_size = int(max_batch_size)
         self.num_threads = int(num_threads)
         self.device_id = int(device_id)
-        self._pipes: dict[bool, Any] = {}
+        self._runners: dict[bool, DaliRunner] = {}
 
     def describe(self) -> dict:
         import nvidia.dali
@@ -451,12 +473,19 @@ class DaliRenderer(CropRenderer):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_pipes"] = {}
+        state["_runners"] = {}
         return state
 
     # -- pipeline -----------------------------------------------------------------------
 
-    def _build(self, normalize: bool):
+    def pipeline(self, kind: str, output: str, source: Any, batch_size: int, prefetch: int = 2) -> Any:
+        """A built DALI pipeline reading its batches from ``source`` (a :class:`CropFeeder`).
+
+        ``kind`` says what the source hands over: ``"path"`` (file names, read by DALI),
+        ``"encoded"`` (file bytes) or ``"decoded"`` (HWC uint8 images). ``output`` is
+        ``"normalized"`` (float CHW), ``"uint8"`` (HWC after resize and flip) or ``"raw"``
+        (the exact window, not resized: what a decoded-image cache keeps).
+        """
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
@@ -466,76 +495,63 @@ class DaliRenderer(CropRenderer):
         size = self.size
         mean = [255.0 * m for m in self.mean]
         std = [255.0 * s for s in self.std]
+        n_out = 4 if kind == "decoded" else 6
 
         @pipeline_def(
-            batch_size=self.max_batch_size,
+            batch_size=int(batch_size),
             num_threads=self.num_threads,
             device_id=self.device_id if gpu else None,
             exec_dynamic=True,
-            prefetch_queue_depth=1,
+            prefetch_queue_depth=max(1, int(prefetch)),
             seed=0,
         )
         def crops():
-            data = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
-            shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
-            flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            decode_kw = dict(jpeg_fancy_upsampling=True) if gpu else {}
-            # Decode a window at least 2 px wide (see _decode_windows), then cut the exact box.
-            dec_anchor = fn.external_source(name="decode_anchor", dtype=types.INT32, ndim=1)
-            dec_shape = fn.external_source(name="decode_shape", dtype=types.INT32, ndim=1)
-            img = fn.decoders.image_slice(
-                data,
-                dec_anchor,
-                dec_shape,
-                device="mixed" if gpu else "cpu",
-                output_type=types.RGB,
-                axis_names="HW",
-                normalized_anchor=False,
-                normalized_shape=False,
-                adjust_orientation=False,
-                **decode_kw,
-            )
+            outs = fn.external_source(source=source, num_outputs=n_out, batch=True,
+                                      dtype=[types.UINT8] + [types.INT32] * (n_out - 1),
+                                      layout=["HWC" if kind == "decoded" else ""] + [""] * (n_out - 1))
+            if kind == "decoded":
+                img, anchor, shape, flip = outs
+                img = img.gpu() if gpu else img
+            else:
+                # Decode a window at least 2 px wide (see _decode_windows), then cut the exact box.
+                data, dec_anchor, dec_shape, anchor, shape, flip = outs
+                if kind == "path":
+                    data = fn.io.file.read(data)
+                img = fn.decoders.image_slice(
+                    data, dec_anchor, dec_shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                    axis_names="HW", normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
+                    **(dict(jpeg_fancy_upsampling=True) if gpu else {}),
+                )
             img = fn.slice(img, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+            if output == "raw":
+                return img
             img = fn.resize(img, size=[size, size], interp_type=interp, antialias=self.antialias)
-            if normalize:
+            if output == "normalized":
                 return fn.crop_mirror_normalize(
                     img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW"
                 )
             return fn.flip(img, horizontal=flip, vertical=0)
 
         pipe = crops()
-        pipe.build()
+        with warnings.catch_warnings():  # "raw" output has no use for the flip bits
+            warnings.filterwarnings("ignore", message=".*is not used.*")
+            pipe.build()
         return pipe
 
-    def _pipe(self, normalize: bool):
-        pipe = self._pipes.get(normalize)
-        if pipe is None:
-            pipe = self._pipes[normalize] = self._build(normalize)
-        return pipe
+    def _runner(self, normalize: bool) -> "DaliRunner":
+        runner = self._runners.get(normalize)
+        if runner is None or runner.broken:
+            runner = self._runners[normalize] = DaliRunner(
+                self, "encoded", "normalized" if normalize else "uint8", self.max_batch_size, prefetch=1)
+        return runner
 
-    def _run_chunk(self, pipe, encoded, boxes, dec_boxes, flips):
-        pipe.feed_input("encoded", encoded)
-        pipe.feed_input("decode_anchor", np.ascontiguousarray(dec_boxes[:, :2], dtype=np.int32))
-        pipe.feed_input("decode_shape", np.ascontiguousarray(dec_boxes[:, 2:], dtype=np.int32))
-        rel = boxes.copy()
-        rel[:, :2] -= dec_boxes[:, :2]
-        pipe.feed_input("anchor", np.ascontiguousarray(rel[:, :2], dtype=np.int32))
-        pipe.feed_input("shape", np.ascontiguousarray(rel[:, 2:], dtype=np.int32))
-        pipe.feed_input("flip", flips.astype(np.int32))
-        (out,) = pipe.run()
-        return out
-
-    def _find_culprit(self, normalize: bool, encoded, boxes, dec_boxes, flips) -> tuple[int, Exception] | None:
+    def _find_culprit(self, normalize: bool, encoded, boxes, widths, flips) -> tuple[int, Exception] | None:
         """After a failed batch, run its samples one by one: (index, error) of the first bad one."""
-        self._pipes.pop(normalize, None)  # a pipeline that raised is not trusted again
         for i in range(len(encoded)):
             try:
-                self._run_chunk(
-                    self._pipe(normalize), encoded[i : i + 1], boxes[i : i + 1], dec_boxes[i : i + 1], flips[i : i + 1]
-                )
+                list(self._runner(normalize).run(encoded[i : i + 1], widths[i : i + 1],
+                                                 [(np.zeros(1, np.int64), boxes[i : i + 1], flips[i : i + 1])]))
             except Exception as exc:
-                self._pipes.pop(normalize, None)
                 return i, exc
         return None
 
@@ -543,34 +559,110 @@ class DaliRenderer(CropRenderer):
         n = len(encoded)
         if n == 0:
             return self._empty(normalize)
-        sizes = [image_size(data, i) for i, data in enumerate(encoded)]
-        for i, (box, hw) in enumerate(zip(boxes, sizes)):
-            _check_box(i, box, hw)
-        dec_boxes = _decode_windows(boxes, np.array([hw[1] for hw in sizes], dtype=np.int64))
-        s = self.size
-        shape = (n, 3, s, s) if normalize else (n, s, s, 3)
-        result = torch.empty(shape, dtype=torch.float32 if normalize else torch.uint8, device=self.torch_device)
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        stream = torch.cuda.current_stream(self.torch_device) if self.device == "gpu" else None
+        sizes = np.array([image_size(data, i) for i, data in enumerate(encoded)], dtype=np.int64)
+        check_boxes(boxes, sizes[:, 0], sizes[:, 1])
         step = self.max_batch_size
-        for start in range(0, n, step):
-            stop = min(start + step, n)
-            chunk = (encoded[start:stop], boxes[start:stop], dec_boxes[start:stop], flips[start:stop])
+        requests = [(np.arange(a, min(a + step, n)), boxes[a : a + step], flips[a : a + step]) for a in range(0, n, step)]
+        try:
+            return torch.cat(list(self._runner(normalize).run(encoded, sizes[:, 1], requests)))
+        except Exception as exc:
+            found = self._find_culprit(normalize, encoded, boxes, sizes[:, 1], flips)
+            if found is None:
+                raise HaldStoreError(f"the DALI pipeline failed on samples 0..{n - 1}: {short_error(exc)}") from exc
+            i, sample_exc = found
+            raise ImageError(
+                f"sample {i}: cannot decode image ({len(encoded[i])} bytes): {short_error(sample_exc)}"
+            ) from exc
+
+
+class CropFeeder:
+    """The external source of a DALI crop pipeline: per call, the inputs of the next request.
+
+    A request is ``(ids, boxes, flips)``: rows of ``data`` (file names as uint8, file bytes or
+    decoded images), their integer windows and flip bits. Raises ``StopIteration`` after the
+    last request, which ends the DALI epoch.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.data: Sequence[np.ndarray] = []
+        self.widths = np.zeros(0, np.int64)
+        self.requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.next = 0
+
+    def start(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> None:
+        self.data, self.widths, self.requests, self.next = data, np.asarray(widths, np.int64), requests, 0
+
+    def __call__(self) -> tuple:
+        if self.next >= len(self.requests):
+            raise StopIteration
+        ids, boxes, flips = self.requests[self.next]
+        self.next += 1
+        boxes = np.asarray(boxes, dtype=np.int64)
+        data = [self.data[i] for i in ids]
+        flips = np.asarray(flips, dtype=np.int32)
+        if self.kind == "decoded":
+            return data, _i32(boxes[:, :2]), _i32(boxes[:, 2:]), flips
+        dec = _decode_windows(boxes, self.widths[ids])
+        rel = boxes[:, :2] - dec[:, :2]
+        return data, _i32(dec[:, :2]), _i32(dec[:, 2:]), _i32(rel), _i32(boxes[:, 2:]), flips
+
+
+class DaliRunner:
+    """One DALI crop pipeline fed by a :class:`CropFeeder` and consumed through DALI's PyTorch
+    iterator, which hands out batches without a copy (``exec_dynamic`` + DLPack).
+
+    :meth:`run` renders a sequence of requests; the pipeline runs ``prefetch`` batches ahead
+    on its own threads. A run that is left early or fails marks the runner ``broken`` (its
+    queue holds stale batches): build a new one.
+    """
+
+    def __init__(self, renderer: DaliRenderer, kind: str, output: str, batch_size: int, prefetch: int = 2) -> None:
+        self.output = output
+        self.feeder = CropFeeder(kind)
+        self.pipe = renderer.pipeline(kind, output, self.feeder, batch_size, prefetch)
+        self.broken = False
+        self._used = False
+        self._iter = None
+
+    def run(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> Iterator[Any]:
+        """Rendered batches of ``requests``, in order (lists of HWC arrays for ``"raw"``)."""
+        if self.broken:
+            raise HaldStoreError("internal error: a broken DALI runner was reused")
+        self.feeder.start(data, widths, requests)
+        finished = False
+        try:
+            yield from (self._raw() if self.output == "raw" else self._tensors())
+            finished = True
+        finally:
+            self.broken = not finished
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        if self._iter is None:
+            self._iter = DALIGenericIterator([self.pipe], ["x"], size=-1, prepare_first_batch=False)
+        elif self._used:
+            self._iter.reset()
+        self._used = True
+        for out in self._iter:
+            yield out[0]["x"]
+
+    def _raw(self) -> Iterator[list[np.ndarray]]:
+        if self._used:
+            self.pipe.reset()
+        self._used = True
+        while True:
             try:
-                out = self._run_chunk(self._pipe(normalize), *chunk)
-            except Exception as exc:
-                found = self._find_culprit(normalize, *chunk)
-                if found is None:
-                    raise HaldStoreError(f"the DALI pipeline failed on samples {start}..{stop - 1}: {_short(exc)}") from exc
-                i, sample_exc = found
-                raise ImageError(
-                    f"sample {start + i}: cannot decode image ({len(encoded[start + i])} bytes): {_short(sample_exc)}"
-                ) from exc
-            feed_ndarray(out.as_tensor(), result[start:stop], cuda_stream=stream)
-        if stream is not None:
-            stream.synchronize()
-        return result
+                (images,) = self.pipe.run()
+            except StopIteration:
+                return
+            images = images.as_cpu() if hasattr(images, "as_cpu") else images
+            yield [np.array(images[i]) for i in range(len(images))]
+
+
+def _i32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int32)
 
 
 def _decode_windows(boxes: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -592,11 +684,18 @@ def _decode_windows(boxes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return dec
 
 
-def _short(exc: Exception) -> str:
+def short_error(exc: Exception) -> str:
     """The informative lines of a (long, multi-line) DALI error message."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     keep = [ln for ln in lines if "pipeline" not in ln.lower() and not ln.startswith("File ")]
     return " | ".join(keep[-3:] or lines[-1:])
+
+
+def threads_option(backend: str, workers: int | None) -> dict:
+    """``{"num_threads": workers}`` when ``backend`` resolves to DALI and ``workers`` is set:
+    the keyword that gives a DALI renderer its threads (torchvision uses worker processes)."""
+    dali = backend == "dali" or (backend == "auto" and dali_available())
+    return {"num_threads": workers} if dali and workers is not None else {}
 
 
 # ---------------------------------------------------------------------------------------

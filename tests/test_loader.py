@@ -3,8 +3,10 @@ and resume are exact, and the teacher reproduces stored labels on loader output.
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import os
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader,
 from hald_store.errors import HaldStoreError, ManifestMismatchError
 from hald_store.loader import HARD_CROP_STREAM
 from hald_store.crop_plan import plan_crops
-from hald_store.pipeline import read_files
+from hald_store.pipeline import default_threads, read_files
 
 from .conftest import agreeing, copy_subset, require_data
 
@@ -121,16 +123,64 @@ def test_resume_mid_epoch(small_store):
     assert len(SoftLabelLoader(store, root, batch_size=5, drop_last=True, backend="torchvision")) == 4
 
 
-def test_early_break_stops_the_producer(small_store):
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_early_break_leaks_nothing_and_next_epoch_is_exact(small_store, backend):
     store, root = small_store
-    loader = SoftLabelLoader(store, root, batch_size=2, backend="torchvision", prefetch=1)
-    producers = lambda: sum(t.name == "hald-store-prefetch" for t in threading.enumerate())  # noqa: E731
-    before = producers()
-    it = loader.iter_epoch(0)
-    next(it)
-    assert producers() == before + 1
-    it.close()  # must return promptly, not hang on a full queue
-    assert producers() == before
+    loader = SoftLabelLoader(store, root, batch_size=2, backend=backend, workers=2, cache_decoded=False)
+    reference = [b.images for b in _all(loader, 1)]
+    base_threads, base_children = _threads(), len(multiprocessing.active_children())
+    for epoch in range(4):
+        it = loader.iter_epoch(epoch)
+        next(it)
+        it.close()  # must return promptly
+    gc.collect()
+    assert len(multiprocessing.active_children()) == base_children
+    assert _threads() <= base_threads + 2  # a broken DALI pipeline is dropped with its threads
+    again = [b.images for b in _all(loader, 1)]  # no stale batches of a broken-off epoch
+    assert len(again) == len(reference) and all(torch.equal(a, b) for a, b in zip(again, reference))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_workers_and_thread_defaults(small_store, backend):
+    store, root = small_store
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads() == cores
+    loader = SoftLabelLoader(store, root, batch_size=4, backend=backend, workers=3)
+    if backend == "dali":
+        assert loader.renderer.num_threads == 3
+        assert SoftLabelLoader(store, root, batch_size=4, backend="dali").renderer.num_threads == cores
+    else:
+        assert loader.stream.workers == 3
+    one = SoftLabelLoader(store, root, batch_size=4, backend=backend, workers=1, seed=3)
+    three = SoftLabelLoader(store, root, batch_size=4, backend=backend, workers=3, seed=3)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(_all(one, 2), _all(three, 2)))
+
+
+def test_threads_divided_among_local_ranks(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_threads() == max(1, cores // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert default_threads() == 1
+
+
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_decoded_cache_gives_the_same_pixels(small_store, backend):
+    store, root = small_store
+    kw = dict(batch_size=5, seed=4, backend=backend)
+    cached = SoftLabelLoader(store, root, cache_decoded=True, **kw)
+    plain = SoftLabelLoader(store, root, cache_decoded=False, **kw)
+    if backend == "dali":
+        assert cached.stream.cache_decoded and not plain.stream.cache_decoded
+        assert SoftLabelLoader(store, root, **kw).stream.cache_decoded  # 32x32 images: auto caches
+    for epoch in (0, 1):
+        for a, b in zip(_all(cached, epoch), _all(plain, epoch)):
+            assert torch.equal(a.images, b.images) and torch.equal(a.soft, b.soft)
 
 
 def test_hard_loader_gives_fresh_crops_with_classes(small_store):

@@ -1,0 +1,65 @@
+"""Pure visiting orders: which images, crops and recorded batches an epoch uses.
+
+Everything here is a function of its arguments (seeds, epoch, rank), so every process and
+every resumed run computes the same order without talking to the others -- the role FFCV
+gives its ``traversal_order`` strategies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import HaldStoreError
+
+__all__ = ["samples_per_rank", "epoch_order", "epoch_crop_seeds", "replay_epoch", "replay_batch_order"]
+
+
+def samples_per_rank(num_samples: int, world_size: int, drop_last: bool) -> int:
+    """Samples each rank gets: ``DistributedSampler``'s rule (pad by wrapping, or drop)."""
+    return num_samples // world_size if drop_last else math.ceil(num_samples / world_size)
+
+
+def epoch_order(num_samples: int, epoch: int, seed: int, *, shuffle: bool = True, rank: int = 0,
+                world_size: int = 1, drop_last: bool = False) -> np.ndarray:
+    """This rank's sample indices for ``epoch``, in delivery order.
+
+    A permutation seeded by ``(seed, epoch)`` (or ``arange`` without ``shuffle``), padded by
+    wrapping around or truncated to a multiple of ``world_size``, then dealt round-robin.
+    """
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(num_samples) if shuffle else np.arange(num_samples)
+    total = samples_per_rank(num_samples, world_size, drop_last) * world_size
+    return np.resize(order, total)[rank::world_size]
+
+
+def epoch_crop_seeds(num_images: int, crops_per_image: int, epoch: int, seed: int = 0) -> np.ndarray:
+    """Stored crop seed that each image uses in ``epoch``.
+
+    Epochs come in cycles of ``crops_per_image``; within a cycle every image uses each of its
+    crops exactly once, in a per-image order ``(a * e + b) mod S`` with ``a`` coprime to ``S``
+    and ``a, b`` drawn per image and cycle from ``seed``.
+    """
+    s = int(crops_per_image)
+    cycle, e = divmod(int(epoch), s)
+    units = np.array([a for a in range(1, s) if math.gcd(a, s) == 1] or [1], dtype=np.int64)
+    rng = np.random.default_rng([int(seed), cycle, 0x5EED])
+    a = units[rng.integers(len(units), size=num_images)]
+    b = rng.integers(s, size=num_images)
+    return (a * e + b) % s
+
+
+def replay_epoch(crops_per_image: int, epoch: int, seed: int = 0) -> int:
+    """The labelling epoch whose recorded batches training epoch ``epoch`` replays: the pool of
+    ``crops_per_image`` labelling epochs is drawn without replacement, reshuffled every cycle."""
+    cycle, e = divmod(int(epoch), int(crops_per_image))
+    return int(np.random.default_rng([int(seed), cycle, 0xE90C]).permutation(crops_per_image)[e])
+
+
+def replay_batch_order(num_batches: int, epoch: int, seed: int, *, shuffle: bool = True, rank: int = 0,
+                       world_size: int = 1, drop_last: bool = False) -> np.ndarray:
+    """This rank's recorded batch indices for ``epoch``: whole batches dealt to ranks."""
+    if samples_per_rank(num_batches, world_size, drop_last) == 0:
+        raise HaldStoreError(f"{num_batches} recorded batches cannot feed {world_size} ranks with drop_last")
+    return epoch_order(num_batches, epoch, seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                       drop_last=drop_last)
