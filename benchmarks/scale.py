@@ -41,7 +41,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hald_store import CropPolicy, LabelCodec, LabelStore, Manifest, __version__, build_store, plan_crops
-from hald_store.loader import epoch_crop_seeds
+from hald_store.order import epoch_crop_seeds
+
+from common import busy_cpu_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUILD_DEFAULTS = {k: p.default for k, p in inspect.signature(build_store).parameters.items()}
@@ -311,16 +313,6 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
          f"{r['peak_rss_mib_after_open']:,.0f} / {r['peak_rss_mib_after_random']:,.0f} / "
          f"{r['peak_rss_mib_after_epoch']:,.0f} MiB"),
     ]
-
-
-def busy_cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds all processes have used since boot, CPU seconds of this process and its
-    reaped children): their deltas tell how much CPU other processes took during a run."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    t = os.times()
-    own = t.user + t.system + t.children_user + t.children_system
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:

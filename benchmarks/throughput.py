@@ -1,176 +1,274 @@
-"""Throughput against the reference baseline (per-epoch pickled label lists + PIL crops in a
-per-image Python loop), side by side in one run: build (crops/s, share of time outside the
-teacher), the label-read path alone (labels/s), and the loaders (images/s) -- our
-SoftLabelLoader with DALI CPU (GPU when present) and torchvision.
+"""Data-path throughput, side by side in interleaved rounds: our loader against the bare DALI
+graph doing the same work (the physical limit), the reference PIL loop and a DataLoader with
+workers; how the loader scales from 1 to 2 cores; and build speed.
 
-    python benchmarks/throughput.py                  # cifar10-mini + a Tiny-ImageNet subset
-    python benchmarks/throughput.py --tiny-classes 0 # cifar10-mini only
+    python benchmarks/throughput.py            # 32 px, 64 px and 224 px workloads (~10 min on 2 cores)
+    python benchmarks/throughput.py --quick    # fewer images and rounds
 
-Each loader yields one crop (and one soft label) per image, so images/s == labels/s. Every
-loader gets one untimed warm-up epoch (DALI builds its pipeline then), then ``--epochs`` timed.
+Workloads: cifar10-mini (500 real 32x32 JPEGs, 32-px crops, ResNet-56 teacher); the first
+``--tiny-classes`` classes of Tiny-ImageNet (64x64, 64-px crops); and ``--photo-images``
+Tiny-ImageNet images upscaled to 400x300 and saved as JPEG quality 90 (224-px crops). The
+last two have no trained teacher, so untrained networks label them (label values do not
+change speed). Every contender renders the same windows of the same files, one crop and one
+label per image; images/s is the median over ``--rounds`` rounds (after a warm-up round), and
+each round runs every contender once, so a shared machine's load hits all alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from hald_store import LabelStore, SoftLabelLoader, build_store, load_teacher, resolve_model
-from hald_store.loader import epoch_crop_seeds
-from hald_store.pipeline import cuda_available, dali_available
+from hald_store.pipeline import cuda_available, default_threads
 from hald_store.reference_data import shared_data_path
 
-from reference_baseline import ReferenceEpoch, reference_build, write_epoch_file
+from common import busy_cpu_seconds
+from reference_baseline import ReferenceEpoch, write_epoch_file
+
+HERE = Path(__file__).resolve().parent
 
 
-def timed(fn, epochs: int) -> float:
-    """Seconds per epoch of ``fn(epoch)`` after one warm-up call."""
-    fn(0)
-    t0 = time.perf_counter()
-    for e in range(1, epochs + 1):
-        fn(e)
-    return (time.perf_counter() - t0) / epochs
-
-
-def extract_tiny(tar_path: Path, dst: Path, classes: int) -> Path:
-    """The first ``classes`` classes of the Tiny-ImageNet training tar, extracted once."""
-    done = dst / f".complete-{classes}"
-    if done.exists():
-        return dst / "train"
-    wnids: list[str] = []
+# ----------------------------------------------------------------------------- data
+def tiny_members(tar_path: Path, classes: int, per_class: int):
+    """(class, name, file object) of the first ``per_class`` images of the first ``classes`` classes."""
+    counts: dict[str, int] = {}
     with tarfile.open(tar_path) as tar:
         for member in tar:
             parts = member.name.split("/")
             if len(parts) < 3 or not member.isfile():
                 continue
-            if parts[1] not in wnids:
-                if len(wnids) == classes:
-                    break
-                wnids.append(parts[1])
-            tar.extract(member, dst, filter="data")
+            if parts[1] not in counts:
+                if len(counts) == classes:
+                    return
+                counts[parts[1]] = 0
+            if counts[parts[1]] < per_class:
+                counts[parts[1]] += 1
+                yield parts[1], Path(parts[-1]).stem, tar.extractfile(member)
+
+
+def make_folder(dst: Path, classes: int, per_class: int, size: tuple[int, int] | None) -> Path:
+    """Tiny-ImageNet images in ImageFolder layout (resized to ``size`` = (W, H) and saved as
+    JPEG quality 90, or copied as they are), made once."""
+    done = dst / ".complete"
+    if done.exists():
+        return dst
+    for cls, name, f in tiny_members(shared_data_path("tiny-imagenet", "tiny-imagenet-train.tar.gz"), classes, per_class):
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+        if size is None:
+            (dst / cls / f"{name}.jpg").write_bytes(f.read())
+        else:
+            Image.open(f).convert("RGB").resize(size, Image.BICUBIC).save(dst / cls / f"{name}.jpg", quality=90)
     done.touch()
-    return dst / "train"
+    return dst
 
 
-def measure_build(name: str, root: Path, teacher: torch.nn.Module, work: Path, **build_kw) -> tuple[LabelStore, list[dict]]:
-    """Build the store (fresh, timed) and the reference epoch file of the same crops."""
+# ----------------------------------------------------------------------------- contenders
+def bare_dali(store: LabelStore, root: Path, batch: int, threads: int):
+    """The physical limit: DALI's own file reader over the epoch's files plus one
+    ``decoders.image_slice`` -> ``resize`` -> ``crop_mirror_normalize`` graph on the same
+    windows, nothing of ours in the loop. Returns ``epoch(e)`` (one pass; e is ignored)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    loader = SoftLabelLoader(store, root, batch_size=batch, cache_decoded=False)
+    order = loader.epoch_order(0)
+    order = order[: len(order) // batch * batch]
+    _, boxes, flips = store.read_one_crop_per_image(loader.crop_seeds(0))
+    paths = store.manifest().paths
+    size, gpu = store.attrs["input_size"], loader.renderer.device == "gpu"
+    mean, std = [255 * m for m in store.attrs["mean"]], [255 * s for s in store.attrs["std"]]
+
+    def windows(info):
+        ids = order[info.iteration * batch : (info.iteration + 1) * batch]
+        if len(ids) == 0:
+            raise StopIteration
+        return (np.ascontiguousarray(boxes[ids, :2], np.int32), np.ascontiguousarray(boxes[ids, 2:], np.int32),
+                flips[ids].astype(np.int32))
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=0 if gpu else None, exec_dynamic=True,
+                  prefetch_queue_depth=2)
+    def graph():
+        data, _ = fn.readers.file(files=[str(root / paths[i]) for i in order], name="files")
+        anchor, shape, flip = fn.external_source(source=windows, num_outputs=3, batch=True, batch_info=True,
+                                                 dtype=[types.INT32] * 3)
+        img = fn.decoders.image_slice(data, anchor, shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                      axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+        return fn.crop_mirror_normalize(img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+
+    pipe = graph()
+    pipe.build()
+
+    def epoch(e: int) -> int:
+        for _ in range(len(order) // batch):
+            (x,) = pipe.run()
+        pipe.reset()
+        return len(order)
+    return epoch
+
+
+def loader_epochs(loader) -> callable:
+    def epoch(e: int) -> int:
+        n = 0
+        for b in loader.iter_epoch(e):
+            n += len(b.images)
+        return n
+    return epoch
+
+
+def reference_epochs(epoch_file: Path, store: LabelStore, root: Path, workers: int) -> callable:
+    a = store.attrs
+    def epoch(e: int) -> int:
+        ds = ReferenceEpoch(epoch_file, root, store.manifest().paths, a["input_size"], a["mean"], a["std"])
+        it = ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        return sum(len(x) for x, _ in it)
+    return epoch
+
+
+def interleaved(contenders: dict[str, callable], rounds: int) -> dict[str, list[float]]:
+    """images/s of each contender per round (round 0 is a warm-up and is dropped)."""
+    rates: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(rounds + 1):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            n = fn(r)
+            if r:
+                rates[name].append(n / (time.perf_counter() - t0))
+    return rates
+
+
+# ----------------------------------------------------------------------------- scaling
+def child(args) -> None:
+    """Run inside ``taskset``: images/s of our loader or of the bare graph, printed as JSON."""
+    store, root = LabelStore.open(args.child_store), Path(args.child_images)
+    fn = (bare_dali(store, root, args.batch_size, default_threads()) if args.child == "bare"
+          else loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size)))
+    rates = interleaved({"x": fn}, args.child_epochs)["x"]
+    print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
+
+
+def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
+    """Our loader and the bare graph pinned to 1 and to 2 cores (``taskset``), interleaved."""
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.scaling_rounds):
+        for kind in ("loader", "bare"):
+            for cores in ("0", "0,1"):
+                out = subprocess.run(
+                    ["taskset", "-c", cores, sys.executable, str(HERE / "throughput.py"), "--child", kind,
+                     "--child-store", store.path, "--child-images", str(root), "--batch-size", str(args.batch_size),
+                     "--child-epochs", "2"], check=True, capture_output=True, text=True, cwd=HERE)
+                rates.setdefault(f"{kind} on {cores.count(',') + 1} core(s)", []).append(json.loads(out.stdout)["rate"])
+    return rates
+
+
+# ----------------------------------------------------------------------------- main
+def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, **build_kw) -> list[dict]:
     path = work / f"{name}.zarr"
     summary = build_store(root, path, teacher, overwrite=True, progress=False, **build_kw)
     store = LabelStore.open(path)
-    seconds, in_teacher = reference_build(store, root, teacher, work / f"{name}-reference-build.pt", build_kw["batch_size"])
-    rows = [
-        {"dataset": name, "path": "build: hald-store", "crops_per_s": summary.crops_per_second,
-         "outside_teacher": summary.outside_teacher_fraction},
-        {"dataset": name, "path": "build: reference PIL loop", "crops_per_s": store.num_crops / seconds,
-         "outside_teacher": 1 - in_teacher / seconds},
-    ]
-    print(f"{name}: build {store.num_crops} crops")
-    for r in rows:
-        print(f"  {r['path']:<34}{r['crops_per_s']:>12,.0f} crops/s  {100 * r['outside_teacher']:.0f}% outside the teacher")
-    return store, rows
-
-
-def measure(name: str, store: LabelStore, root: Path, args, work: Path) -> list[dict]:
-    n, b = store.num_images, min(args.batch_size, store.num_images)
-    rows = []
-
-    def row(kind: str, sec_per_epoch: float, note: str = "") -> None:
-        rate = n / sec_per_epoch
-        rows.append({"dataset": name, "path": kind, "images_per_s": rate, "labels_per_s": rate, "note": note})
-        print(f"  {kind:<34}{rate:>12,.0f} /s  {note}")
-
-    print(f"{name}: {n} images, {store.crops_per_image} crops each, input {store.attrs['input_size']}, batch {b}")
-    # -- labels alone
-    def store_epoch(e: int) -> None:
-        seeds = epoch_crop_seeds(n, store.crops_per_image, e)
-        fields, _, _ = store.read_one_crop_per_image(seeds)
-        for b0 in range(0, n, b):
-            store.codec.decode({k: v[b0 : b0 + b] for k, v in fields.items()}).probs(store.temperature)
-    row("labels: store, epoch pass", timed(store_epoch, args.epochs), "read + decode to dense probs")
-
-    rng = np.random.default_rng(0)
-    def store_random(e: int) -> None:
-        for _ in range(0, n, b):
-            store.read(rng.integers(n, size=b), rng.integers(store.crops_per_image, size=b)).probs(store.temperature)
-    row("labels: store, random batches", timed(store_random, args.epochs), "one chunked read per batch")
-
+    b = min(args.batch_size, store.num_images)
+    rows = [{"workload": name, "what": "build", "crops_per_s": summary.crops_per_second,
+             "outside_teacher": summary.outside_teacher_fraction, "crops": store.num_crops}]
+    print(f"\n{name}: {store.num_images} images, input {store.attrs['input_size']} px, batch {b}; build "
+          f"{summary.crops_per_second:,.0f} crops/s, {100 * summary.outside_teacher_fraction:.1f}% outside the teacher")
     epoch_file = work / f"{name}-epoch.pt"
     write_epoch_file(store, root, epoch_file, epoch=0, batch_size=b)
-    row("labels: reference torch.load", timed(lambda e: torch.load(epoch_file, weights_only=True), args.epochs),
-        f"{epoch_file.stat().st_size / n:.0f} B/crop pickled")
-
-    # -- full loaders
-    def run(loader) -> float:
-        def epoch(e: int) -> None:
-            for batch in loader.iter_epoch(e):
-                batch.images.sum()  # touch the data
-        return timed(epoch, args.epochs)
-
-    configs = [("torchvision", "cpu")]
-    if dali_available():
-        configs.insert(0, ("dali", "cpu"))
-        if cuda_available():
-            configs.insert(0, ("dali", "gpu"))
-    for backend, device in configs:
-        loader = SoftLabelLoader(store, root, batch_size=b, backend=backend, device=device)
-        row(f"loader: {backend} {device}", run(loader))
-
-    paths = store.manifest().paths
-    size, mean, std = store.attrs["input_size"], store.attrs["mean"], store.attrs["std"]
-    def ref(workers: int):
-        def epoch(e: int) -> None:
-            ds = ReferenceEpoch(epoch_file, root, paths, size, mean, std)
-            it = ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
-            for x, _ in it:
-                x.sum()
-        return epoch
-    row("reference: PIL loop, 1 process", timed(ref(0), args.epochs))
-    row(f"reference: DataLoader {args.workers} workers", timed(ref(args.workers), args.epochs))
-    base = {r["path"]: r["images_per_s"] for r in rows}
-    for r in rows:
-        r["vs_reference_1_process"] = r["images_per_s"] / base["reference: PIL loop, 1 process"]
+    threads = default_threads()
+    default = SoftLabelLoader(store, root, batch_size=b)
+    other_cache = not default.stream.cache_decoded
+    contenders = {
+        f"hald-store loader, DALI (cache {'on' if not other_cache else 'off'}: default)": loader_epochs(default),
+        f"hald-store loader, DALI, cache {'on' if other_cache else 'off'}":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache)),
+        f"hald-store loader, torchvision, {threads} worker processes":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision")),
+        "bare DALI graph (physical limit)": bare_dali(store, root, b, threads),
+        "reference PIL loop, 1 process": reference_epochs(epoch_file, store, root, 0),
+        f"reference DataLoader, {threads} workers": reference_epochs(epoch_file, store, root, threads),
+    }
+    rates = interleaved(contenders, args.rounds)
+    if name in args.scaling:
+        rates.update(scaling(store, root, args))
+    bare = np.median(rates["bare DALI graph (physical limit)"])
+    ref = np.median(rates["reference PIL loop, 1 process"])
+    for what, r in rates.items():
+        med = float(np.median(r))
+        rows.append({"workload": name, "what": what, "images_per_s": med, "rounds": r,
+                     "vs_bare_dali": med / bare, "vs_reference_loop": med / ref})
+        print(f"  {what:<58}{med:>9,.0f} /s  {med / bare:5.2f}x bare  {med / ref:6.2f}x PIL loop  "
+              f"(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
+    for kind in ("loader", "bare"):
+        one, two = f"{kind} on 1 core(s)", f"{kind} on 2 core(s)"
+        if one in rates:
+            ratio = float(np.median(rates[two]) / np.median(rates[one]))
+            rows.append({"workload": name, "what": f"{kind}: 2 cores / 1 core", "ratio": ratio})
+            print(f"  {kind}: 2 cores / 1 core = {ratio:.2f}x")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default=str(shared_data_path("cifar10-mini", "train")))
-    ap.add_argument("--checkpoint", default=str(shared_data_path("teachers", "cifar10-resnet56.th")))
-    ap.add_argument("--crops-per-image", type=int, default=8)
-    ap.add_argument("--tiny-classes", type=int, default=10, help="Tiny-ImageNet classes to add (0: none)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--work", default="benchmarks/results/work")
-    ap.add_argument("--out", default="benchmarks/results/throughput.json")
+    ap.add_argument("--quick", action="store_true", help="fewer images and rounds (a smoke run)")
+    ap.add_argument("--tiny-classes", type=int, default=10)
+    ap.add_argument("--photo-images", type=int, default=1000, help="400x300 images of the 224-px workload")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to 1 vs 2 cores")
+    ap.add_argument("--scaling-rounds", type=int, default=3)
+    ap.add_argument("--work", default=str(HERE / "results" / "work"))
+    ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
+    ap.add_argument("--child", choices=["loader", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-store", help=argparse.SUPPRESS)
+    ap.add_argument("--child-images", help=argparse.SUPPRESS)
+    ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.tiny_classes, args.photo_images, args.rounds, args.scaling_rounds = 2, 200, 2, 1
+    for need in (("cifar10-mini", "train"), ("tiny-imagenet", "tiny-imagenet-train.tar.gz"), ("teachers",)):
+        if shared_data_path(*need) is None:
+            sys.exit(f"needs the shared data: {'/'.join(need)} is missing (set HALD_DATA)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    busy0, own0, t0 = *busy_cpu_seconds(), time.perf_counter()
+    print(f"{default_threads()} cores for this process, torch threads {torch.get_num_threads()}, CUDA {cuda_available()}")
 
-    rows = []
-    store, build_rows = measure_build("cifar10-mini", Path(args.images), load_teacher("cifar_resnet56", args.checkpoint, 10),
-                                      work, teacher_name="cifar_resnet56", crops_per_image=args.crops_per_image,
-                                      input_size=32, batch_size=args.batch_size)
-    rows += build_rows + measure("cifar10-mini", store, Path(args.images), args, work)
-    tar = shared_data_path("tiny-imagenet", "tiny-imagenet-train.tar.gz")
-    if args.tiny_classes and tar is not None:
-        root = extract_tiny(tar, work / "tiny", args.tiny_classes)
-        name = f"tiny-imagenet-{args.tiny_classes}cls"
-        # No Tiny-ImageNet teacher is supplied: an untrained CIFAR ResNet-20 with 200 outputs
-        # labels the crops. Label values do not affect speed.
-        store, build_rows = measure_build(name, root, resolve_model("cifar_resnet20", 200), work,
-                                          teacher_name="untrained cifar_resnet20", num_classes=200, crops_per_image=2,
-                                          input_size=64, batch_size=args.batch_size)
-        rows += build_rows + measure(name, store, root, args, work)
+    rows = workload("cifar-32px", shared_data_path("cifar10-mini", "train"),
+                    load_teacher("cifar_resnet56", shared_data_path("teachers", "cifar10-resnet56.th"), 10), work, args,
+                    teacher_name="cifar_resnet56", crops_per_image=8, input_size=32, batch_size=256)
+    tiny = make_folder(work / f"tiny-{args.tiny_classes}cls", args.tiny_classes, 500, None)
+    rows += workload("tiny-64px", tiny, resolve_model("cifar_resnet20", 200), work, args,
+                     teacher_name="untrained cifar_resnet20", num_classes=200, crops_per_image=2, input_size=64,
+                     batch_size=256)
+    per_class = max(1, args.photo_images // 10)
+    photo = make_folder(work / f"photo-400x300-{per_class}", 10, per_class, (400, 300))
+    rows += workload("photo-224px", photo, resolve_model("resnet18", 200), work, args,
+                     teacher_name="untrained resnet18", num_classes=200, crops_per_image=2, input_size=224,
+                     batch_size=64)
+
+    busy1, own1 = busy_cpu_seconds()
+    wall = time.perf_counter() - t0
+    other = max(busy1 - busy0 - (own1 - own0), 0.0)
+    print(f"\nwall {wall:.0f} s; CPU by this benchmark {own1 - own0:.0f} s, by other processes {other:.0f} s "
+          f"(of {wall * os.cpu_count():.0f} CPU-s available)")
     out = Path(args.out)
-    out.write_text(json.dumps({"settings": vars(args), "torch_threads": torch.get_num_threads(),
-                               "cuda": cuda_available(), "results": rows}, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), "cores": default_threads(), "torch_threads": torch.get_num_threads(),
+                               "cuda": cuda_available(), "wall_s": wall, "own_cpu_s": own1 - own0,
+                               "other_processes_cpu_s": other, "results": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -212,6 +212,8 @@ def build_store(
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
     if not temperature > 0:
         raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    if workers is not None and workers < 0:
+        raise HaldStoreError(f"--workers must be >= 0, got {workers}")
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
     if not (resume or overwrite):  # fail before the (slow) scan
         prepare_output(out, resume, overwrite, storage_options)

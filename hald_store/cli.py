@@ -74,6 +74,8 @@ def main() -> None:
 @click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")
 @click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto",
               help="Crop renderer (the same one training uses).")
+@click.option("--workers", type=int, default=None,
+              help="Rendering threads (DALI) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
@@ -88,7 +90,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
 def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_image, slc, top_k, values, temperature,
-          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, chunk_images, resume,
+          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, workers, chunk_images, resume,
           overwrite, skip_bad, teacher_mode, mix, mix_alpha, labelling_batch_size, quiet) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
     try:
@@ -99,7 +101,7 @@ def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_ima
     summary = build_store(
         images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
         slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
-        seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend,
+        seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend, workers=workers,
         chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
         mix=mix, mix_alpha=mix_alpha, labelling_batch_size=labelling_batch_size, progress=not quiet,
     )

@@ -31,6 +31,7 @@ EXIF orientation is ignored by both backends (boxes refer to the stored pixel gr
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import os
@@ -508,7 +509,8 @@ class DaliRenderer(CropRenderer):
         def crops():
             outs = fn.external_source(source=source, num_outputs=n_out, batch=True,
                                       dtype=[types.UINT8] + [types.INT32] * (n_out - 1),
-                                      layout=["HWC" if kind == "decoded" else ""] + [""] * (n_out - 1))
+                                      layout=["HWC" if kind == "decoded" else ""] + [""] * (n_out - 1),
+                                      no_copy=True)
             if kind == "decoded":
                 img, anchor, shape, flip = outs
                 img = img.gpu() if gpu else img
@@ -580,15 +582,17 @@ class CropFeeder:
 
     A request is ``(ids, boxes, flips)``: rows of ``data`` (file names as uint8, file bytes or
     decoded images), their integer windows and flip bits. Raises ``StopIteration`` after the
-    last request, which ends the DALI epoch.
+    last request, which ends the DALI epoch. DALI reads the returned buffers in place, so the
+    last ``keep_alive`` (> the pipeline's queue depth) are kept referenced.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, keep_alive: int) -> None:
         self.kind = kind
         self.data: Sequence[np.ndarray] = []
         self.widths = np.zeros(0, np.int64)
         self.requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.next = 0
+        self.alive: collections.deque = collections.deque(maxlen=keep_alive)
 
     def start(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> None:
         self.data, self.widths, self.requests, self.next = data, np.asarray(widths, np.int64), requests, 0
@@ -602,10 +606,12 @@ class CropFeeder:
         data = [self.data[i] for i in ids]
         flips = np.asarray(flips, dtype=np.int32)
         if self.kind == "decoded":
-            return data, _i32(boxes[:, :2]), _i32(boxes[:, 2:]), flips
-        dec = _decode_windows(boxes, self.widths[ids])
-        rel = boxes[:, :2] - dec[:, :2]
-        return data, _i32(dec[:, :2]), _i32(dec[:, 2:]), _i32(rel), _i32(boxes[:, 2:]), flips
+            out = data, _i32(boxes[:, :2]), _i32(boxes[:, 2:]), flips
+        else:
+            dec = _decode_windows(boxes, self.widths[ids])
+            out = data, _i32(dec[:, :2]), _i32(dec[:, 2:]), _i32(boxes[:, :2] - dec[:, :2]), _i32(boxes[:, 2:]), flips
+        self.alive.append(out)  # DALI reads these buffers in place (no_copy) until they are consumed
+        return out
 
 
 class DaliRunner:
@@ -619,7 +625,7 @@ class DaliRunner:
 
     def __init__(self, renderer: DaliRenderer, kind: str, output: str, batch_size: int, prefetch: int = 2) -> None:
         self.output = output
-        self.feeder = CropFeeder(kind)
+        self.feeder = CropFeeder(kind, keep_alive=prefetch + 2)
         self.pipe = renderer.pipeline(kind, output, self.feeder, batch_size, prefetch)
         self.broken = False
         self._used = False
@@ -695,7 +701,7 @@ def threads_option(backend: str, workers: int | None) -> dict:
     """``{"num_threads": workers}`` when ``backend`` resolves to DALI and ``workers`` is set:
     the keyword that gives a DALI renderer its threads (torchvision uses worker processes)."""
     dali = backend == "dali" or (backend == "auto" and dali_available())
-    return {"num_threads": workers} if dali and workers is not None else {}
+    return {"num_threads": max(1, int(workers))} if dali and workers is not None else {}
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
 # Settings that may change between a run and its resume without changing the result's meaning.
-_RESUME_FREE = ("device", "progress", "stop_after")
+_RESUME_FREE = ("device", "workers", "progress", "stop_after")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "auto"
+    workers: int | None = None  # data-path threads (DALI) or processes (torchvision); None: this process's cores
     progress: bool = True
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
@@ -70,6 +71,8 @@ class TrainConfig:
             raise HaldStoreError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if not 0 <= self.label_smoothing < 1:
             raise HaldStoreError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.workers is not None and self.workers < 0:
+            raise HaldStoreError(f"workers must be >= 0, got {self.workers}")
         for name in ("warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -123,7 +126,7 @@ class Trainer:
         kinds = set(self.schedule.kinds())
         self.ranks = distributed.context()
         common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device,
-                      rank=self.ranks.rank, world_size=self.ranks.world_size)
+                      rank=self.ranks.rank, world_size=self.ranks.world_size, workers=c.workers)
         if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
             common.update(device="cuda", device_id=self.ranks.local_rank)
         self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {}
@@ -135,7 +138,8 @@ class Trainer:
         a = self.store.attrs
         self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
             c.val, input_size=a["input_size"], mean=a["mean"], std=a["std"], crop_fraction=c.eval_crop_fraction,
-            batch_size=256, class_names=self.store.class_names, backend=c.backend, device=self.device.type)
+            batch_size=256, class_names=self.store.class_names, backend=c.backend, device=self.device.type,
+            workers=c.workers)
         torch.manual_seed(c.seed)
         self.net = resolve_model(c.student, self.store.num_classes).to(self.device)
         with torch.no_grad():
