@@ -5,7 +5,8 @@
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
 from .schedule import PRESETS, Phase, Schedule, ScheduleError, parse_schedule, preset
-from .trainer import TrainConfig, Trainer, evaluate, lr_factor, train
+from .optim import lr_factor
+from .trainer import TrainConfig, Trainer, evaluate, train
 
 __all__ = [
     "cutmix", "smooth_one_hot", "soft_kl_loss", "soft_target_cross_entropy", "PRESETS", "Phase", "Schedule",

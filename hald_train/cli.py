@@ -26,6 +26,8 @@ from .trainer import TrainConfig, train
 @click.option("--batch-size", type=int, default=64)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
 @click.option("--lr", type=float, default=1e-3)
+@click.option("--lr-eta", type=float, default=2.0,
+              help="LR = lr * 0.5 * (1 + cos(pi * epoch / epochs / eta)) per epoch: 1 decays to 0, 2 to half.")
 @click.option("--weight-decay", type=float, default=0.01)
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
 @click.option("--warmup-epochs", type=int, default=0)

@@ -4,7 +4,6 @@ per-epoch checkpoints with exact resume, metrics as JSON lines."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from hald_store.errors import HaldStoreError, SettingsMismatchError
 from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
+from .optim import lr_factor
 from .schedule import Schedule, parse_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,6 +45,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "adamw"
     lr: float = 1e-3
+    lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
     weight_decay: float = 0.01
     momentum: float = 0.9
     warmup_epochs: int = 0
@@ -60,7 +61,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
     def check(self) -> None:
-        positive = {"batch_size": self.batch_size, "lr": self.lr}
+        positive = {"batch_size": self.batch_size, "lr": self.lr, "lr_eta": self.lr_eta}
         for name, v in positive.items():
             if not v > 0:
                 raise HaldStoreError(f"{name} must be > 0, got {v}")
@@ -76,14 +77,6 @@ class TrainConfig:
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``total_steps``: one curve for the whole run."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.inference_mode()
@@ -153,11 +146,9 @@ class Trainer:
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
                                              weight_decay=c.weight_decay, nesterov=True)
-        steps = [len(self.loaders[k]) for k in self.schedule.kinds()]
-        self.epoch_start_step = np.concatenate([[0], np.cumsum(steps)])
-        warmup = int(self.epoch_start_step[min(c.warmup_epochs, len(steps))])
-        total = int(self.epoch_start_step[-1])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        # one curve over all phases, stepped once per epoch (as the reference)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda e: lr_factor(e, self.schedule.epochs, c.warmup_epochs, c.lr_eta))
         self.epoch = 0
         self.progress = c.progress and self.ranks.is_main
 
@@ -195,6 +186,7 @@ class Trainer:
         loader = self.loaders[kind]
         rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
         temperature = loader.temperature if kind == "soft" else None
+        lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         loss_sum = correct = n = 0
         t0 = time.perf_counter()
@@ -212,15 +204,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.scheduler.step()
             loss_sum += float(loss.detach()) * len(logits)
             correct += int((logits.argmax(1) == batch.hard).sum())
             n += len(logits)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        self.scheduler.step()
         seconds = time.perf_counter() - t0
         loss_sum, correct, n = (self.ranks.sum(v) for v in (loss_sum, correct, n))  # over all ranks
         return {"epoch": epoch + 1, "phase": self.schedule.phase_at(epoch), "kind": kind, "loss": loss_sum / n,
-                "lr": self.optimizer.param_groups[0]["lr"], "train_top1": correct / n,
+                "lr": lr, "train_top1": correct / n,
                 "images_per_s": n / seconds, "seconds": seconds}
 
     def run(self, resume: bool = False) -> dict:

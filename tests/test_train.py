@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -106,6 +107,16 @@ def test_lr_schedule_spans_the_run():
     assert lr_factor(100, 100, 0) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("eta,expect", [  # 300 epochs: the reference's 0.5 * (1 + cos(pi * epoch / epochs / eta))
+    (1, {0: 1.0, 75: 0.8535534, 150: 0.5, 225: 0.1464466, 299: 0.0000274, 300: 0.0}),
+    (2, {0: 1.0, 75: 0.9619398, 150: 0.8535534, 225: 0.6913417, 299: 0.5026180, 300: 0.5}),
+])
+def test_lr_curve_is_the_references(eta, expect):
+    for epoch, factor in expect.items():
+        assert lr_factor(epoch, 300, 0, eta) == pytest.approx(factor, abs=1e-7)
+        assert lr_factor(epoch, 300, 0, eta) == pytest.approx(0.5 * (1 + math.cos(math.pi * epoch / 300 / eta)))
+
+
 # ------------------------------------------------------------------------- trainer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, resnet20):
@@ -138,8 +149,22 @@ def test_each_phase_feeds_its_own_loader_and_loss(tiny, tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["kind"] for ln in lines] == ["soft", "hard", "soft"] and [ln["phase"] for ln in lines] == [0, 1, 2]
     assert lines[0]["loss"] < 0.2 < lines[1]["loss"]  # KL at T=20 vs cross-entropy
-    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert [ln["lr"] for ln in lines] == pytest.approx([1e-3 * lr_factor(e, 3, 0, 2.0) for e in range(3)])
     assert (tmp_path / "run" / "model.pt").exists() and json.loads((tmp_path / "run" / "final.json").read_text())
+
+
+@pytest.mark.parametrize("eta", [1.0, 2.0])
+def test_lr_is_stepped_once_per_epoch_over_all_phases(tiny, tmp_path, eta):
+    trainer = Trainer(_config(tiny, tmp_path / "run", schedule="soft:2,hard:1,soft:1", lr=2e-3, lr_eta=eta))
+    used: list[list[float]] = []  # the LR of every group at every training forward
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: used.append([g["lr"] for g in trainer.optimizer.param_groups]) if m.training else None)
+    trainer.run()
+    per_epoch = len(trainer.loaders["soft"])
+    want = [2e-3 * 0.5 * (1 + math.cos(math.pi * e / 4 / eta)) for e in range(4)]
+    assert used == [[pytest.approx(w)] * len(used[0]) for w in want for _ in range(per_epoch)]
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["lr"] for ln in lines] == pytest.approx(want)
 
 
 def test_resume_gives_identical_weights(tiny, tmp_path):
