@@ -29,6 +29,8 @@ from .trainer import TrainConfig, train
 @click.option("--lr-eta", type=float, default=2.0,
               help="LR = lr * 0.5 * (1 + cos(pi * epoch / epochs / eta)) per epoch: 1 decays to 0, 2 to half.")
 @click.option("--weight-decay", type=float, default=0.01)
+@click.option("--decay-params", type=click.Choice(["weights", "all"]), default="weights",
+              help="weights: decay only conv/linear weights (name has 'weight', ndim > 1), as the reference.")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
 @click.option("--warmup-epochs", type=int, default=0)
 @click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")

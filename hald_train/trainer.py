@@ -20,7 +20,7 @@ from hald_store.errors import HaldStoreError, SettingsMismatchError
 from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
-from .optim import lr_factor
+from .optim import lr_factor, make_optimizer
 from .schedule import Schedule, parse_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
     weight_decay: float = 0.01
+    decay_params: str = "weights"  # "weights": conv/linear weights only, as the reference; "all"
     momentum: float = 0.9
     warmup_epochs: int = 0
     temperature: float | None = None  # None: the store's build temperature
@@ -141,11 +142,7 @@ class Trainer:
         if self.ranks.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        if c.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                                             weight_decay=c.weight_decay, nesterov=True)
+        self.optimizer = make_optimizer(self.net, c.optimizer, c.lr, c.weight_decay, c.decay_params, c.momentum)
         # one curve over all phases, stepped once per epoch (as the reference)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: lr_factor(e, self.schedule.epochs, c.warmup_epochs, c.lr_eta))

@@ -13,8 +13,9 @@ from torch import nn
 
 from hald_store import LabelStore, build_store
 from hald_store.errors import HaldStoreError, SettingsMismatchError
-from hald_train import (ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, parse_schedule, smooth_one_hot,
-                        soft_kl_loss, soft_target_cross_entropy, train)
+from hald_store import resolve_model
+from hald_train import (ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
+                        parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
 from hald_train.cli import main as train_cli
 
 from .conftest import copy_subset, require_data
@@ -117,6 +118,40 @@ def test_lr_curve_is_the_references(eta, expect):
         assert lr_factor(epoch, 300, 0, eta) == pytest.approx(0.5 * (1 + math.cos(math.pi * epoch / 300 / eta)))
 
 
+# ---------------------------------------------------------------------- optimiser
+@pytest.mark.parametrize("name,convs,head", [("resnet18", 20, "fc"), ("cifar_resnet20", 19, "linear")])
+def test_weight_decay_only_on_conv_and_linear_weights(name, convs, head):
+    model = resolve_model(name, 10)
+    by_type = {"decay": set(), "none": set()}  # the expected split, from module types rather than names
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            by_type["decay"].add(module.weight)
+            by_type["none"].update([module.bias] if module.bias is not None else [])
+        elif isinstance(module, nn.BatchNorm2d):
+            by_type["none"].update([module.weight, module.bias])
+    decay, none = param_groups(model, 0.01)
+    assert {id(p) for _, p in decay["params"]} == {id(p) for p in by_type["decay"]} and decay["weight_decay"] == 0.01
+    assert {id(p) for _, p in none["params"]} == {id(p) for p in by_type["none"]} and none["weight_decay"] == 0.0
+    assert len(decay["params"]) == convs + 1 and f"{head}.weight" in dict(decay["params"])
+    assert [n for n, _ in none["params"]][:2] == ["bn1.weight", "bn1.bias"] and f"{head}.bias" in dict(none["params"])
+
+    opt = make_optimizer(model, "adamw", lr=0.1, weight_decay=0.5)  # zero gradients: only decay moves a parameter
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.allclose(p, old * (0.95 if p in by_type["decay"] else 1.0))
+    assert len(param_groups(model, 0.01, "all")) == 1
+
+
+def test_optimizer_bad_input():
+    with pytest.raises(HaldStoreError, match="decay_params must be one of"):
+        param_groups(nn.Linear(2, 2), 0.01, "bias")
+    with pytest.raises(HaldStoreError, match="optimizer must be adamw or sgd, got 'adam'"):
+        make_optimizer(nn.Linear(2, 2), "adam", 1e-3, 0.01)
+
+
 # ------------------------------------------------------------------------- trainer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, resnet20):
@@ -136,6 +171,8 @@ def _config(tiny, out, **kw) -> TrainConfig:
 
 def test_each_phase_feeds_its_own_loader_and_loss(tiny, tmp_path):
     trainer = Trainer(_config(tiny, tmp_path / "run", cutmix_alpha=0.0, label_smoothing=0.0))
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0]
+    assert "bn1.weight" in trainer.optimizer.param_groups[1]["param_names"]
     seen: list[torch.Tensor] = []
     trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
     trainer.run()
