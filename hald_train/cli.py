@@ -24,6 +24,7 @@ from .trainer import TrainConfig, train
 @click.option("--epochs", type=int, default=None, help="Total epochs (needed by presets; an explicit schedule sums its own).")
 @click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a preset [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
+@click.option("--hard-batch-size", type=int, default=None, help="Hard phases' batch size [default: --batch-size].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
 @click.option("--lr", type=float, default=1e-3)
 @click.option("--lr-eta", type=float, default=2.0,

@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int | None = None  # needed by presets; an explicit schedule sums its own
     hard_epochs: int | None = None
     batch_size: int = 64
+    hard_batch_size: int | None = None  # hard phases' batch size; None: batch_size (the reference uses 16)
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
@@ -62,7 +63,8 @@ class TrainConfig:
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
     def check(self) -> None:
-        positive = {"batch_size": self.batch_size, "lr": self.lr, "lr_eta": self.lr_eta}
+        positive = {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch, "lr": self.lr,
+                    "lr_eta": self.lr_eta}
         for name, v in positive.items():
             if not v > 0:
                 raise HaldStoreError(f"{name} must be > 0, got {v}")
@@ -75,6 +77,11 @@ class TrainConfig:
         for name in ("warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def hard_batch(self) -> int:
+        """The hard phases' batch size."""
+        return self.batch_size if self.hard_batch_size is None else self.hard_batch_size
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
@@ -124,7 +131,13 @@ class Trainer:
         if "soft" in kinds:
             self.loaders["soft"] = SoftLabelLoader(self.store, c.images, temperature=c.temperature, **common)
         if "hard" in kinds:
-            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **common)
+            per_rank, low = -(-self.store.num_images // self.ranks.world_size), 2 if c.cutmix_alpha > 0 else 1
+            if not low <= c.hard_batch <= per_rank:
+                raise HaldStoreError(
+                    f"{'batch_size' if c.hard_batch_size is None else 'hard_batch_size'} of hard phases must be "
+                    f"between {low} (CutMix pairs images) and the {per_rank} images each of "
+                    f"{self.ranks.world_size} rank(s) gets, got {c.hard_batch}")
+            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **{**common, "batch_size": c.hard_batch})
         self.device = next(iter(self.loaders.values())).device
         a = self.store.attrs
         self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
@@ -195,14 +208,16 @@ class Trainer:
                 loss = soft_kl_loss(logits, batch.soft, temperature)
             else:
                 target = smooth_one_hot(batch.hard, self.store.num_classes, c.label_smoothing)
-                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)
+                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)  # an odd batch loses its last
+                if not len(images):
+                    continue
                 logits = self.model(images)
                 loss = soft_target_cross_entropy(logits, target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             loss_sum += float(loss.detach()) * len(logits)
-            correct += int((logits.argmax(1) == batch.hard).sum())
+            correct += int((logits.argmax(1) == batch.hard[: len(logits)]).sum())
             n += len(logits)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
         self.scheduler.step()

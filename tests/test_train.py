@@ -102,6 +102,21 @@ def test_cutmix_mixes_pixels_and_targets_by_area():
     assert cutmix(x, targets, 0.0, np.random.default_rng(0))[0] is x
 
 
+def test_cutmix_pairs_with_the_reversed_batch_and_drops_the_last_of_an_odd_one():
+    x = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 16, 16).contiguous()
+    for seed in range(20):
+        mixed, t = cutmix(x, torch.eye(5), 1.0, np.random.default_rng(seed))
+        assert mixed.shape == (4, 3, 16, 16) and t.shape == (4, 5) and t[:, 4].sum() == 0  # sample 4 dropped
+        pasted = mixed[:, 0] != x[:4, 0]
+        assert (pasted == pasted[0]).all()  # one box for the batch
+        lam = 1 - pasted[0].float().mean()
+        for i in range(4):  # image i holds image 3 - i inside the box, itself outside
+            assert (mixed[i, 0][pasted[0]] == 3 - i).all() and (mixed[i, 0][~pasted[0]] == i).all()
+            assert torch.allclose(t[i], lam * torch.eye(5)[i] + (1 - lam) * torch.eye(5)[3 - i])
+    one, t1 = cutmix(x[:1], torch.eye(5)[:1], 1.0, np.random.default_rng(0))
+    assert len(one) == len(t1) == 0
+
+
 def test_lr_schedule_spans_the_run():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == 1.0
     assert lr_factor(10, 100, 10) == 1.0 and lr_factor(55, 100, 10) == pytest.approx(0.5)
@@ -204,6 +219,20 @@ def test_lr_is_stepped_once_per_epoch_over_all_phases(tiny, tmp_path, eta):
     assert [ln["lr"] for ln in lines] == pytest.approx(want)
 
 
+def test_hard_phases_use_their_own_batch_size(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", batch_size=8, hard_batch_size=7))
+    seen: list[torch.Tensor] = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
+    trainer.run()
+    assert [len(x) for x in seen] == [8, 8, 4] + [6, 6, 6] + [8, 8, 4]  # 20 images; odd hard batches lose one
+    batches = list(trainer.loaders["hard"].iter_epoch(1))
+    assert [len(b.images) for b in batches] == [7, 7, 6]
+    rng = np.random.default_rng([0, 1])  # the trainer's CutMix draws for epoch 1
+    for got, batch in zip(seen[3:6], batches):
+        want, _ = cutmix(batch.images, smooth_one_hot(batch.hard, 10, 0.8), 1.0, rng)
+        assert torch.equal(got, want)
+
+
 def test_resume_gives_identical_weights(tiny, tmp_path):
     kw = dict(schedule="soft:1,hard:2,soft:1", eval_every=1, val=str(tiny[1]))
     full = _config(tiny, tmp_path / "full", **kw)
@@ -234,6 +263,18 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
 def seven_class_net() -> nn.Module:
     """A factory that ignores num_classes (for the class-mismatch test)."""
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(hard_batch_size=21), r"hard_batch_size of hard phases must be between 2 .* and the 20 images .* got 21"),
+    (dict(hard_batch_size=1), r"hard_batch_size of hard phases must be between 2 \(CutMix pairs images\)"),
+    (dict(batch_size=1), r"batch_size of hard phases must be between 2"),
+    (dict(hard_batch_size=0), r"hard_batch_size must be > 0, got 0"),
+    (dict(lr_eta=0), r"lr_eta must be > 0, got 0"),
+])
+def test_bad_trainer_settings_name_the_parameter(tiny, tmp_path, kw, match):
+    with pytest.raises(HaldStoreError, match=match):
+        Trainer(_config(tiny, tmp_path / "run", **kw))
 
 
 def test_student_and_validation_class_mismatch(tiny, tmp_path):
