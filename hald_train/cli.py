@@ -42,6 +42,7 @@ from .trainer import TrainConfig, train
 @click.option("--seed", type=int, default=0)
 @click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto")
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
+@click.option("--amp/--no-amp", default=True, help="bf16 autocast and channels-last on CUDA (always off on CPU).")
 @click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     backend: str = "auto"
     device: str = "auto"
+    amp: bool = True  # bf16 autocast and channels-last where the device is CUDA (never on CPU)
     progress: bool = True
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
@@ -87,14 +88,22 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
 
 
+def forward(model: nn.Module, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """``model(images)``; with ``amp``, under bf16 autocast with channels-last input."""
+    if amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        return model(images)
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: EvalLoader) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader: EvalLoader, amp: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``loader`` (``amp``: see :func:`forward`)."""
     was_training = model.training
     model.eval()
     top1 = top5 = n = 0
     for images, labels, _ in loader:
-        logits = model(images)
+        logits = forward(model, images, amp)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         top1 += int((top[:, 0] == labels).sum())
@@ -151,6 +160,9 @@ class Trainer:
             raise HaldStoreError(
                 f"student {c.student!r} outputs {width} classes but the store has {self.store.num_classes}"
             )
+        self.amp = c.amp and self.device.type == "cuda"  # the CPU path runs the same code with amp off
+        if self.amp:
+            self.net.to(memory_format=torch.channels_last)
         self.model = self.net  # what the training step calls: DDP-wrapped under torchrun
         if self.ranks.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -204,14 +216,14 @@ class Trainer:
                    unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
         for batch in bar:
             if kind == "soft":
-                logits = self.model(batch.images)
+                logits = forward(self.model, batch.images, self.amp)
                 loss = soft_kl_loss(logits, batch.soft, temperature)
             else:
                 target = smooth_one_hot(batch.hard, self.store.num_classes, c.label_smoothing)
                 images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)  # an odd batch loses its last
                 if not len(images):
                     continue
-                logits = self.model(images)
+                logits = forward(self.model, images, self.amp)
                 loss = soft_target_cross_entropy(logits, target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -250,7 +262,7 @@ class Trainer:
             self.epoch += 1
             final = self.epoch == self.schedule.epochs
             if self.val is not None and (final or (c.eval_every and self.epoch % c.eval_every == 0)):
-                last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val).items()})
+                last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val, self.amp).items()})
             if main:  # rank 0 writes; the others wait so that no rank runs ahead of a checkpoint
                 _atomic_save(self._state(), self.out / CHECKPOINT)
                 with open(self.out / METRICS, "a") as f:

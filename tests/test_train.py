@@ -233,6 +233,38 @@ def test_hard_phases_use_their_own_batch_size(tiny, tmp_path):
         assert torch.equal(got, want)
 
 
+def _precision_probe(trainer: Trainer) -> list[tuple]:
+    """Per training forward: (autocast on, input channels-last, conv weight channels-last, logits dtype)."""
+    seen: list[tuple] = []
+    conv = trainer.net.conv1.weight
+
+    def hook(m, args, out):
+        if m.training:
+            x = args[0]
+            seen.append((torch.is_autocast_enabled(x.device.type), x.is_contiguous(memory_format=torch.channels_last),
+                         conv.is_contiguous(memory_format=torch.channels_last), out.dtype))
+    trainer.model.register_forward_hook(hook)
+    return seen
+
+
+def test_mixed_precision_is_off_on_cpu(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "amp", device="cpu", amp=True))
+    seen = _precision_probe(trainer)
+    trainer.run()
+    assert not trainer.amp and seen and set(seen) == {(False, False, False, torch.float32)}
+    train(_config(tiny, tmp_path / "fp32", device="cpu", amp=False))
+    a, b = (torch.load(tmp_path / d / "model.pt") for d in ("amp", "fp32"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same code, the same numbers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_and_channels_last_on_cuda(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", device="cuda", backend="torchvision"))
+    seen = _precision_probe(trainer)
+    last = trainer.run()
+    assert trainer.amp and set(seen) == {(True, True, True, torch.bfloat16)} and math.isfinite(last["loss"])
+
+
 def test_resume_gives_identical_weights(tiny, tmp_path):
     kw = dict(schedule="soft:1,hard:2,soft:1", eval_every=1, val=str(tiny[1]))
     full = _config(tiny, tmp_path / "full", **kw)
