@@ -10,7 +10,14 @@ from hald_store import distributed
 from hald_store.cli import _friendly_errors
 
 from .schedule import PRESETS
-from .trainer import TrainConfig, train
+from .trainer import TRAIN_PRESETS, TrainConfig, train
+
+
+def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+    """``--preset``: the preset's settings become the other flags' defaults."""
+    if name:
+        ctx.default_map = {**(ctx.default_map or {}), **TRAIN_PRESETS[name]}
+    return name
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -19,10 +26,13 @@ from .trainer import TrainConfig, train
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt).")
 @click.option("--val", type=click.Path(file_okay=False), default=None, help="Held-out image folder to evaluate on.")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), is_eager=True, expose_value=False,
+              callback=_preset_defaults, help="Start from a recipe's settings (hald-reference: the HALD reference "
+              "run, see the README); flags given override them.")
 @click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
-@click.option("--schedule", default="shs", help=f"A preset ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
-@click.option("--epochs", type=int, default=None, help="Total epochs (needed by presets; an explicit schedule sums its own).")
-@click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a preset [default: half of --epochs].")
+@click.option("--schedule", default="shs", help=f"A named schedule ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
+@click.option("--epochs", type=int, default=None, help="Total epochs (named schedules need it; an explicit one sums its own).")
+@click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a named schedule [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
 @click.option("--hard-batch-size", type=int, default=None, help="Hard phases' batch size [default: --batch-size].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")

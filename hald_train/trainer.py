@@ -29,6 +29,25 @@ FINAL = "final.json"
 # Settings that may change between a run and its resume without changing the result's meaning.
 _RESUME_FREE = ("device", "progress", "stop_after")
 
+# Settings of named recipes; each value cites the HALD code (Jiacheng8/HALD) it reproduces.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "hald-reference": {  # validate/scripts/imagenet1k/train.sh, hyper.yaml imagenet1k ResNet18 IPC 10
+        "schedule": "shs",  # S6: soft(soft // 2), hard, soft(rest) -- train_fkd.py:155-157
+        "epochs": 300,  # train.sh: 150 soft + 150 hard (our preset's hard epochs default to half)
+        "batch_size": 16,  # train.sh bs=16, the relabel batch size (a replay store needs it)
+        "hard_batch_size": 16,  # train_fkd.py:131
+        "optimizer": "adamw",  # train.sh passes no --sgd -- train_fkd.py:431-434
+        "lr": 1e-3,  # hyper.yaml [0.001, 2]
+        "lr_eta": 2.0,  # hyper.yaml [0.001, 2]; curve at train_fkd.py:436-438, stepped at :503
+        "weight_decay": 0.01,  # --adamw-weight-decay -- train_fkd.py:108
+        "decay_params": "weights",  # get_parameters -- utils_validate.py:280-294
+        "warmup_epochs": 0,  # none in the reference
+        "temperature": 20.0,  # log_softmax(output / 20), KLDivLoss(batchmean), no T**2 -- train_fkd.py:618, 675-676
+        "cutmix_alpha": 1.0,  # Mixup(mixup_alpha=0, cutmix_alpha=1) -- train_fkd.py:449-454
+        "label_smoothing": 0.8,  # --label-smoothing -- train_fkd.py:133
+    },
+}
+
 
 @dataclass
 class TrainConfig:
@@ -78,6 +97,13 @@ class TrainConfig:
         for name in ("warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_preset(cls, name: str, **fields: Any) -> "TrainConfig":
+        """A config with the settings of :data:`TRAIN_PRESETS` ``[name]``; ``fields`` override them."""
+        if name not in TRAIN_PRESETS:
+            raise HaldStoreError(f"unknown preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
+        return cls(**{**TRAIN_PRESETS[name], **fields})
 
     @property
     def hard_batch(self) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from hald_store import LabelStore, build_store
 from hald_store.errors import HaldStoreError, SettingsMismatchError
 from hald_store import resolve_model
-from hald_train import (ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
+from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
                         parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
 from hald_train.cli import main as train_cli
 
@@ -329,6 +329,31 @@ def test_cli_reports_bad_schedule_and_trains(tiny, tmp_path):
     final = json.loads((tmp_path / "x" / "final.json").read_text())
     assert final["schedule"] == "hard:1,soft:1" and 0 <= final["val_top1"] <= 1
     assert LabelStore.open(store).complete
+
+
+def test_hald_reference_preset_pins_the_reference_settings():
+    assert TRAIN_PRESETS["hald-reference"] == {
+        "schedule": "shs", "epochs": 300, "batch_size": 16, "hard_batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
+        "lr_eta": 2.0, "weight_decay": 0.01, "decay_params": "weights", "warmup_epochs": 0, "temperature": 20.0,
+        "cutmix_alpha": 1.0, "label_smoothing": 0.8,
+    }
+    c = TrainConfig.from_preset("hald-reference", store="s", images="i", out_dir="o", lr=5e-4)
+    assert c.lr == 5e-4 and c.hard_batch == 16 and c.amp
+    assert str(parse_schedule(c.schedule, c.epochs, c.hard_epochs)) == "soft:75,hard:150,soft:75"  # S6, 150 + 150
+    with pytest.raises(HaldStoreError, match="unknown preset 'hald'; presets: hald-reference"):
+        TrainConfig.from_preset("hald", store="s", images="i", out_dir="o")
+
+
+def test_cli_preset_sets_defaults_and_flags_override_it(tiny, tmp_path):
+    store, root = tiny
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--preset", "hald-reference",
+                                       "--epochs", "3", "--lr-eta", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    config = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=False)["config"]
+    want = TrainConfig.from_preset("hald-reference", store=str(store), images=str(root), out_dir=str(tmp_path / "x"),
+                                   epochs=3, lr_eta=1.0).settings()
+    assert config == want and config["batch_size"] == 16 and config["temperature"] == 20.0
+    assert json.loads((tmp_path / "x" / "final.json").read_text())["schedule"] == "soft:1,hard:1,soft:1"
 
 
 def test_demo_end_to_end_small(tmp_path):
