@@ -10,6 +10,6 @@ from .trainer import TRAIN_PRESETS, TrainConfig, Trainer, evaluate, train
 
 __all__ = [
     "cutmix", "smooth_one_hot", "soft_kl_loss", "soft_target_cross_entropy", "PRESETS", "Phase", "Schedule",
-    "ScheduleError", "parse_schedule", "preset", "TRAIN_PRESETS", "TrainConfig", "Trainer", "evaluate", "lr_factor", "make_optimizer",
-    "param_groups", "train",
+    "ScheduleError", "parse_schedule", "preset", "TRAIN_PRESETS", "TrainConfig", "Trainer", "evaluate", "lr_factor",
+    "make_optimizer", "param_groups", "train",
 ]

@@ -30,9 +30,12 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
               callback=_preset_defaults, help="Start from a recipe's settings (hald-reference: the HALD reference "
               "run, see the README); flags given override them.")
 @click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
-@click.option("--schedule", default="shs", help=f"A named schedule ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
-@click.option("--epochs", type=int, default=None, help="Total epochs (named schedules need it; an explicit one sums its own).")
-@click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a named schedule [default: half of --epochs].")
+@click.option("--schedule", default="shs",
+              help=f"A named schedule ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
+@click.option("--epochs", type=int, default=None,
+              help="Total epochs (named schedules need it; an explicit one sums its own).")
+@click.option("--hard-epochs", type=int, default=None,
+              help="Hard epochs of a named schedule [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
 @click.option("--hard-batch-size", type=int, default=None, help="Hard phases' batch size [default: --batch-size].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")

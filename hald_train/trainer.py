@@ -59,7 +59,7 @@ class TrainConfig:
     val: str | None = None
     student: str = "cifar_resnet20"
     schedule: str = "shs"
-    epochs: int | None = None  # needed by presets; an explicit schedule sums its own
+    epochs: int | None = None  # needed by named schedules (shs, ...); an explicit schedule sums its own
     hard_epochs: int | None = None
     batch_size: int = 64
     hard_batch_size: int | None = None  # hard phases' batch size; None: batch_size (the reference uses 16)
