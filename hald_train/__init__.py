@@ -5,9 +5,11 @@
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
 from .schedule import PRESETS, Phase, Schedule, ScheduleError, parse_schedule, preset
-from .trainer import TrainConfig, Trainer, evaluate, lr_factor, train
+from .optim import lr_factor, make_optimizer, param_groups
+from .trainer import TRAIN_PRESETS, TrainConfig, Trainer, evaluate, train
 
 __all__ = [
     "cutmix", "smooth_one_hot", "soft_kl_loss", "soft_target_cross_entropy", "PRESETS", "Phase", "Schedule",
-    "ScheduleError", "parse_schedule", "preset", "TrainConfig", "Trainer", "evaluate", "lr_factor", "train",
+    "ScheduleError", "parse_schedule", "preset", "TRAIN_PRESETS", "TrainConfig", "Trainer", "evaluate", "lr_factor",
+    "make_optimizer", "param_groups", "train",
 ]

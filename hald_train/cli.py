@@ -10,7 +10,14 @@ from hald_store import distributed
 from hald_store.cli import _friendly_errors
 
 from .schedule import PRESETS
-from .trainer import TrainConfig, train
+from .trainer import TRAIN_PRESETS, TrainConfig, train
+
+
+def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
+    """``--preset``: the preset's settings become the other flags' defaults."""
+    if name:
+        ctx.default_map = {**(ctx.default_map or {}), **TRAIN_PRESETS[name]}
+    return name
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -19,14 +26,25 @@ from .trainer import TrainConfig, train
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt).")
 @click.option("--val", type=click.Path(file_okay=False), default=None, help="Held-out image folder to evaluate on.")
+@click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), is_eager=True, expose_value=False,
+              callback=_preset_defaults, help="Start from a recipe's settings (hald-reference: the HALD reference "
+              "run, see the README); flags given override them.")
 @click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
-@click.option("--schedule", default="shs", help=f"A preset ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
-@click.option("--epochs", type=int, default=None, help="Total epochs (needed by presets; an explicit schedule sums its own).")
-@click.option("--hard-epochs", type=int, default=None, help="Hard epochs of a preset [default: half of --epochs].")
+@click.option("--schedule", default="shs",
+              help=f"A named schedule ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
+@click.option("--epochs", type=int, default=None,
+              help="Total epochs (named schedules need it; an explicit one sums its own).")
+@click.option("--hard-epochs", type=int, default=None,
+              help="Hard epochs of a named schedule [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
+@click.option("--hard-batch-size", type=int, default=None, help="Hard phases' batch size [default: --batch-size].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
 @click.option("--lr", type=float, default=1e-3)
+@click.option("--lr-eta", type=float, default=2.0,
+              help="LR = lr * 0.5 * (1 + cos(pi * epoch / epochs / eta)) per epoch: 1 decays to 0, 2 to half.")
 @click.option("--weight-decay", type=float, default=0.01)
+@click.option("--decay-params", type=click.Choice(["weights", "all"]), default="weights",
+              help="weights: decay only conv/linear weights (name has 'weight', ndim > 1), as the reference.")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
 @click.option("--warmup-epochs", type=int, default=0)
 @click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")
@@ -39,6 +57,7 @@ from .trainer import TrainConfig, train
 @click.option("--device", default="auto", help="auto, cpu or cuda.")
 @click.option("--workers", type=int, default=None,
               help="Data-path threads (DALI) or worker processes (torchvision) [default: this process's cores].")
+@click.option("--amp/--no-amp", default=True, help="bf16 autocast and channels-last on CUDA (always off on CPU).")
 @click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

@@ -21,7 +21,8 @@ from hald_store import CropPolicy, EvalLoader, HardLabelLoader, LabelStore, buil
 from hald_store.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from hald_store.synthetic import make_shapes_dataset
 
-from .trainer import TrainConfig, evaluate, lr_factor, train
+from .optim import lr_factor
+from .trainer import TrainConfig, evaluate, train
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hald_store.mixing import apply_mix, draw_mix, mix_targets
+from hald_store.mixing import apply_mix, cutmix_box, mix_targets
 
 
 def soft_kl_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -35,10 +35,20 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
            rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """CutMix a batch with its own permutation: paste a box of image ``perm[i]`` into image
-    ``i`` (lambda ~ Beta(alpha, alpha), box centre uniform, clipped at the border) and mix the
-    targets by the pasted area. ``alpha <= 0`` returns the batch unchanged."""
-    if alpha <= 0 or len(images) < 2:
+    """CutMix as timm's ``Mixup(cutmix_alpha=alpha)`` (batch mode) in the reference: one
+    lambda ~ Beta(alpha, alpha) and one box (side ``sqrt(1 - lambda)``, centre uniform, clipped)
+    per batch; image ``i`` gets that box of image ``n - 1 - i`` (the reversed batch) and the
+    targets mix by the pasted area.
+
+    An odd batch first loses its last sample, so that no image is paired with itself; the
+    result can be one shorter than the input. ``alpha <= 0`` returns the batch unchanged.
+    """
+    if alpha <= 0:
         return images, targets
-    perm, lam, box = draw_mix("cutmix", alpha, len(images), images.shape[-2], images.shape[-1], rng)
-    return apply_mix("cutmix", images, perm, lam, box), mix_targets(targets, perm, lam)
+    n = len(images) // 2 * 2
+    images, targets = images[:n], targets[:n]
+    if n == 0:
+        return images, targets
+    box, lam = cutmix_box(float(rng.beta(alpha, alpha)), images.shape[-2], images.shape[-1], rng)
+    reverse = np.arange(n)[::-1].copy()
+    return apply_mix("cutmix", images, reverse, lam, box), mix_targets(targets, reverse, lam)

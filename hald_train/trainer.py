@@ -4,7 +4,6 @@ per-epoch checkpoints with exact resume, metrics as JSON lines."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from hald_store.errors import HaldStoreError, SettingsMismatchError
 from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
+from .optim import lr_factor, make_optimizer
 from .schedule import Schedule, parse_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -28,6 +28,25 @@ METRICS = "metrics.jsonl"
 FINAL = "final.json"
 # Settings that may change between a run and its resume without changing the result's meaning.
 _RESUME_FREE = ("device", "workers", "progress", "stop_after")
+
+# Settings of named recipes; each value cites the HALD code (Jiacheng8/HALD) it reproduces.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "hald-reference": {  # validate/scripts/imagenet1k/train.sh, hyper.yaml imagenet1k ResNet18 IPC 10
+        "schedule": "shs",  # S6: soft(soft // 2), hard, soft(rest) -- train_fkd.py:155-157
+        "epochs": 300,  # train.sh: 150 soft + 150 hard (our preset's hard epochs default to half)
+        "batch_size": 16,  # train.sh bs=16, the relabel batch size (a replay store needs it)
+        "hard_batch_size": 16,  # train_fkd.py:131
+        "optimizer": "adamw",  # train.sh passes no --sgd -- train_fkd.py:431-434
+        "lr": 1e-3,  # hyper.yaml [0.001, 2]
+        "lr_eta": 2.0,  # hyper.yaml [0.001, 2]; curve at train_fkd.py:436-438, stepped at :503
+        "weight_decay": 0.01,  # --adamw-weight-decay -- train_fkd.py:108
+        "decay_params": "weights",  # get_parameters -- utils_validate.py:280-294
+        "warmup_epochs": 0,  # none in the reference
+        "temperature": 20.0,  # log_softmax(output / 20), KLDivLoss(batchmean), no T**2 -- train_fkd.py:618, 675-676
+        "cutmix_alpha": 1.0,  # Mixup(mixup_alpha=0, cutmix_alpha=1) -- train_fkd.py:449-454
+        "label_smoothing": 0.8,  # --label-smoothing -- train_fkd.py:133
+    },
+}
 
 
 @dataclass
@@ -40,12 +59,15 @@ class TrainConfig:
     val: str | None = None
     student: str = "cifar_resnet20"
     schedule: str = "shs"
-    epochs: int | None = None  # needed by presets; an explicit schedule sums its own
+    epochs: int | None = None  # needed by named schedules (shs, ...); an explicit schedule sums its own
     hard_epochs: int | None = None
     batch_size: int = 64
+    hard_batch_size: int | None = None  # hard phases' batch size; None: batch_size (the reference uses 16)
     optimizer: str = "adamw"
     lr: float = 1e-3
+    lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
     weight_decay: float = 0.01
+    decay_params: str = "weights"  # "weights": conv/linear weights only, as the reference; "all"
     momentum: float = 0.9
     warmup_epochs: int = 0
     temperature: float | None = None  # None: the store's build temperature
@@ -57,11 +79,13 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "auto"
     workers: int | None = None  # data-path threads (DALI) or processes (torchvision); None: this process's cores
+    amp: bool = True  # bf16 autocast and channels-last where the device is CUDA (never on CPU)
     progress: bool = True
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
     def check(self) -> None:
-        positive = {"batch_size": self.batch_size, "lr": self.lr}
+        positive = {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch, "lr": self.lr,
+                    "lr_eta": self.lr_eta}
         for name, v in positive.items():
             if not v > 0:
                 raise HaldStoreError(f"{name} must be > 0, got {v}")
@@ -77,26 +101,38 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @classmethod
+    def from_preset(cls, name: str, **fields: Any) -> "TrainConfig":
+        """A config with the settings of :data:`TRAIN_PRESETS` ``[name]``; ``fields`` override them."""
+        if name not in TRAIN_PRESETS:
+            raise HaldStoreError(f"unknown preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
+        return cls(**{**TRAIN_PRESETS[name], **fields})
+
+    @property
+    def hard_batch(self) -> int:
+        """The hard phases' batch size."""
+        return self.batch_size if self.hard_batch_size is None else self.hard_batch_size
+
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up, then cosine decay to 0 at ``total_steps``: one curve for the whole run."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def forward(model: nn.Module, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """``model(images)``; with ``amp``, under bf16 autocast with channels-last input."""
+    if amp:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        return model(images)
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: EvalLoader) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``loader``."""
+def evaluate(model: nn.Module, loader: EvalLoader, amp: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``loader`` (``amp``: see :func:`forward`)."""
     was_training = model.training
     model.eval()
     top1 = top5 = n = 0
     for images, labels, _ in loader:
-        logits = model(images)
+        logits = forward(model, images, amp)
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         top1 += int((top[:, 0] == labels).sum())
@@ -133,7 +169,13 @@ class Trainer:
         if "soft" in kinds:
             self.loaders["soft"] = SoftLabelLoader(self.store, c.images, temperature=c.temperature, **common)
         if "hard" in kinds:
-            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **common)
+            per_rank, low = -(-self.store.num_images // self.ranks.world_size), 2 if c.cutmix_alpha > 0 else 1
+            if not low <= c.hard_batch <= per_rank:
+                raise HaldStoreError(
+                    f"{'batch_size' if c.hard_batch_size is None else 'hard_batch_size'} of hard phases must be "
+                    f"between {low} (CutMix pairs images) and the {per_rank} images each of "
+                    f"{self.ranks.world_size} rank(s) gets, got {c.hard_batch}")
+            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **{**common, "batch_size": c.hard_batch})
         self.device = next(iter(self.loaders.values())).device
         a = self.store.attrs
         self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
@@ -148,20 +190,17 @@ class Trainer:
             raise HaldStoreError(
                 f"student {c.student!r} outputs {width} classes but the store has {self.store.num_classes}"
             )
+        self.amp = c.amp and self.device.type == "cuda"  # the CPU path runs the same code with amp off
+        if self.amp:
+            self.net.to(memory_format=torch.channels_last)
         self.model = self.net  # what the training step calls: DDP-wrapped under torchrun
         if self.ranks.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        if c.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.lr, momentum=c.momentum,
-                                             weight_decay=c.weight_decay, nesterov=True)
-        steps = [len(self.loaders[k]) for k in self.schedule.kinds()]
-        self.epoch_start_step = np.concatenate([[0], np.cumsum(steps)])
-        warmup = int(self.epoch_start_step[min(c.warmup_epochs, len(steps))])
-        total = int(self.epoch_start_step[-1])
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, total, warmup))
+        self.optimizer = make_optimizer(self.net, c.optimizer, c.lr, c.weight_decay, c.decay_params, c.momentum)
+        # one curve over all phases, stepped once per epoch (as the reference)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda e: lr_factor(e, self.schedule.epochs, c.warmup_epochs, c.lr_eta))
         self.epoch = 0
         self.progress = c.progress and self.ranks.is_main
 
@@ -199,6 +238,7 @@ class Trainer:
         loader = self.loaders[kind]
         rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
         temperature = loader.temperature if kind == "soft" else None
+        lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         loss_sum = correct = n = 0
         t0 = time.perf_counter()
@@ -206,25 +246,27 @@ class Trainer:
                    unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
         for batch in bar:
             if kind == "soft":
-                logits = self.model(batch.images)
+                logits = forward(self.model, batch.images, self.amp)
                 loss = soft_kl_loss(logits, batch.soft, temperature)
             else:
                 target = smooth_one_hot(batch.hard, self.store.num_classes, c.label_smoothing)
-                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)
-                logits = self.model(images)
+                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)  # an odd batch loses its last
+                if not len(images):
+                    continue
+                logits = forward(self.model, images, self.amp)
                 loss = soft_target_cross_entropy(logits, target)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.scheduler.step()
             loss_sum += float(loss.detach()) * len(logits)
-            correct += int((logits.argmax(1) == batch.hard).sum())
+            correct += int((logits.argmax(1) == batch.hard[: len(logits)]).sum())
             n += len(logits)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        self.scheduler.step()
         seconds = time.perf_counter() - t0
         loss_sum, correct, n = (self.ranks.sum(v) for v in (loss_sum, correct, n))  # over all ranks
         return {"epoch": epoch + 1, "phase": self.schedule.phase_at(epoch), "kind": kind, "loss": loss_sum / n,
-                "lr": self.optimizer.param_groups[0]["lr"], "train_top1": correct / n,
+                "lr": lr, "train_top1": correct / n,
                 "images_per_s": n / seconds, "seconds": seconds}
 
     def run(self, resume: bool = False) -> dict:
@@ -250,7 +292,7 @@ class Trainer:
             self.epoch += 1
             final = self.epoch == self.schedule.epochs
             if self.val is not None and (final or (c.eval_every and self.epoch % c.eval_every == 0)):
-                last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val).items()})
+                last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val, self.amp).items()})
             if main:  # rank 0 writes; the others wait so that no rank runs ahead of a checkpoint
                 _atomic_save(self._state(), self.out / CHECKPOINT)
                 with open(self.out / METRICS, "a") as f:

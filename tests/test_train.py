@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ from torch import nn
 
 from hald_store import LabelStore, build_store
 from hald_store.errors import HaldStoreError, SettingsMismatchError
-from hald_train import (ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, parse_schedule, smooth_one_hot,
-                        soft_kl_loss, soft_target_cross_entropy, train)
+from hald_store import resolve_model
+from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
+                        parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
 from hald_train.cli import main as train_cli
 
 from .conftest import copy_subset, require_data
@@ -100,10 +102,69 @@ def test_cutmix_mixes_pixels_and_targets_by_area():
     assert cutmix(x, targets, 0.0, np.random.default_rng(0))[0] is x
 
 
+def test_cutmix_pairs_with_the_reversed_batch_and_drops_the_last_of_an_odd_one():
+    x = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1).expand(5, 3, 16, 16).contiguous()
+    for seed in range(20):
+        mixed, t = cutmix(x, torch.eye(5), 1.0, np.random.default_rng(seed))
+        assert mixed.shape == (4, 3, 16, 16) and t.shape == (4, 5) and t[:, 4].sum() == 0  # sample 4 dropped
+        pasted = mixed[:, 0] != x[:4, 0]
+        assert (pasted == pasted[0]).all()  # one box for the batch
+        lam = 1 - pasted[0].float().mean()
+        for i in range(4):  # image i holds image 3 - i inside the box, itself outside
+            assert (mixed[i, 0][pasted[0]] == 3 - i).all() and (mixed[i, 0][~pasted[0]] == i).all()
+            assert torch.allclose(t[i], lam * torch.eye(5)[i] + (1 - lam) * torch.eye(5)[3 - i])
+    one, t1 = cutmix(x[:1], torch.eye(5)[:1], 1.0, np.random.default_rng(0))
+    assert len(one) == len(t1) == 0
+
+
 def test_lr_schedule_spans_the_run():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == 1.0
     assert lr_factor(10, 100, 10) == 1.0 and lr_factor(55, 100, 10) == pytest.approx(0.5)
     assert lr_factor(100, 100, 0) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("eta,expect", [  # 300 epochs: the reference's 0.5 * (1 + cos(pi * epoch / epochs / eta))
+    (1, {0: 1.0, 75: 0.8535534, 150: 0.5, 225: 0.1464466, 299: 0.0000274, 300: 0.0}),
+    (2, {0: 1.0, 75: 0.9619398, 150: 0.8535534, 225: 0.6913417, 299: 0.5026180, 300: 0.5}),
+])
+def test_lr_curve_is_the_references(eta, expect):
+    for epoch, factor in expect.items():
+        assert lr_factor(epoch, 300, 0, eta) == pytest.approx(factor, abs=1e-7)
+        assert lr_factor(epoch, 300, 0, eta) == pytest.approx(0.5 * (1 + math.cos(math.pi * epoch / 300 / eta)))
+
+
+# ---------------------------------------------------------------------- optimiser
+@pytest.mark.parametrize("name,convs,head", [("resnet18", 20, "fc"), ("cifar_resnet20", 19, "linear")])
+def test_weight_decay_only_on_conv_and_linear_weights(name, convs, head):
+    model = resolve_model(name, 10)
+    by_type = {"decay": set(), "none": set()}  # the expected split, from module types rather than names
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            by_type["decay"].add(module.weight)
+            by_type["none"].update([module.bias] if module.bias is not None else [])
+        elif isinstance(module, nn.BatchNorm2d):
+            by_type["none"].update([module.weight, module.bias])
+    decay, none = param_groups(model, 0.01)
+    assert {id(p) for _, p in decay["params"]} == {id(p) for p in by_type["decay"]} and decay["weight_decay"] == 0.01
+    assert {id(p) for _, p in none["params"]} == {id(p) for p in by_type["none"]} and none["weight_decay"] == 0.0
+    assert len(decay["params"]) == convs + 1 and f"{head}.weight" in dict(decay["params"])
+    assert [n for n, _ in none["params"]][:2] == ["bn1.weight", "bn1.bias"] and f"{head}.bias" in dict(none["params"])
+
+    opt = make_optimizer(model, "adamw", lr=0.1, weight_decay=0.5)  # zero gradients: only decay moves a parameter
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, old in zip(model.parameters(), before):
+        assert torch.allclose(p, old * (0.95 if p in by_type["decay"] else 1.0))
+    assert len(param_groups(model, 0.01, "all")) == 1
+
+
+def test_optimizer_bad_input():
+    with pytest.raises(HaldStoreError, match="decay_params must be one of"):
+        param_groups(nn.Linear(2, 2), 0.01, "bias")
+    with pytest.raises(HaldStoreError, match="optimizer must be adamw or sgd, got 'adam'"):
+        make_optimizer(nn.Linear(2, 2), "adam", 1e-3, 0.01)
 
 
 # ------------------------------------------------------------------------- trainer
@@ -125,6 +186,8 @@ def _config(tiny, out, **kw) -> TrainConfig:
 
 def test_each_phase_feeds_its_own_loader_and_loss(tiny, tmp_path):
     trainer = Trainer(_config(tiny, tmp_path / "run", cutmix_alpha=0.0, label_smoothing=0.0))
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.01, 0.0]
+    assert "bn1.weight" in trainer.optimizer.param_groups[1]["param_names"]
     seen: list[torch.Tensor] = []
     trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
     trainer.run()
@@ -138,8 +201,68 @@ def test_each_phase_feeds_its_own_loader_and_loss(tiny, tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["kind"] for ln in lines] == ["soft", "hard", "soft"] and [ln["phase"] for ln in lines] == [0, 1, 2]
     assert lines[0]["loss"] < 0.2 < lines[1]["loss"]  # KL at T=20 vs cross-entropy
-    assert lines[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert [ln["lr"] for ln in lines] == pytest.approx([1e-3 * lr_factor(e, 3, 0, 2.0) for e in range(3)])
     assert (tmp_path / "run" / "model.pt").exists() and json.loads((tmp_path / "run" / "final.json").read_text())
+
+
+@pytest.mark.parametrize("eta", [1.0, 2.0])
+def test_lr_is_stepped_once_per_epoch_over_all_phases(tiny, tmp_path, eta):
+    trainer = Trainer(_config(tiny, tmp_path / "run", schedule="soft:2,hard:1,soft:1", lr=2e-3, lr_eta=eta))
+    used: list[list[float]] = []  # the LR of every group at every training forward
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: used.append([g["lr"] for g in trainer.optimizer.param_groups]) if m.training else None)
+    trainer.run()
+    per_epoch = len(trainer.loaders["soft"])
+    want = [2e-3 * 0.5 * (1 + math.cos(math.pi * e / 4 / eta)) for e in range(4)]
+    assert used == [[pytest.approx(w)] * len(used[0]) for w in want for _ in range(per_epoch)]
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["lr"] for ln in lines] == pytest.approx(want)
+
+
+def test_hard_phases_use_their_own_batch_size(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", batch_size=8, hard_batch_size=7))
+    seen: list[torch.Tensor] = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()) if m.training else None)
+    trainer.run()
+    assert [len(x) for x in seen] == [8, 8, 4] + [6, 6, 6] + [8, 8, 4]  # 20 images; odd hard batches lose one
+    batches = list(trainer.loaders["hard"].iter_epoch(1))
+    assert [len(b.images) for b in batches] == [7, 7, 6]
+    rng = np.random.default_rng([0, 1])  # the trainer's CutMix draws for epoch 1
+    for got, batch in zip(seen[3:6], batches):
+        want, _ = cutmix(batch.images, smooth_one_hot(batch.hard, 10, 0.8), 1.0, rng)
+        assert torch.equal(got, want)
+
+
+def _precision_probe(trainer: Trainer) -> list[tuple]:
+    """Per training forward: (autocast on, input channels-last, conv weight channels-last, logits dtype)."""
+    seen: list[tuple] = []
+    conv = trainer.net.conv1.weight
+
+    def hook(m, args, out):
+        if m.training:
+            x = args[0]
+            seen.append((torch.is_autocast_enabled(x.device.type), x.is_contiguous(memory_format=torch.channels_last),
+                         conv.is_contiguous(memory_format=torch.channels_last), out.dtype))
+    trainer.model.register_forward_hook(hook)
+    return seen
+
+
+def test_mixed_precision_is_off_on_cpu(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "amp", device="cpu", amp=True))
+    seen = _precision_probe(trainer)
+    trainer.run()
+    assert not trainer.amp and seen and set(seen) == {(False, False, False, torch.float32)}
+    train(_config(tiny, tmp_path / "fp32", device="cpu", amp=False))
+    a, b = (torch.load(tmp_path / d / "model.pt") for d in ("amp", "fp32"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same code, the same numbers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_and_channels_last_on_cuda(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", device="cuda", backend="torchvision"))
+    seen = _precision_probe(trainer)
+    last = trainer.run()
+    assert trainer.amp and set(seen) == {(True, True, True, torch.bfloat16)} and math.isfinite(last["loss"])
 
 
 def test_resume_gives_identical_weights(tiny, tmp_path):
@@ -174,6 +297,18 @@ def seven_class_net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 7))
 
 
+@pytest.mark.parametrize("kw,match", [
+    (dict(hard_batch_size=21), r"hard_batch_size of hard phases must be between 2 .* and the 20 images .* got 21"),
+    (dict(hard_batch_size=1), r"hard_batch_size of hard phases must be between 2 \(CutMix pairs images\)"),
+    (dict(batch_size=1), r"batch_size of hard phases must be between 2"),
+    (dict(hard_batch_size=0), r"hard_batch_size must be > 0, got 0"),
+    (dict(lr_eta=0), r"lr_eta must be > 0, got 0"),
+])
+def test_bad_trainer_settings_name_the_parameter(tiny, tmp_path, kw, match):
+    with pytest.raises(HaldStoreError, match=match):
+        Trainer(_config(tiny, tmp_path / "run", **kw))
+
+
 def test_student_and_validation_class_mismatch(tiny, tmp_path):
     with pytest.raises(HaldStoreError, match="student 'tests.test_train:seven_class_net' outputs 7 classes but the store has 10"):
         Trainer(_config(tiny, tmp_path / "a", student="tests.test_train:seven_class_net"))
@@ -194,6 +329,31 @@ def test_cli_reports_bad_schedule_and_trains(tiny, tmp_path):
     final = json.loads((tmp_path / "x" / "final.json").read_text())
     assert final["schedule"] == "hard:1,soft:1" and 0 <= final["val_top1"] <= 1
     assert LabelStore.open(store).complete
+
+
+def test_hald_reference_preset_pins_the_reference_settings():
+    assert TRAIN_PRESETS["hald-reference"] == {
+        "schedule": "shs", "epochs": 300, "batch_size": 16, "hard_batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
+        "lr_eta": 2.0, "weight_decay": 0.01, "decay_params": "weights", "warmup_epochs": 0, "temperature": 20.0,
+        "cutmix_alpha": 1.0, "label_smoothing": 0.8,
+    }
+    c = TrainConfig.from_preset("hald-reference", store="s", images="i", out_dir="o", lr=5e-4)
+    assert c.lr == 5e-4 and c.hard_batch == 16 and c.amp
+    assert str(parse_schedule(c.schedule, c.epochs, c.hard_epochs)) == "soft:75,hard:150,soft:75"  # S6, 150 + 150
+    with pytest.raises(HaldStoreError, match="unknown preset 'hald'; presets: hald-reference"):
+        TrainConfig.from_preset("hald", store="s", images="i", out_dir="o")
+
+
+def test_cli_preset_sets_defaults_and_flags_override_it(tiny, tmp_path):
+    store, root = tiny
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--preset", "hald-reference",
+                                       "--epochs", "3", "--lr-eta", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    config = torch.load(tmp_path / "x" / "checkpoint.pt", weights_only=False)["config"]
+    want = TrainConfig.from_preset("hald-reference", store=str(store), images=str(root), out_dir=str(tmp_path / "x"),
+                                   epochs=3, lr_eta=1.0).settings()
+    assert config == want and config["batch_size"] == 16 and config["temperature"] == 20.0
+    assert json.loads((tmp_path / "x" / "final.json").read_text())["schedule"] == "soft:1,hard:1,soft:1"
 
 
 def test_demo_end_to_end_small(tmp_path):
