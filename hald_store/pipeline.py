@@ -482,8 +482,9 @@ class DaliRenderer(CropRenderer):
     def pipeline(self, kind: str, output: str, source: Any, batch_size: int, prefetch: int = 2) -> Any:
         """A built DALI pipeline reading its batches from ``source`` (a :class:`CropFeeder`).
 
-        ``kind`` says what the source hands over: ``"path"`` (file names, read by DALI),
-        ``"encoded"`` (file bytes) or ``"decoded"`` (HWC uint8 images). ``output`` is
+        ``kind`` says what the source hands over: ``"path"`` (file names, read by DALI; the
+        window is decoded as it is, so 1-px-wide boxes need :func:`thin_boxes` fixing),
+        ``"encoded"`` (file bytes; every box exact) or ``"decoded"`` (HWC uint8 images). ``output`` is
         ``"normalized"`` (float CHW), ``"uint8"`` (HWC after resize and flip) or ``"raw"``
         (the exact window, not resized: what a decoded-image cache keeps).
         """
@@ -496,7 +497,7 @@ class DaliRenderer(CropRenderer):
         size = self.size
         mean = [255.0 * m for m in self.mean]
         std = [255.0 * s for s in self.std]
-        n_out = 4 if kind == "decoded" else 6
+        n_out = 6 if kind == "encoded" else 4
 
         @pipeline_def(
             batch_size=int(batch_size),
@@ -511,20 +512,21 @@ class DaliRenderer(CropRenderer):
                                       dtype=[types.UINT8] + [types.INT32] * (n_out - 1),
                                       layout=["HWC" if kind == "decoded" else ""] + [""] * (n_out - 1),
                                       no_copy=True)
+            decode = functools.partial(
+                fn.decoders.image_slice, device="mixed" if gpu else "cpu", output_type=types.RGB, axis_names="HW",
+                normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
+                **(dict(jpeg_fancy_upsampling=True) if gpu else {}))
             if kind == "decoded":
                 img, anchor, shape, flip = outs
-                img = img.gpu() if gpu else img
-            else:
+                img = fn.slice(img.gpu() if gpu else img, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+            elif kind == "encoded":
                 # Decode a window at least 2 px wide (see _decode_windows), then cut the exact box.
                 data, dec_anchor, dec_shape, anchor, shape, flip = outs
-                if kind == "path":
-                    data = fn.io.file.read(data)
-                img = fn.decoders.image_slice(
-                    data, dec_anchor, dec_shape, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                    axis_names="HW", normalized_anchor=False, normalized_shape=False, adjust_orientation=False,
-                    **(dict(jpeg_fancy_upsampling=True) if gpu else {}),
-                )
-            img = fn.slice(img, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+                img = fn.slice(decode(data, dec_anchor, dec_shape), anchor, shape, axis_names="HW",
+                               out_of_bounds_policy="error")
+            else:  # "path": decode exactly the box; DaliStream re-renders the rare 1-px-wide ones
+                names, anchor, shape, flip = outs
+                img = decode(fn.io.file.read(names, dont_use_mmap=True), anchor, shape)
             if output == "raw":
                 return img
             img = fn.resize(img, size=[size, size], interp_type=interp, antialias=self.antialias)
@@ -605,11 +607,11 @@ class CropFeeder:
         boxes = np.asarray(boxes, dtype=np.int64)
         data = [self.data[i] for i in ids]
         flips = np.asarray(flips, dtype=np.int32)
-        if self.kind == "decoded":
-            out = data, _i32(boxes[:, :2]), _i32(boxes[:, 2:]), flips
-        else:
+        if self.kind == "encoded":
             dec = _decode_windows(boxes, self.widths[ids])
             out = data, _i32(dec[:, :2]), _i32(dec[:, 2:]), _i32(boxes[:, :2] - dec[:, :2]), _i32(boxes[:, 2:]), flips
+        else:
+            out = data, _i32(boxes[:, :2]), _i32(boxes[:, 2:]), flips
         self.alive.append(out)  # DALI reads these buffers in place (no_copy) until they are consumed
         return out
 
@@ -671,6 +673,12 @@ def _i32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
+def thin_boxes(boxes: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Mask of the boxes 1 px wide in images at least 2 px wide: the ones DALI's ROI decoder
+    cannot decode exactly on their own (see :func:`_decode_windows`)."""
+    return (np.asarray(boxes)[:, 3] == 1) & (np.asarray(widths) >= 2)
+
+
 def _decode_windows(boxes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Windows handed to DALI's ROI decoder: the boxes, widened to >= 2 px where possible.
 
@@ -681,7 +689,7 @@ def _decode_windows(boxes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     4:2:0). So 1-px-wide boxes are decoded 2 px wide and then sliced exactly.
     """
     dec = boxes.copy()
-    thin = (dec[:, 3] == 1) & (widths >= 2)
+    thin = thin_boxes(boxes, widths)
     if thin.any():
         left = dec[thin, 1]
         w = widths[thin]

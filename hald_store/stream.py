@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .errors import HaldStoreError, ImageError
-from .pipeline import CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads, read_files
+from .pipeline import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
+                       read_files, thin_boxes)
 
 __all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default"]
 
@@ -146,8 +147,22 @@ class DaliStream(CropStream):
             raise HaldStoreError(f"the DALI pipeline failed on a batch of {names} ...: {exc}") from exc
 
     def _run(self, requests: list[Request]) -> Iterator[torch.Tensor]:
+        largest = max((len(r[0]) for r in requests), default=0)
+        if largest > self.batch_size:
+            raise HaldStoreError(f"a request of {largest} crops exceeds the stream's batch_size {self.batch_size}")
         data = self.decoded() if self.cache_decoded else self._names
-        return self._named(self._get_runner().run(data, self.widths, requests), requests)
+        batches = self._named(self._get_runner().run(data, self.widths, requests), requests)
+        return batches if self.cache_decoded else self._fix_thin(batches, requests)
+
+    def _fix_thin(self, batches: Iterator[torch.Tensor], requests: list[Request]) -> Iterator[torch.Tensor]:
+        """Re-render the (rare) 1-px-wide boxes with the renderer's exact path."""
+        for (ids, boxes, flips), x in zip(requests, batches):
+            rows = np.flatnonzero(thin_boxes(boxes, self.widths[ids]))
+            if len(rows):
+                x = x.clone()
+                x[torch.from_numpy(rows).to(x.device)] = self.renderer(
+                    read_files([self.files[ids[r]] for r in rows]), np.asarray(boxes)[rows], np.asarray(flips)[rows])
+            yield x
 
     def close(self) -> None:
         self._runner = None
