@@ -165,11 +165,14 @@ def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
     for _ in range(args.scaling_rounds):
         for kind in ("loader", "bare"):
             for cores in ("0", "0,1"):
+                busy0, own0 = busy_cpu_seconds()
                 out = subprocess.run(
                     ["taskset", "-c", cores, sys.executable, str(HERE / "throughput.py"), "--child", kind,
                      "--child-store", store.path, "--child-images", str(root), "--batch-size", str(args.batch_size),
                      "--child-epochs", "2"], check=True, capture_output=True, text=True, cwd=HERE)
+                busy1, own1 = busy_cpu_seconds()
                 rates.setdefault(f"{kind} on {cores.count(',') + 1} core(s)", []).append(json.loads(out.stdout)["rate"])
+                rates.setdefault("other processes' CPU-s per scaling run", []).append(max(0.0, busy1 - busy0 - (own1 - own0)))
     return rates
 
 

@@ -596,7 +596,7 @@ class CropFeeder:
         self.next = 0
         self.alive: collections.deque = collections.deque(maxlen=keep_alive)
 
-    def start(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> None:
+    def start(self, data: Sequence[np.ndarray] | np.ndarray, widths: np.ndarray, requests: Sequence) -> None:
         self.data, self.widths, self.requests, self.next = data, np.asarray(widths, np.int64), requests, 0
 
     def __call__(self) -> tuple:
@@ -605,7 +605,7 @@ class CropFeeder:
         ids, boxes, flips = self.requests[self.next]
         self.next += 1
         boxes = np.asarray(boxes, dtype=np.int64)
-        data = [self.data[i] for i in ids]
+        data = self.data[ids] if isinstance(self.data, np.ndarray) else [self.data[i] for i in ids]
         flips = np.asarray(flips, dtype=np.int32)
         if self.kind == "encoded":
             dec = _decode_windows(boxes, self.widths[ids])

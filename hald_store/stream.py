@@ -108,7 +108,7 @@ class DaliStream(CropStream):
         self.batch_size = int(batch_size)
         self.cache_decoded = bool(cache_decoded)
         self._names = [np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files]
-        self._decoded: list[np.ndarray] | None = None
+        self._decoded: list[np.ndarray] | np.ndarray | None = None
         self._runner: DaliRunner | None = None
 
     def _get_runner(self) -> DaliRunner:
@@ -117,8 +117,9 @@ class DaliStream(CropStream):
             self._runner = DaliRunner(self.renderer, kind, "normalized", self.batch_size, self.prefetch)
         return self._runner
 
-    def decoded(self) -> list[np.ndarray]:
-        """Every image decoded (HWC uint8), once: the cache of ``cache_decoded``."""
+    def decoded(self) -> list[np.ndarray] | np.ndarray:
+        """Every image decoded (HWC uint8), once: the cache of ``cache_decoded`` (one
+        ``(N, H, W, 3)`` array when all images have the same size)."""
         if self._decoded is None:
             n, step = len(self.files), self.batch_size
             zeros = np.zeros_like(self.heights)
@@ -126,8 +127,10 @@ class DaliStream(CropStream):
             requests = [(np.arange(a, min(a + step, n)), full[a : a + step], zeros[a : a + step].astype(bool))
                         for a in range(0, n, step)]
             runner = DaliRunner(self.renderer, "path", "raw", step, self.prefetch)
-            self._decoded = [img for batch in self._named(runner.run(self._names, self.widths, requests), requests)
-                             for img in batch]
+            images = [img for batch in self._named(runner.run(self._names, self.widths, requests), requests)
+                      for img in batch]
+            # Same-size images (the usual distilled set) go in one array: a batch is then one gather.
+            self._decoded = np.stack(images) if len({im.shape for im in images}) == 1 else images
         return self._decoded
 
     def _named(self, batches: Iterator, requests: list[Request]) -> Iterator:
