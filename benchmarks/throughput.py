@@ -202,8 +202,10 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
         f"reference DataLoader, {threads} workers": reference_epochs(epoch_file, store, root, threads),
     }
     rates = interleaved(contenders, args.rounds)
+    other_cpu = []
     if name in args.scaling:
         rates.update(scaling(store, root, args))
+        other_cpu = rates.pop("other processes' CPU-s per scaling run")
     bare = np.median(rates["bare DALI graph (physical limit)"])
     ref = np.median(rates["reference PIL loop, 1 process"])
     for what, r in rates.items():
@@ -216,8 +218,10 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
         one, two = f"{kind} on 1 core(s)", f"{kind} on 2 core(s)"
         if one in rates:
             ratio = float(np.median(rates[two]) / np.median(rates[one]))
-            rows.append({"workload": name, "what": f"{kind}: 2 cores / 1 core", "ratio": ratio})
-            print(f"  {kind}: 2 cores / 1 core = {ratio:.2f}x")
+            rows.append({"workload": name, "what": f"{kind}: 2 cores / 1 core", "ratio": ratio,
+                         "other_processes_cpu_s_per_run": other_cpu})
+            print(f"  {kind}: 2 cores / 1 core = {ratio:.2f}x (other processes took up to {max(other_cpu):.1f} "
+                  f"CPU-s per scaling run)")
     return rows
 
 

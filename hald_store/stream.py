@@ -34,7 +34,7 @@ __all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream",
 Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, (B, 4) boxes, (B,) flips)
 
 # Decoded-image cache (DALI on the CPU): measured by benchmarks/throughput.py on 2 cores, keeping
-# the images decoded rendered 2.9x faster at 32 px, 1.8x at 64 px and 1.2x for 400x300 JPEGs
+# the images decoded rendered 2.1x faster at 32 px, 1.45x at 64 px and 1.1x for 400x300 JPEGs
 # at 224 px than decoding the window again every epoch. "auto" caches whenever the decoded set
 # stays within CACHE_MAX_BYTES and an eighth of the machine's memory per local rank.
 CACHE_MAX_BYTES = 4 << 30
