@@ -47,6 +47,7 @@ class BuildSummary:
     teacher_seconds: float
     bytes_on_disk: int
     label_bytes_on_disk: int
+    images_scanned: int = 0  # images read, hashed and decoded by the scan, over all ranks
 
     @property
     def crops_per_second(self) -> float:
@@ -64,6 +65,7 @@ class BuildSummary:
     def __str__(self) -> str:
         return (
             f"store            {self.path}\n"
+            f"images scanned   {self.images_scanned:,} (each read, hashed and decoded once)\n"
             f"crops written    {self.crops_written:,} this run ({self.blocks_written} blocks; "
             f"{self.blocks_skipped} already done), {self.crops_total:,} in the store\n"
             f"bytes on disk    {self.bytes_on_disk:,} ({self.label_bytes_on_disk:,} of them labels)\n"
@@ -221,7 +223,7 @@ def build_store(
     progress = progress and ranks.is_main
     dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
 
-    manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress)
+    manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None, ranks=ranks)
     num_classes = len(manifest.class_names) if num_classes is None else num_classes
     if num_classes < len(manifest.class_names):
         raise HaldStoreError(
@@ -331,7 +333,7 @@ def build_store(
         path=out, crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
         blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
         teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
-        label_bytes_on_disk=store.bytes_on_disk("labels"),
+        label_bytes_on_disk=store.bytes_on_disk("labels"), images_scanned=int(ranks.sum(manifest.inspected_here)),
     )
 
 

@@ -55,13 +55,19 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def check_same(self, settings: dict[str, Any], what: str = "settings") -> None:
         """Raise on every rank unless all ranks pass equal ``settings`` (JSON-able)."""
         if not self.active:
             return
-        mine = json.dumps(settings, sort_keys=True, default=str)
-        gathered: list[str] = [""] * self.world_size
-        dist.all_gather_object(gathered, mine)
+        gathered = self.gather(json.dumps(settings, sort_keys=True, default=str))
         ref = json.loads(gathered[0])
         for rank, other in enumerate(gathered[1:], start=1):
             if other != gathered[0]:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .distributed import DistContext
 from .errors import ImageError, ManifestMismatchError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -37,6 +38,7 @@ class Manifest:
     heights: np.ndarray  # (N,) int32
     widths: np.ndarray  # (N,) int32
     skipped: list[dict] = field(default_factory=list)  # [{'path': ..., 'error': ...}]
+    inspected_here: int = field(default=0, compare=False)  # files this process read in its scan
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -88,35 +90,57 @@ def _inspect(path: Path) -> tuple[int, bytes, int, int]:
     return len(data), digest, height, width
 
 
+def _header(path: Path) -> tuple[int, bytes, int, int]:
+    """Read one file's header only: (nbytes, zero digest, height, width)."""
+    from .pipeline import image_size
+
+    data = np.fromfile(path, dtype=np.uint8)
+    height, width = image_size(data)
+    return len(data), bytes(DIGEST_SIZE), height, width
+
+
 def scan_image_folder(
-    root: str | os.PathLike, *, skip_bad: bool = False, progress: bool = True, num_threads: int = 4
+    root: str | os.PathLike, *, skip_bad: bool = False, progress: bool = True, workers: int | None = None,
+    verify: bool = True, ranks: DistContext | None = None,
 ) -> Manifest:
     """Scan ``root`` (``root/<class>/<image>``), hashing and decoding every image once.
 
     A corrupt or unreadable image raises :class:`ImageError` naming the file, unless
     ``skip_bad`` is set, in which case it is left out and listed in ``Manifest.skipped``.
+    ``workers`` threads (default: this process's cores) share the files; under torchrun pass
+    ``ranks`` (:func:`hald_store.distributed.context`) and each rank inspects ``1/world_size``
+    of them, then the results are gathered, so every image is read once in total.
+    ``verify=False`` reads only each file's header (sizes; ``digests`` are zero): enough to
+    evaluate on a folder, much faster than hashing and decoding it.
     """
+    from .pipeline import default_threads
+
     root = Path(root)
     classes, files = _list_class_folders(root)
-    results: list = [None] * len(files)
+    ranks = ranks or DistContext()
+    mine = range(ranks.rank, len(files), ranks.world_size)
+    inspect = _inspect if verify else _header
 
     def work(i: int):
         try:
-            results[i] = _inspect(root / files[i][0])
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            results[i] = e
+            return inspect(root / files[i][0])
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, ImageError) as e:
+            return f"{type(e).__name__}: {e}"
 
-    with ThreadPoolExecutor(num_threads) as pool:
-        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc="scan images",
-                  unit="img", disable=not progress, leave=False))
+    with ThreadPoolExecutor(workers or default_threads()) as pool:
+        local = list(tqdm(pool.map(work, mine), total=len(mine), desc="scan images", unit="img",
+                          disable=not progress, leave=False))
+    results: list = [None] * len(files)
+    for rank, part in enumerate(ranks.gather(local)):
+        results[rank :: ranks.world_size] = part
 
     keep, skipped = [], []
     for i, res in enumerate(results):
-        if isinstance(res, Exception):
+        if isinstance(res, str):
             path = str(root / files[i][0])
             if not skip_bad:
                 raise ImageError(f"cannot read image {path!r}: {res} (pass --skip-bad to skip it)")
-            skipped.append({"path": files[i][0], "error": str(res)})
+            skipped.append({"path": files[i][0], "error": res})
         else:
             keep.append(i)
     if not keep:
@@ -131,6 +155,7 @@ def scan_image_folder(
         heights=np.array([r[2] for r in info], dtype=np.int32),
         widths=np.array([r[3] for r in info], dtype=np.int32),
         skipped=skipped,
+        inspected_here=len(mine),
     )
 
 

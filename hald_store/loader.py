@@ -294,7 +294,8 @@ class HardLabelLoader(CropLoader):
         renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=_renderer_device(device),
                                  **threads_option(backend, workers))
         CropLoader.__init__(self, FreshCrops(crop_policy, seed), images_root,
-                            scan_image_folder(images_root, progress=progress), renderer, batch_size=batch_size,
+                            scan_image_folder(images_root, progress=progress, verify=False), renderer,
+                            batch_size=batch_size,
                             shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
                             prefetch=prefetch, workers=workers, cache_decoded=cache_decoded)
         return self
@@ -322,7 +323,7 @@ class EvalLoader(CropLoader):
         progress: bool = False,
     ) -> None:
         source = CentreCrops(crop_fraction)
-        manifest = scan_image_folder(images_root, progress=progress)
+        manifest = scan_image_folder(images_root, progress=progress, verify=False)  # sizes only
         if class_names is not None and list(class_names) != manifest.class_names:
             extra = sorted(set(manifest.class_names) - set(class_names))
             lacking = sorted(set(class_names) - set(manifest.class_names))

@@ -34,6 +34,7 @@ def test_two_process_build_equals_one_process(tmp_path, small_folder, resnet20):
                  "--chunk-images", "5", "--batch-size", "7", "-q")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("crops written") == 1 and "72 this run (5 blocks" in r.stdout  # rank 0 reports all
+    assert "images scanned   24 " in r.stdout  # each of the 24 images read once over both ranks
     a, b = LabelStore.open(one), LabelStore.open(two)
     assert a.num_blocks == 5 and b.complete
     for name in ("labels/indices", "labels/codes", "labels/scale", "crops/box", "crops/flip", "images/blake2b"):

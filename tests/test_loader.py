@@ -15,6 +15,7 @@ import torch
 
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, build_store, epoch_crop_seeds
 from hald_store.errors import HaldStoreError, ManifestMismatchError
+from hald_store.images import scan_image_folder
 from hald_store.loader import HARD_CROP_STREAM
 from hald_store.crop_plan import plan_crops
 from hald_store.pipeline import default_threads, read_files
@@ -199,6 +200,17 @@ def test_hard_loader_gives_fresh_crops_with_classes(small_store):
     folder = HardLabelLoader.from_folder(root, input_size=32, batch_size=24, shuffle=False, seed=store.attrs["plan_seed"],
                                          backend="torchvision")
     assert torch.equal(next(iter(folder.iter_epoch(0))).images, b0.images)
+
+
+def test_header_scan_matches_full_scan(small_store):
+    """Loaders over plain folders read only image headers (no hash, no decode)."""
+    _, root = small_store
+    full, quick = scan_image_folder(root, progress=False), scan_image_folder(root, progress=False, verify=False)
+    assert quick.paths == full.paths and quick.class_names == full.class_names
+    for name in ("labels", "nbytes", "heights", "widths"):
+        assert np.array_equal(getattr(quick, name), getattr(full, name)), name
+    assert not quick.digests.any() and full.digests.any()
+    assert full.inspected_here == quick.inspected_here == 24
 
 
 def test_eval_loader_whole_images_in_order(small_store):
