@@ -25,7 +25,7 @@ from .batch_plan import BatchPlan
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
-from .images import Manifest, scan_image_folder
+from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES, apply_mix
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
@@ -179,6 +179,7 @@ def build_store(
     backend: str = "auto",
     workers: int | None = None,
     cache_decoded: bool | str = "auto",
+    manifest: Manifest | str | os.PathLike | None = None,
     chunk_images: int = 1024,
     resume: bool = False,
     overwrite: bool = False,
@@ -202,7 +203,8 @@ def build_store(
     in batches of ``labelling_batch_size`` (default ``batch_size``) planned by
     :class:`~hald_store.batch_plan.BatchPlan` and recorded in the store for replay.
 
-    Crops are rendered by a :mod:`~hald_store.stream` (``workers`` threads for DALI,
+    ``manifest`` (a :class:`~hald_store.images.Manifest` or a file from ``hald-store scan``)
+    skips the scan. Crops are rendered by a :mod:`~hald_store.stream` (``workers`` threads for DALI,
     processes for torchvision; ``cache_decoded`` as for the loaders) ahead of the teacher.
     """
     t_start = time.perf_counter()
@@ -223,7 +225,11 @@ def build_store(
     progress = progress and ranks.is_main
     dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
 
-    manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None, ranks=ranks)
+    if manifest is None:
+        manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None, ranks=ranks)
+    else:  # a scan made earlier (hald-store scan): its files must still be there, at their sizes
+        manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+        check_image_root(manifest, root)
     num_classes = len(manifest.class_names) if num_classes is None else num_classes
     if num_classes < len(manifest.class_names):
         raise HaldStoreError(

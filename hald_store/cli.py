@@ -14,7 +14,7 @@ from .codec import VALUE_CODECS
 from .convert import reencode_store
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError
-from .images import class_names
+from .images import class_names, scan_image_folder
 from .importer import import_reference
 from .models import load_teacher
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD
@@ -76,6 +76,8 @@ def main() -> None:
               help="Crop renderer (the same one training uses).")
 @click.option("--workers", type=int, default=None,
               help="Rendering threads (DALI) or worker processes (torchvision) [default: this process's cores].")
+@click.option("--manifest", type=click.Path(dir_okay=False), default=None,
+              help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
@@ -90,7 +92,7 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
 def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_image, slc, top_k, values, temperature,
-          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, workers, chunk_images, resume,
+          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, workers, manifest, chunk_images, resume,
           overwrite, skip_bad, teacher_mode, mix, mix_alpha, labelling_batch_size, quiet) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
     try:
@@ -102,11 +104,28 @@ def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_ima
         images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
         slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
         seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend, workers=workers,
-        chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
+        manifest=manifest, chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
         mix=mix, mix_alpha=mix_alpha, labelling_batch_size=labelling_batch_size, progress=not quiet,
     )
     if distributed.context().is_main:
         click.echo(str(summary))
+
+
+@main.command()
+@click.argument("images_dir", type=click.Path(file_okay=False))
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")
+@click.option("--workers", type=int, default=None, help="Threads [default: this process's cores].")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def scan(images_dir, manifest, skip_bad, workers, quiet) -> None:
+    """Read, hash and decode every image of IMAGES_DIR once into MANIFEST (.npz), for
+    'hald-store build --manifest' (under torchrun the ranks share the work)."""
+    ranks = distributed.context()
+    m = scan_image_folder(images_dir, skip_bad=skip_bad, progress=not quiet, workers=workers, ranks=ranks)
+    if ranks.is_main:
+        m.save(manifest)
+        click.echo(f"{len(m):,} images in {len(m.class_names):,} classes ({len(m.skipped)} skipped) -> {manifest}")
 
 
 @main.command()

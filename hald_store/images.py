@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from .distributed import DistContext
 from .errors import ImageError, ManifestMismatchError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MANIFEST_FORMAT = "hald-store-manifest-1"
 DIGEST_SIZE = 16
 
 
@@ -45,6 +47,30 @@ class Manifest:
 
     def images_per_class(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.class_names))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the manifest to ``path`` (``.npz``), atomically: what ``hald-store scan`` writes
+        and ``build_store(manifest=...)`` reuses."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, format=MANIFEST_FORMAT, paths=np.array(self.paths, dtype=str), labels=self.labels,
+                     class_names=np.array(self.class_names, dtype=str), nbytes=self.nbytes, digests=self.digests,
+                     heights=self.heights, widths=self.widths, skipped=json.dumps(self.skipped))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        """Read a manifest written by :meth:`save`; the error names the file if it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["format"]) != MANIFEST_FORMAT:
+                    raise ValueError(f"format {str(z['format'])!r}")
+                return cls(paths=[str(p) for p in z["paths"]], labels=z["labels"].astype(np.int64),
+                           class_names=[str(c) for c in z["class_names"]], nbytes=z["nbytes"], digests=z["digests"],
+                           heights=z["heights"], widths=z["widths"], skipped=json.loads(str(z["skipped"])))
+        except (OSError, ValueError, KeyError) as e:
+            raise ImageError(f"{os.fspath(path)!r} is not a manifest written by 'hald-store scan': {e}") from e
 
     def fingerprint(self) -> str:
         """One hash over paths, labels, sizes and content hashes (for settings checks)."""

@@ -104,6 +104,24 @@ def test_thread_and_worker_counts_and_cache_give_the_same_store(small_folder, tm
     assert_stores_equal(ref, out)
 
 
+def test_scan_once_then_build_from_the_manifest(small_folder, tmp_path, resnet20):
+    manifest = tmp_path / "scan.npz"
+    r = run_cli("scan", str(small_folder), str(manifest), "-q")
+    assert r.exit_code == 0 and "24 images in 3 classes (0 skipped)" in r.output
+    scanned, reused = tmp_path / "a.zarr", tmp_path / "b.zarr"
+    first = build_store(small_folder, scanned, resnet20, **SMALL)
+    again = build_store(small_folder, reused, resnet20, manifest=manifest, **SMALL)
+    assert first.images_scanned == 24 and again.images_scanned == 0
+    assert_stores_equal(scanned, reused)
+    (tmp_path / "junk.npz").write_bytes(b"not a manifest")
+    r = run_cli("build", str(small_folder), str(tmp_path / "c.zarr"), "--teacher", "cifar_resnet20", "-s", "2",
+                "--manifest", str(tmp_path / "junk.npz"))
+    assert r.exit_code == 1 and "junk.npz' is not a manifest written by 'hald-store scan'" in r.output
+    next(small_folder.rglob("*.jpg")).unlink()
+    with pytest.raises(ManifestMismatchError, match="1 missing"):
+        build_store(small_folder, tmp_path / "d.zarr", resnet20, manifest=manifest, **SMALL)
+
+
 def test_cli_info_json(mini_store):
     out, _ = mini_store
     result = CliRunner().invoke(main, ["info", str(out), "--json"])
