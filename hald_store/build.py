@@ -313,7 +313,8 @@ def build_store(
     pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                 disable=not progress, dynamic_ncols=True)
     teacher_seconds, written = 0.0, 0
-    pending: dict[int, list[tuple[np.ndarray, torch.Tensor]]] = {}
+    pending: dict[int, dict[str, np.ndarray]] = {}  # encoded fields of each unfinished block
+    filled: dict[int, int] = {}
     try:
         for block, positions, idx, x in batches:
             t0 = time.perf_counter()
@@ -321,14 +322,15 @@ def build_store(
                 logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
             teacher_seconds += time.perf_counter() - t0
             _check_logits(logits, idx, manifest, num_classes)
-            pending.setdefault(block, []).append((positions, logits))
-            pbar.update(len(idx))
             size = int(np.prod(block_shape[block]))
-            if sum(len(p) for p, _ in pending[block]) == size:
-                ordered = torch.empty(size, num_classes)
-                for p, lg in pending.pop(block):
-                    ordered[torch.from_numpy(p)] = lg
-                fields = codec.encode(ordered)
+            fields = pending.setdefault(block, {k: np.empty((size, *shape), dtype) for k, (dtype, shape)
+                                                in codec.fields().items()})
+            for k, v in codec.encode(logits).items():  # encoded per batch: a block never holds logits
+                fields[k][positions] = v
+            filled[block] = filled.get(block, 0) + len(positions)
+            pbar.update(len(idx))
+            if filled[block] == size:
+                fields = pending.pop(block)
                 store.write_block(block, {k: v.reshape(*block_shape[block], *v.shape[1:]) for k, v in fields.items()})
                 written += size
     finally:
