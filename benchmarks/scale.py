@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hald_store import CropPolicy, LabelCodec, LabelStore, Manifest, __version__, build_store, plan_crops
+from hald_store import CropPolicy, LabelCodec, LabelStore, Manifest, __version__, build_store
+from hald_store.crop_plan import plan_image_crops
 from hald_store.order import epoch_crop_seeds
 
 from common import busy_cpu_seconds
@@ -112,14 +113,12 @@ def store_attrs(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropP
 # ------------------------------------------------------------------ write phase
 def create_store(path: Path, manifest: Manifest, crops: int, codec: LabelCodec, chunk_images: int,
                  seed: int) -> LabelStore:
-    """Plan every crop and create the empty store, as ``build_store`` does."""
-    n, policy = len(manifest), CropPolicy()
-    img = np.repeat(np.arange(n), crops)
-    boxes, flips = plan_crops(seed, img, np.tile(np.arange(crops), n), manifest.heights[img],
-                              manifest.widths[img], policy)
+    """Create the empty store, planned block by block, as ``build_store`` does."""
+    policy = CropPolicy()
     attrs = store_attrs(manifest, crops, codec, policy, seed)
-    return LabelStore.create(path, manifest, boxes.reshape(n, crops, 4), flips.reshape(n, crops), attrs, codec,
-                             chunk_images)
+    return LabelStore.create(path, manifest, lambda a, b: plan_image_crops(seed, a, b, crops, manifest.heights,
+                                                                           manifest.widths, policy),
+                             attrs, codec, chunk_images)
 
 
 def write_labels(store: LabelStore, labels: np.ndarray, seed: int) -> dict[str, float]:

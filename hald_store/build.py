@@ -13,7 +13,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .batch_plan import BatchPlan
 from .codec import LabelCodec
-from .crop_plan import CropPolicy, plan_crops
+from .crop_plan import CropPolicy, plan_image_crops
 from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES, apply_mix
@@ -100,8 +100,9 @@ def crops_for_slc(manifest: Manifest, slc: int) -> int:
     return slc // ipc
 
 
-def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifest: Manifest, boxes: np.ndarray,
-                    flips: np.ndarray, attrs: dict, codec: LabelCodec, chunk_images: int,
+def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifest: Manifest,
+                    crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]], attrs: dict, codec: LabelCodec,
+                    chunk_images: int,
                     batches: dict[str, np.ndarray] | None, storage_options: dict | None) -> None:
     """Check an existing store for resuming, or create a new one."""
     if prepare_output(out, resume, overwrite, storage_options):
@@ -112,7 +113,7 @@ def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifes
             )
         store.check_settings(attrs)
     else:
-        LabelStore.create(out, manifest, boxes, flips, attrs, codec, chunk_images, batches=batches,
+        LabelStore.create(out, manifest, crops, attrs, codec, chunk_images, batches=batches,
                           storage_options=storage_options)
 
 
@@ -274,20 +275,20 @@ def build_store(
         except ValueError as e:
             raise HaldStoreError(str(e)) from e
         attrs["labelling"] = {"mode": "batch", "teacher_mode": teacher_mode, **plan.to_dict()}
-    img = np.repeat(np.arange(n), s)
-    boxes, flips = plan_crops(seed, img, np.tile(np.arange(s), n), manifest.heights[img], manifest.widths[img],
-                              crop_policy)
+    def crops(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return plan_image_crops(seed, start, stop, s, manifest.heights, manifest.widths, crop_policy)
+
     # Probe the teacher on one crop, so a wrong teacher fails before anything is written.
-    probe = renderer(read_files([root / manifest.paths[0]]), boxes[:1], flips[:1])
+    boxes, flips = crops(0, 1)
+    probe = renderer(read_files([root / manifest.paths[0]]), boxes[0, :1], flips[0, :1])
     with torch.inference_mode():
-        _check_logits(teacher(probe.to(dev)).float().cpu(), img[:1], manifest, num_classes)
+        _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
 
     ranks.check_same(attrs, "build settings")
     failure = None
     if ranks.is_main:  # one writer creates (or checks) the store; the other ranks wait for it
         try:
-            _open_or_create(out, resume, overwrite, root, manifest, boxes.reshape(n, s, 4), flips.reshape(n, s),
-                            attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options)
+            _open_or_create(out, resume, overwrite, root, manifest, crops, attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options)
         except HaldStoreError as e:
             failure = e
     message = ranks.broadcast(None if failure is None else str(failure))

@@ -38,8 +38,8 @@ def reencode_store(
     prepare_output(dst, False, overwrite, src.storage_options)
     attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
-    out = LabelStore.create(dst, src.manifest(), src.array("crops/box")[:], src.array("crops/flip")[:], attrs, codec,
-                            src.chunk_images, batches=batches, storage_options=src.storage_options)
+    out = LabelStore.create(dst, src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
+                            attrs, codec, src.chunk_images, batches=batches, storage_options=src.storage_options)
     for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
         sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
         fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}

@@ -338,3 +338,15 @@ def _plan_chunk(
         u = _philox_words(c0, c1, np.uint64(FLIP_BLOCK), zero, keys)
         flips = uniform_from_u64(u[0]) < p
     return boxes, flips
+
+
+def plan_image_crops(plan_seed: int, start: int, stop: int, crops_per_image: int, heights: np.ndarray,
+                     widths: np.ndarray, policy: CropPolicy = CropPolicy()) -> tuple[np.ndarray, np.ndarray]:
+    """Crops ``0 .. crops_per_image - 1`` of images ``start .. stop - 1`` (``heights``/``widths``
+    indexed by image): boxes ``(stop - start, S, 4)`` and flips ``(stop - start, S)``. A store
+    is planned block by block with this, so planning memory does not grow with the store."""
+    s = int(crops_per_image)
+    img = np.repeat(np.arange(start, stop), s)
+    boxes, flips = plan_crops(plan_seed, img, np.tile(np.arange(s), stop - start), np.asarray(heights)[img],
+                              np.asarray(widths)[img], policy)
+    return boxes.reshape(stop - start, s, 4), flips.reshape(stop - start, s)

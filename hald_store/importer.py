@@ -326,7 +326,8 @@ def import_reference(
     work = tempfile.mkdtemp(prefix=".hald-import-tmp-", dir=parent)
     try:
         tmp_store = os.path.join(work, "store")
-        store = LabelStore.create(tmp_store, manifest, boxes, flips, attrs, codec, chunk_images, batches=batch_arrays)
+        store = LabelStore.create(tmp_store, manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec,
+                                  chunk_images, batches=batch_arrays)
         for e, fields in enumerate(fields_per_epoch):
             store.write_block(e, fields)
         del store

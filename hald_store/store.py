@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 import numpy as np
@@ -185,8 +185,7 @@ class LabelStore:
         cls,
         path: str | os.PathLike,
         manifest: Manifest,
-        boxes: np.ndarray,
-        flips: np.ndarray,
+        crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
         attrs: dict[str, Any],
         codec: LabelCodec,
         chunk_images: int,
@@ -194,6 +193,10 @@ class LabelStore:
         storage_options: dict | None = None,
     ) -> "LabelStore":
         """Write a new, empty store (manifest, crop boxes, attributes) atomically at ``path``.
+
+        ``crops(start, stop)`` gives the boxes ``(stop - start, S, 4)`` and flips of images
+        ``start .. stop - 1``; it is called one chunk of images at a time, so a store of any
+        size is planned in bounded memory.
 
         Everything is written into a sibling temporary directory that is renamed into place
         at the end, so a killed creation never leaves a half-made store behind. Object stores
@@ -203,7 +206,7 @@ class LabelStore:
         batch-specific labels: they are written one labelling epoch (crop seed) at a time.
         """
         path = os.fspath(path)
-        n, s = boxes.shape[:2]
+        n, s = len(manifest), int(attrs["crops_per_image"])
         remote = is_remote(path)
         if remote:
             tmp = path
@@ -226,8 +229,12 @@ class LabelStore:
             put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
-            put("crops/box", boxes.astype(np.int32, copy=False), (ci, s, 4))
-            put("crops/flip", flips.astype(bool, copy=False), (ci, s))
+            box = g.create_array("crops/box", shape=(n, s, 4), dtype=np.int32, chunks=(ci, s, 4),
+                                 compressors=default_compressor())
+            flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_compressor())
+            for start in range(0, n, ci):
+                stop = min(start + ci, n)
+                box[start:stop], flip[start:stop] = crops(start, stop)
             label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
                 g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
