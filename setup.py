@@ -13,7 +13,7 @@ setup(
         # torchvision>=0.29 pulls a matching torch; never pin torch itself (see README).
         "torchvision>=0.29",
         "nvidia-dali-cuda130>=2.0",
-        "zarr>=3.0",
+        "zarr>=3.1",  # crc32c codec, Array.with_config
         "numcodecs>=0.13",
         "numpy>=1.24",
         "click>=8.1",

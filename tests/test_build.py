@@ -106,7 +106,7 @@ def test_cli_info_json(mini_store):
 
 def test_cli_verify_passes(mini_store, cifar_mini_train):
     out, ckpt = mini_store
-    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet56",
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--deep", "--teacher", "cifar_resnet56",
                                        "--checkpoint", str(ckpt), "--sample", "4000", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -116,7 +116,7 @@ def test_cli_verify_passes(mini_store, cifar_mini_train):
 def test_verify_fails_against_other_teacher(mini_store, cifar_mini_train):
     out, _ = mini_store
     ckpt20 = require_data("teachers", "cifar10-resnet20.th")
-    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet20",
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--deep", "--teacher", "cifar_resnet20",
                                        "--checkpoint", str(ckpt20), "--sample", "200"])
     assert result.exit_code == 1 and "FAIL" in result.output
 
