@@ -21,6 +21,7 @@ setup(
         "pillow>=9.0",
         "matplotlib>=3.6",
         "fsspec>=2023.1",
+        "filelock>=3.12",
     ],
     extras_require={
         "s3": ["s3fs"],

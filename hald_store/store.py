@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Iterator
 
 import fsspec
@@ -37,6 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
 
+from . import safety
 from .codec import LabelCodec, TopKLabels
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError, SettingsMismatchError, StoreError
@@ -123,23 +123,66 @@ def is_partial_store(path: str | os.PathLike, storage_options: dict | None = Non
         return False
 
 
-def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None) -> bool:
-    """Decide what to do with an existing output location; returns True to resume into it."""
+def check_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                 resumable: bool = True) -> None:
+    """Refuse, before any slow work, an existing output without ``resume``/``overwrite`` and an
+    ``overwrite`` of something that is not a store."""
     if not location_exists(out, storage_options):
-        return False
-    if resume and overwrite:
-        raise HaldStoreError("--resume and --overwrite contradict each other; pass one")
-    if resume:
+        return
+    if not (resume or overwrite):
+        how = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        raise StoreError(f"output {out!r} already exists; {how}")
+    fs, root = filesystem(out, storage_options)
+    if overwrite and not (is_store(out, storage_options) or is_partial_store(out, storage_options)
+                          or (fs.isdir(root) and not fs.ls(root))):
+        raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
+
+
+def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                   stage: bool = False) -> tuple[str, bool]:
+    """Where to write ``out`` and whether to resume there; call it with the output's lock held.
+
+    A new store is created at ``out`` (with ``stage``, for writers that cannot resume, beside
+    it). An ``overwrite`` of a local store is written beside it (``.hald-store-new-<name>``) and
+    swapped in by :func:`finish_output` once complete, so the old store stays readable until
+    then; ``resume`` continues such an interrupted overwrite (with or without ``overwrite``).
+    Object stores cannot rename: there the old store is deleted first.
+    """
+    remote = is_remote(out)
+    staging = safety.sibling(out, "new")
+    if not remote:
+        safety.recover(out, new_is_complete=is_store(staging) and LabelStore.open(staging, allow_incomplete=True).complete)
+        if resume and is_store(staging):
+            return staging, True
+        shutil.rmtree(staging, ignore_errors=True)  # an overwrite killed during its creation
+    check_output(out, resume, overwrite, storage_options, resumable=not stage)
+    if not location_exists(out, storage_options):
+        return (staging if stage and not remote else out), False
+    if resume and not overwrite:
         if not is_store(out, storage_options):
             raise StoreError(f"cannot resume: {out!r} exists but is not a hald-store store")
-        return True
-    if not overwrite:
-        raise StoreError(f"output {out!r} already exists; pass --resume to continue it or --overwrite to replace it")
-    fs, root = filesystem(out, storage_options)
-    if is_store(out, storage_options) or is_partial_store(out, storage_options) or (fs.isdir(root) and not fs.ls(root)):
+        return out, True
+    if remote:
         remove_location(out, storage_options)
-        return False
-    raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
+        return out, False
+    return staging, False
+
+
+def finish_output(target: str, out: str) -> None:
+    """Swap a complete overwrite (``target`` from :func:`prepare_output`) into place at ``out``."""
+    if os.path.abspath(target) != os.path.abspath(out):
+        safety.swap_into_place(target, out)
+
+
+def same_location(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two store locations are the same, or one lies inside the other."""
+    a, b = (os.fspath(p).rstrip("/") if is_remote(p) else os.path.realpath(p) for p in (a, b))
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def output_lock(out: str):
+    """The exclusive lock of the output ``out`` (see :mod:`hald_store.safety`)."""
+    return safety.store_lock(out, is_remote(out))
 
 
 class CheckedArray:
@@ -311,8 +354,9 @@ class LabelStore:
     ) -> "LabelStore":
         """Write a new, empty store (manifest, crop boxes, attributes) atomically at ``path``.
 
-        Everything is written into a sibling temporary directory that is renamed into place
-        at the end, so a killed creation never leaves a half-made store behind. Object stores
+        Everything is written into a sibling directory ``.hald-store-tmp-<name>`` that is renamed
+        into place at the end, so a killed creation never leaves a half-made store at ``path``
+        (the next writer removes the leftover). Object stores
         cannot rename: there the attributes are written last, so an interrupted creation is
         not a valid store (``--overwrite`` replaces it). With
         ``batches`` (a :meth:`~hald_store.batch_plan.BatchPlan.arrays` dict) the store holds
@@ -326,7 +370,9 @@ class LabelStore:
         else:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".hald-store-tmp-", dir=parent)
+            tmp = safety.sibling(path, "tmp")  # fixed name: the next writer removes a killed creation's
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         try:
             g = _open_group(tmp, "w", storage_options)
 
