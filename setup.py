@@ -13,7 +13,7 @@ setup(
         # torchvision>=0.29 pulls a matching torch; never pin torch itself (see README).
         "torchvision>=0.29",
         "nvidia-dali-cuda130>=2.0",
-        "zarr>=3.0",
+        "zarr>=3.1",  # crc32c codec, Array.with_config
         "numcodecs>=0.13",
         "numpy>=1.24",
         "click>=8.1",
@@ -21,6 +21,7 @@ setup(
         "pillow>=9.0",
         "matplotlib>=3.6",
         "fsspec>=2023.1",
+        "filelock>=3.12",
     ],
     extras_require={
         "s3": ["s3fs"],

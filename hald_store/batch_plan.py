@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .mixing import MIXES, draw_mix
+import torch
+
+from .mixing import MIXES, apply_mix, draw_mix
 
 _MEMBERS_KEY, _MIX_KEY = 0xBA7C4, 0x313
 
@@ -65,3 +67,14 @@ class BatchPlan:
                                           np.random.default_rng([self.seed, e, b, _MIX_KEY]))
                 out["perm"][e, b, :n], out["lam"][e, b], out["box"][e, b] = perm, lam, box
         return out
+
+
+def batch_members(plan: dict[str, np.ndarray], b: int) -> np.ndarray:
+    """Image indices of recorded batch ``b`` of ``plan`` (a store's :meth:`~hald_store.store.LabelStore.batches`)."""
+    members = plan["members"][b]
+    return members[members >= 0]
+
+
+def mix_recorded(kind: str, images: torch.Tensor, plan: dict[str, np.ndarray], b: int) -> torch.Tensor:
+    """Recorded batch ``b``'s rendered ``images``, mixed exactly as when it was labelled."""
+    return apply_mix(kind, images, plan["perm"][b][: len(images)], float(plan["lam"][b]), plan["box"][b])

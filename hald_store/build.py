@@ -13,7 +13,8 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,15 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
-from .batch_plan import BatchPlan
+from .batch_plan import BatchPlan, batch_members, mix_recorded
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_image_crops
-from .errors import HaldStoreError, ManifestMismatchError, StoreError, TeacherOutputError
+from .errors import HaldStoreError, ManifestMismatchError, SettingsMismatchError, StoreError, TeacherOutputError
 from .images import Manifest, check_image_root, scan_image_folder
-from .mixing import MIXES, apply_mix
+from .mixing import MIXES
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
-from .store import LabelStore, prepare_output
+from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
 from .stream import CropStream, open_stream
 
 
@@ -103,18 +104,42 @@ def crops_for_slc(manifest: Manifest, slc: int) -> int:
 def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifest: Manifest,
                     crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]], attrs: dict, codec: LabelCodec,
                     chunk_images: int,
-                    batches: dict[str, np.ndarray] | None, storage_options: dict | None) -> None:
-    """Check an existing store for resuming, or create a new one."""
-    if prepare_output(out, resume, overwrite, storage_options):
-        store = LabelStore.open(out, mode="r+", allow_incomplete=True, storage_options=storage_options)
-        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
-            raise ManifestMismatchError(
-                f"cannot resume {out!r}: the images in {str(root)!r} differ from the ones it was built from"
-            )
-        store.check_settings(attrs)
-    else:
-        LabelStore.create(out, manifest, crops, attrs, codec, chunk_images, batches=batches,
+                    batches: dict[str, np.ndarray] | None, storage_options: dict | None) -> str:
+    """Check an existing store for resuming, or create a new one; returns the path to write
+    (``out``, or where an overwrite is staged, see :func:`~hald_store.store.prepare_output`)."""
+    target, resuming = prepare_output(out, resume, overwrite, storage_options)
+    if not resuming:
+        LabelStore.create(target, manifest, crops, attrs, codec, chunk_images, batches=batches,
                           storage_options=storage_options)
+        return target
+    store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=storage_options)
+    staged = "" if target == out else (f" (an interrupted --overwrite of {out!r} left it; --overwrite without "
+                                       "--resume starts that overwrite over)")
+    if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
+        raise ManifestMismatchError(
+            f"cannot resume {target!r}{staged}: the images in {str(root)!r} differ from the ones it was built from"
+        )
+    try:
+        store.check_settings(attrs)
+    except SettingsMismatchError as e:
+        raise SettingsMismatchError(f"{e}{staged}") from e
+    return target
+
+
+def _on_main(ranks: distributed.DistContext, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error."""
+    result = failure = None
+    if ranks.is_main:
+        try:
+            result = fn()
+        except HaldStoreError as e:
+            failure = e
+    shared, message = ranks.broadcast((result, None if failure is None else str(failure)))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise HaldStoreError(f"rank 0 could not prepare the store: {message}")
+    return shared
 
 
 def _crop_batches(
@@ -142,9 +167,9 @@ def _recorded_batches(
     for epoch in epochs:
         plan = store.batches(epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
-        members = [m[m >= 0] for m in plan["members"]]
+        members = [batch_members(plan, b) for b in range(len(plan["members"]))]
         for b, (m, x) in enumerate(zip(members, stream([(m, boxes[m], flips[m]) for m in members]))):
-            yield epoch, m, m, apply_mix(mix, x, plan["perm"][b][: len(m)], float(plan["lam"][b]), plan["box"][b])
+            yield epoch, m, m, mix_recorded(mix, x, plan, b)
 
 
 def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
@@ -220,130 +245,135 @@ def build_store(
     if workers is not None and workers < 0:
         raise HaldStoreError(f"--workers must be >= 0, got {workers}")
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
-    if not (resume or overwrite):  # fail before the (slow) scan
-        prepare_output(out, resume, overwrite, storage_options)
+    check_output(out, resume, overwrite, storage_options)  # fail before the (slow) scan
     ranks = distributed.context()
-    progress = progress and ranks.is_main
-    dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
+    lock = ExitStack()  # rank 0 holds the output's lock for the whole build
 
-    if manifest is None:
-        manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None, ranks=ranks)
-    else:  # a scan made earlier (hald-store scan): its files must still be there, at their sizes
-        manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
-        check_image_root(manifest, root)
-    num_classes = len(manifest.class_names) if num_classes is None else num_classes
-    if num_classes < len(manifest.class_names):
-        raise HaldStoreError(
-            f"--num-classes {num_classes} is smaller than the {len(manifest.class_names)} class folders in {str(root)!r}"
+    def take_lock() -> None:
+        lock.enter_context(output_lock(out))
+
+    _on_main(ranks, take_lock)
+    with lock:
+        progress = progress and ranks.is_main
+        dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
+
+        if manifest is None:
+            manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None,
+                                         ranks=ranks)
+        else:  # a scan made earlier (hald-store scan): its files must still be there, at their sizes
+            manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+            check_image_root(manifest, root)
+        num_classes = len(manifest.class_names) if num_classes is None else num_classes
+        if num_classes < len(manifest.class_names):
+            raise HaldStoreError(
+                f"--num-classes {num_classes} is smaller than the {len(manifest.class_names)} class folders in {str(root)!r}"
+            )
+        if crops_per_image is None:
+            crops_per_image = crops_for_slc(manifest, slc)
+        if crops_per_image < 1:
+            raise HaldStoreError(f"--crops-per-image must be >= 1, got {crops_per_image}")
+        if not 1 <= top_k <= num_classes:
+            raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({num_classes})")
+        codec = LabelCodec(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
+        renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
+                                 device="gpu" if dev.type == "cuda" else "cpu", **threads_option(backend, workers))
+        teacher = teacher.to(dev).eval()
+        renderer_info = renderer.record()
+        attrs = {
+            "library_version": __version__,
+            "num_images": len(manifest),
+            "crops_per_image": int(crops_per_image),
+            "num_classes": int(num_classes),
+            "class_names": manifest.class_names,
+            "plan_seed": int(seed),
+            "crop_policy": crop_policy.to_dict(),
+            "input_size": int(input_size),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "renderer": renderer_info,
+            "teacher": {"name": teacher_name or type(teacher).__name__, "weights_sha256": weights_sha256(teacher),
+                        "mode": teacher_mode},
+            "codec": codec.to_dict(),
+            "manifest_blake2b": manifest.fingerprint(),
+            "skipped": manifest.skipped,
+        }
+
+        n, s = len(manifest), int(crops_per_image)
+        plan = None
+        if batch_mode:
+            try:
+                plan = BatchPlan(num_images=n, epochs=s, batch_size=labelling_batch_size or min(batch_size, n), seed=seed,
+                                 mix=mix, mix_alpha=1.0 if mix_alpha is None else mix_alpha, size=input_size)
+            except ValueError as e:
+                raise HaldStoreError(str(e)) from e
+            attrs["labelling"] = {"mode": "batch", "teacher_mode": teacher_mode, **plan.to_dict()}
+
+        def crops(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            return plan_image_crops(seed, start, stop, s, manifest.heights, manifest.widths, crop_policy)
+
+        # Probe the teacher on one crop, so a wrong teacher fails before anything is written.
+        boxes, flips = crops(0, 1)
+        probe = renderer(read_files([root / manifest.paths[0]]), boxes[0, :1], flips[0, :1])
+        with torch.inference_mode():
+            _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
+
+        ranks.check_same(attrs, "build settings")
+        # one writer creates (or checks) the store; the other ranks wait for it
+        target = _on_main(ranks, lambda: _open_or_create(
+            out, resume, overwrite, root, manifest, crops, attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options))
+        store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=storage_options)
+
+        todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
+        stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
+                             batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
+                             cache_decoded=cache_decoded)
+        if batch_mode:
+            block_shape = {b: (n,) for b in todo}
+            batches = _recorded_batches(store, stream, todo)
+            if teacher_mode == "train":
+                teacher = batch_stats_teacher(teacher)
+        else:
+            block_shape = {b: (b1 - b0, s) for b, (b0, b1) in zip(todo, map(store.block_range, todo))}
+            batches = _crop_batches(store, stream, todo, batch_size)
+        remaining = sum(int(np.prod(shape)) for shape in block_shape.values())
+        pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
+                    disable=not progress, dynamic_ncols=True)
+        teacher_seconds, written = 0.0, 0
+        pending: dict[int, dict[str, np.ndarray]] = {}  # encoded fields of each unfinished block
+        filled: dict[int, int] = {}
+        try:
+            for block, positions, idx, x in batches:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
+                teacher_seconds += time.perf_counter() - t0
+                _check_logits(logits, idx, manifest, num_classes)
+                size = int(np.prod(block_shape[block]))
+                fields = pending.setdefault(block, {k: np.empty((size, *shape), dtype) for k, (dtype, shape)
+                                                    in codec.fields().items()})
+                for k, v in codec.encode(logits).items():  # encoded per batch: a block never holds logits
+                    fields[k][positions] = v
+                filled[block] = filled.get(block, 0) + len(positions)
+                pbar.update(len(idx))
+                if filled[block] == size:
+                    fields = pending.pop(block)
+                    store.write_block(block, {k: v.reshape(*block_shape[block], *v.shape[1:])
+                                              for k, v in fields.items()})
+                    written += size
+        finally:
+            pbar.close()
+        written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
+        ranks.barrier()  # every rank's blocks are on disk before anyone reports
+        summary = BuildSummary(
+            path=out, crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
+            blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
+            teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
+            label_bytes_on_disk=store.bytes_on_disk("labels"), images_scanned=int(ranks.sum(manifest.inspected_here)),
         )
-    if crops_per_image is None:
-        crops_per_image = crops_for_slc(manifest, slc)
-    if crops_per_image < 1:
-        raise HaldStoreError(f"--crops-per-image must be >= 1, got {crops_per_image}")
-    if not 1 <= top_k <= num_classes:
-        raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({num_classes})")
-    codec = LabelCodec(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
-    renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
-                             device="gpu" if dev.type == "cuda" else "cpu", **threads_option(backend, workers))
-    teacher = teacher.to(dev).eval()
-    renderer_info = renderer.record()
-    attrs = {
-        "library_version": __version__,
-        "num_images": len(manifest),
-        "crops_per_image": int(crops_per_image),
-        "num_classes": int(num_classes),
-        "class_names": manifest.class_names,
-        "plan_seed": int(seed),
-        "crop_policy": crop_policy.to_dict(),
-        "input_size": int(input_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "renderer": renderer_info,
-        "teacher": {"name": teacher_name or type(teacher).__name__, "weights_sha256": weights_sha256(teacher),
-                    "mode": teacher_mode},
-        "codec": codec.to_dict(),
-        "manifest_blake2b": manifest.fingerprint(),
-        "skipped": manifest.skipped,
-    }
-
-    n, s = len(manifest), int(crops_per_image)
-    plan = None
-    if batch_mode:
-        try:
-            plan = BatchPlan(num_images=n, epochs=s, batch_size=labelling_batch_size or min(batch_size, n), seed=seed,
-                             mix=mix, mix_alpha=1.0 if mix_alpha is None else mix_alpha, size=input_size)
-        except ValueError as e:
-            raise HaldStoreError(str(e)) from e
-        attrs["labelling"] = {"mode": "batch", "teacher_mode": teacher_mode, **plan.to_dict()}
-    def crops(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return plan_image_crops(seed, start, stop, s, manifest.heights, manifest.widths, crop_policy)
-
-    # Probe the teacher on one crop, so a wrong teacher fails before anything is written.
-    boxes, flips = crops(0, 1)
-    probe = renderer(read_files([root / manifest.paths[0]]), boxes[0, :1], flips[0, :1])
-    with torch.inference_mode():
-        _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
-
-    ranks.check_same(attrs, "build settings")
-    failure = None
-    if ranks.is_main:  # one writer creates (or checks) the store; the other ranks wait for it
-        try:
-            _open_or_create(out, resume, overwrite, root, manifest, crops, attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options)
-        except HaldStoreError as e:
-            failure = e
-    message = ranks.broadcast(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise HaldStoreError(f"rank 0 could not prepare the store: {message}")
-    store = LabelStore.open(out, mode="r+", allow_incomplete=True, storage_options=storage_options)
-
-    todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
-    stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
-                         batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
-                         cache_decoded=cache_decoded)
-    if batch_mode:
-        block_shape = {b: (n,) for b in todo}
-        batches = _recorded_batches(store, stream, todo)
-        if teacher_mode == "train":
-            teacher = batch_stats_teacher(teacher)
-    else:
-        block_shape = {b: (b1 - b0, s) for b, (b0, b1) in zip(todo, map(store.block_range, todo))}
-        batches = _crop_batches(store, stream, todo, batch_size)
-    remaining = sum(int(np.prod(shape)) for shape in block_shape.values())
-    pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
-                disable=not progress, dynamic_ncols=True)
-    teacher_seconds, written = 0.0, 0
-    pending: dict[int, dict[str, np.ndarray]] = {}  # encoded fields of each unfinished block
-    filled: dict[int, int] = {}
-    try:
-        for block, positions, idx, x in batches:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
-            teacher_seconds += time.perf_counter() - t0
-            _check_logits(logits, idx, manifest, num_classes)
-            size = int(np.prod(block_shape[block]))
-            fields = pending.setdefault(block, {k: np.empty((size, *shape), dtype) for k, (dtype, shape)
-                                                in codec.fields().items()})
-            for k, v in codec.encode(logits).items():  # encoded per batch: a block never holds logits
-                fields[k][positions] = v
-            filled[block] = filled.get(block, 0) + len(positions)
-            pbar.update(len(idx))
-            if filled[block] == size:
-                fields = pending.pop(block)
-                store.write_block(block, {k: v.reshape(*block_shape[block], *v.shape[1:]) for k, v in fields.items()})
-                written += size
-    finally:
-        pbar.close()
-    written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
-    ranks.barrier()  # every rank's blocks are on disk before anyone reports
-    return BuildSummary(
-        path=out, crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
-        blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
-        teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
-        label_bytes_on_disk=store.bytes_on_disk("labels"), images_scanned=int(ranks.sum(manifest.inspected_here)),
-    )
+        if ranks.is_main:
+            finish_output(target, out)  # an overwrite replaces the old store only now
+        ranks.barrier()
+        return summary
 
 
 def _check_labelling_mode(teacher_mode: str, mix: str, mix_alpha: float | None,

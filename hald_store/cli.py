@@ -19,7 +19,7 @@ from .importer import import_reference
 from .models import load_teacher
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD
 from .store import LabelStore
-from .verify import verify_store
+from .verify import check_integrity, verify_store
 
 
 def _friendly_errors(fn):
@@ -148,25 +148,49 @@ def info(store, as_json) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.argument("images_dir", type=click.Path(file_okay=False))
-@_teacher_options
-@click.option("--sample", type=int, default=256, help="Number of random crops to check.")
-@click.option("--seed", type=int, default=0, help="Seed for choosing the crops.")
-@click.option("--batch-size", type=int, default=256)
+@click.argument("images_dir", type=click.Path(file_okay=False), required=False)
+@click.option("--deep", is_flag=True, help="Also re-run the teacher on sampled crops (needs IMAGES_DIR and --teacher).")
+@click.option("--teacher", default=None, help="--deep: cifar_resnet20/56/..., a torchvision model name, or package.module:factory.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="--deep: the teacher's weights.")
+@click.option("--num-classes", type=int, default=None, help="--deep: teacher output width [default: the store's].")
+@click.option("--sample", type=int, default=256, help="--deep: number of random crops to check.")
+@click.option("--seed", type=int, default=0, help="--deep: seed for choosing the crops.")
+@click.option("--batch-size", type=int, default=256, help="--deep: teacher batch size (per-crop stores).")
 @_device_option
-@click.option("--temperature", type=float, default=None, help="Compare at this T [default: the build temperature].")
-@click.option("--min-agreement", type=float, default=0.99, help="Required top-1 agreement.")
+@click.option("--temperature", type=float, default=None, help="--deep: compare at this T [default: the build temperature].")
+@click.option("--min-agreement", type=float, default=0.99, help="--deep: required top-1 agreement (0-1).")
+@click.option("--check-hashes/--no-check-hashes", default=True, help="Re-hash IMAGES_DIR against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly_errors
-def verify(store, images_dir, teacher, checkpoint, sample, seed, batch_size, device, temperature, min_agreement,
-           as_json) -> None:
-    """Re-run the teacher on regenerated crops and compare with STORE; exit 1 on disagreement."""
-    opened = LabelStore.open(store)
-    model = load_teacher(teacher, checkpoint, opened.num_classes)
-    report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size, device=device,
-                          temperature=temperature, min_agreement=min_agreement)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
-    if not report.passed:
+def verify(store, images_dir, deep, teacher, checkpoint, num_classes, sample, seed, batch_size, device, temperature,
+           min_agreement, check_hashes, as_json) -> None:
+    """Check STORE: read every chunk (checksums, missing chunks); with IMAGES_DIR, check the images
+    against the manifest; with --deep, re-run the teacher on regenerated crops. Exit 1 on failure."""
+    if deep and (images_dir is None or teacher is None):
+        raise click.UsageError("--deep needs IMAGES_DIR and --teacher")
+    if not deep and teacher is not None:
+        raise click.UsageError("--teacher is used by --deep only; add --deep to re-run the teacher")
+    opened = LabelStore.open(store, allow_incomplete=True)
+    integrity = check_integrity(opened)
+    result: dict = {"integrity": integrity.to_dict()}
+    lines = [str(integrity)]
+    passed = integrity.passed
+    if passed and images_dir is not None:
+        opened.check_images(images_dir, check_hashes=check_hashes)
+        n = len(opened.manifest())
+        result["images_checked"] = n
+        lines.append(f"images    PASS: {n:,} files match the manifest ({'content hashes' if check_hashes else 'sizes'})")
+    if passed and deep:
+        model = load_teacher(teacher, checkpoint, num_classes or opened.num_classes)
+        report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size,
+                              device=device, temperature=temperature, min_agreement=min_agreement,
+                              check_hashes=False)  # just checked
+        result.update(report.to_dict())
+        lines.append(str(report))
+        passed = report.passed
+    result["passed"] = passed
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(lines))
+    if not passed:
         sys.exit(1)
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .codec import LabelCodec
 from .errors import HaldStoreError
-from .store import LabelStore, location_exists, prepare_output
+from .store import LabelStore, check_output, finish_output, output_lock, prepare_output, same_location
 
 
 def reencode_store(
@@ -26,25 +26,33 @@ def reencode_store(
 
     From a full-precision source (``top_k`` = number of classes, ``fp32``) the result equals a
     fresh build with the new codec up to float rounding of the logit gaps. A source that keeps
-    fewer classes can only lose more: ``top_k`` may not exceed the source's.
+    fewer classes can only lose more: ``top_k`` may not exceed the source's. The new store is
+    written beside ``dst`` and moved into place when complete, so an existing ``dst`` survives
+    a failure; ``dst`` may not be (or lie inside) the source.
     """
     src = src if isinstance(src, LabelStore) else LabelStore.open(src)
     dst = os.fspath(dst)
+    if same_location(src.path, dst):
+        raise HaldStoreError(f"DST {dst!r} is the source store {src.path!r} (or inside it): write the new store to "
+                             "another path")
     if top_k > src.codec.top_k:
         raise HaldStoreError(f"top_k {top_k} exceeds the source store's top_k {src.codec.top_k}: those classes are gone")
     codec = LabelCodec(values=values, top_k=top_k, num_classes=src.num_classes, temperature=src.temperature)
-    if not overwrite and location_exists(dst, src.storage_options):
-        raise HaldStoreError(f"output {dst!r} exists; pass overwrite=True (--overwrite) to replace it")
-    prepare_output(dst, False, overwrite, src.storage_options)
+    so = src.storage_options
+    check_output(dst, False, overwrite, so, resumable=False)
     attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
-    out = LabelStore.create(dst, src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
-                            attrs, codec, src.chunk_images, batches=batches, storage_options=src.storage_options)
-    for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
-        sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
-        fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}
-        lead = next(iter(fields.values())).shape[: 1 if out.batch_mode else 2]
-        flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in fields.items()}
-        new = codec.encode(src.codec.decode(flat).dense_logits())
-        out.write_block(block, {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()})
-    return out
+    with output_lock(dst):
+        target, _ = prepare_output(dst, False, overwrite, so, stage=True)
+        out = LabelStore.create(target, src.manifest(),
+                                lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]), attrs,
+                                codec, src.chunk_images, batches=batches, storage_options=so)
+        for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
+            sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
+            fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}
+            lead = next(iter(fields.values())).shape[: 1 if out.batch_mode else 2]
+            flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in fields.items()}
+            new = codec.encode(src.codec.decode(flat).dense_logits())
+            out.write_block(block, {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()})
+        finish_output(target, dst)  # an existing DST is replaced only now
+    return LabelStore.open(dst, storage_options=so)

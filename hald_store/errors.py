@@ -27,3 +27,7 @@ class ManifestMismatchError(StoreError):
 
 class TeacherOutputError(HaldStoreError):
     """The teacher produced NaN/Inf or an output of the wrong width."""
+
+
+class LockError(HaldStoreError):
+    """Another process is writing the same store or run directory."""

@@ -12,15 +12,13 @@ Each reference epoch becomes one labelling epoch (crop seed) of the store:
   raised to half the smallest positive fp16 value, ``2**-25``) and are re-encoded with the
   label codec (top-k indices + quantized logit gaps).
 
-The store is written in a temporary sibling directory and renamed into place at the end, so
-a failed import never leaves a half-made store.
+The store is written beside ``OUT`` and moved into place at the end, so a failed import never
+leaves a half-made store, and an ``--overwrite`` keeps the old store until the new one is whole.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +31,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from .codec import VALUE_CODECS, LabelCodec
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError, StoreError
+from .errors import HaldStoreError
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
 from .reference_format import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
-from .store import LabelStore, location_exists, prepare_output
+from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
 
 __all__ = ["ImportSummary", "import_reference"]
 
@@ -232,114 +230,105 @@ def import_reference(
     for name, value in (("--input-size", input_size), ("--chunk-images", chunk_images)):
         if value < 1:
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
-    if not overwrite and location_exists(out):  # fail before the (slow) conversion
-        raise StoreError(f"output {out!r} already exists; pass --overwrite to replace it")
-    renderer = make_renderer("torchvision", size=input_size, mean=mean, std=std, device="cpu")  # checks mean/std
-    ref = open_reference(labels_dir, num_classes=num_classes)
-    manifest = scan_image_folder(images_root, progress=progress)
-    n, s = len(manifest), ref.epochs
+    check_output(out, False, overwrite, None, resumable=False)  # fail before the (slow) conversion
+    with output_lock(out):
+        renderer = make_renderer("torchvision", size=input_size, mean=mean, std=std, device="cpu")  # checks mean/std
+        ref = open_reference(labels_dir, num_classes=num_classes)
+        manifest = scan_image_folder(images_root, progress=progress)
+        n, s = len(manifest), ref.epochs
 
-    boxes = np.zeros((n, s, 4), dtype=np.int32)
-    flips = np.zeros((n, s), dtype=bool)
-    plan: dict[str, list[np.ndarray]] = {"members": [], "perm": [], "lam": [], "box": []}
-    fields_per_epoch: list[dict[str, np.ndarray]] = []
-    codec: LabelCodec | None = None
-    resolved: str | None = None
-    batch_size = num_batches = 0
-    max_err, agree = 0.0, 0
-    for e in tqdm(range(s), desc="import epochs", unit="epoch", disable=not progress, dynamic_ncols=True):
-        batches = ref.load_epoch(e)
-        name = ref.files[e].name
-        if codec is None:
-            c = int(ref.num_classes)
-            if c < len(manifest.class_names):
-                raise HaldStoreError(f"{name}: the soft labels have {c} classes but {images_root!r} has "
-                                     f"{len(manifest.class_names)} class folders")
-            if not 1 <= top_k <= c:
-                raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({c})")
-            codec = LabelCodec(values=values, top_k=top_k, num_classes=c, temperature=float(temperature))
-            batch_size, num_batches = batches[0].size, len(batches)
-        elif len(batches) != num_batches or batches[0].size != batch_size:
-            raise HaldStoreError(
-                f"{name} holds {len(batches)} batches of {batches[0].size} but {ref.files[0].name} holds {num_batches} "
-                f"of {batch_size}; every epoch must be cut into the same batches"
-            )
-        order = _epoch_order(ref, e, sum(x.size for x in batches), n, images_root)
-        members = np.full((num_batches, batch_size), -1, dtype=np.int64)
-        perm = np.full((num_batches, batch_size), -1, dtype=np.int64)
-        lam = np.ones(num_batches, dtype=np.float32)
-        mix_box = np.zeros((num_batches, 4), dtype=np.int32)
-        logits = torch.empty((n, codec.num_classes), dtype=torch.float64)
-        source = torch.empty((n, codec.num_classes), dtype=torch.float32)
-        for b, batch in enumerate(batches):
-            where = f"{name} batch {b}"
-            k = batch.size
-            ids = order[b * batch_size : b * batch_size + k]
-            resolved = _resolve_mix(mix, batch, resolved, where)
-            boxes[ids, e] = _pixel_boxes(batch, manifest, ids, where)
-            flips[ids, e] = batch.flips
-            members[b, :k] = ids
-            perm[b, :k] = np.arange(k) if batch.mix_index is None else batch.mix_index
-            lam[b] = 1.0 if batch.mix_lam is None else batch.mix_lam
-            if resolved == "cutmix":
-                mix_box[b] = _cutmix_box(batch, input_size, where)
-            t_ids = torch.from_numpy(ids)
-            logits[t_ids] = _logits(batch.soft_label, temperature)
-            source[t_ids] = batch.soft_label.float()
-        fields = codec.encode(logits)
-        decoded = codec.decode(fields).probs(temperature)
-        max_err = max(max_err, float((decoded - source).abs().max()))
-        agree += int((decoded.argmax(1) == source.argmax(1)).sum())
-        fields_per_epoch.append(fields)
-        for key, value in (("members", members), ("perm", perm), ("lam", lam), ("box", mix_box)):
-            plan[key].append(value)
-    assert codec is not None and resolved is not None
+        boxes = np.zeros((n, s, 4), dtype=np.int32)
+        flips = np.zeros((n, s), dtype=bool)
+        plan: dict[str, list[np.ndarray]] = {"members": [], "perm": [], "lam": [], "box": []}
+        fields_per_epoch: list[dict[str, np.ndarray]] = []
+        codec: LabelCodec | None = None
+        resolved: str | None = None
+        batch_size = num_batches = 0
+        max_err, agree = 0.0, 0
+        for e in tqdm(range(s), desc="import epochs", unit="epoch", disable=not progress, dynamic_ncols=True):
+            batches = ref.load_epoch(e)
+            name = ref.files[e].name
+            if codec is None:
+                c = int(ref.num_classes)
+                if c < len(manifest.class_names):
+                    raise HaldStoreError(f"{name}: the soft labels have {c} classes but {images_root!r} has "
+                                         f"{len(manifest.class_names)} class folders")
+                if not 1 <= top_k <= c:
+                    raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({c})")
+                codec = LabelCodec(values=values, top_k=top_k, num_classes=c, temperature=float(temperature))
+                batch_size, num_batches = batches[0].size, len(batches)
+            elif len(batches) != num_batches or batches[0].size != batch_size:
+                raise HaldStoreError(
+                    f"{name} holds {len(batches)} batches of {batches[0].size} but {ref.files[0].name} holds {num_batches} "
+                    f"of {batch_size}; every epoch must be cut into the same batches"
+                )
+            order = _epoch_order(ref, e, sum(x.size for x in batches), n, images_root)
+            members = np.full((num_batches, batch_size), -1, dtype=np.int64)
+            perm = np.full((num_batches, batch_size), -1, dtype=np.int64)
+            lam = np.ones(num_batches, dtype=np.float32)
+            mix_box = np.zeros((num_batches, 4), dtype=np.int32)
+            logits = torch.empty((n, codec.num_classes), dtype=torch.float64)
+            source = torch.empty((n, codec.num_classes), dtype=torch.float32)
+            for b, batch in enumerate(batches):
+                where = f"{name} batch {b}"
+                k = batch.size
+                ids = order[b * batch_size : b * batch_size + k]
+                resolved = _resolve_mix(mix, batch, resolved, where)
+                boxes[ids, e] = _pixel_boxes(batch, manifest, ids, where)
+                flips[ids, e] = batch.flips
+                members[b, :k] = ids
+                perm[b, :k] = np.arange(k) if batch.mix_index is None else batch.mix_index
+                lam[b] = 1.0 if batch.mix_lam is None else batch.mix_lam
+                if resolved == "cutmix":
+                    mix_box[b] = _cutmix_box(batch, input_size, where)
+                t_ids = torch.from_numpy(ids)
+                logits[t_ids] = _logits(batch.soft_label, temperature)
+                source[t_ids] = batch.soft_label.float()
+            fields = codec.encode(logits)
+            decoded = codec.decode(fields).probs(temperature)
+            max_err = max(max_err, float((decoded - source).abs().max()))
+            agree += int((decoded.argmax(1) == source.argmax(1)).sum())
+            fields_per_epoch.append(fields)
+            for key, value in (("members", members), ("perm", perm), ("lam", lam), ("box", mix_box)):
+                plan[key].append(value)
+        assert codec is not None and resolved is not None
 
-    renderer_info = renderer.record()
-    attrs = {
-        "library_version": __version__,
-        "num_images": n,
-        "crops_per_image": s,
-        "num_classes": codec.num_classes,
-        "class_names": manifest.class_names,
-        "plan_seed": 0,
-        "crop_policy": crop_policy.to_dict(),
-        "input_size": int(input_size),
-        "mean": [float(m) for m in mean],
-        "std": [float(v) for v in std],
-        "renderer": renderer_info,
-        "teacher": {"name": "imported", "weights_sha256": None, "mode": teacher_mode},
-        "codec": codec.to_dict(),
-        "manifest_blake2b": manifest.fingerprint(),
-        "skipped": manifest.skipped,
-        "labelling": {"mode": "batch", "teacher_mode": teacher_mode, "num_images": n, "epochs": s,
-                      "batch_size": batch_size, "seed": None, "mix": resolved, "mix_alpha": None,
-                      "size": int(input_size)},
-        "imported_from": {"format": "fkd-reference", "labels_dir": str(Path(labels_dir).resolve()),
-                          "epoch_files": s, "source_bytes": ref.source_bytes,
-                          "sampler_indices": ref.sampler_indices is not None},
-    }
-    batch_arrays = {k: np.stack(v) for k, v in plan.items()}
+        renderer_info = renderer.record()
+        attrs = {
+            "library_version": __version__,
+            "num_images": n,
+            "crops_per_image": s,
+            "num_classes": codec.num_classes,
+            "class_names": manifest.class_names,
+            "plan_seed": 0,
+            "crop_policy": crop_policy.to_dict(),
+            "input_size": int(input_size),
+            "mean": [float(m) for m in mean],
+            "std": [float(v) for v in std],
+            "renderer": renderer_info,
+            "teacher": {"name": "imported", "weights_sha256": None, "mode": teacher_mode},
+            "codec": codec.to_dict(),
+            "manifest_blake2b": manifest.fingerprint(),
+            "skipped": manifest.skipped,
+            "labelling": {"mode": "batch", "teacher_mode": teacher_mode, "num_images": n, "epochs": s,
+                          "batch_size": batch_size, "seed": None, "mix": resolved, "mix_alpha": None,
+                          "size": int(input_size)},
+            "imported_from": {"format": "fkd-reference", "labels_dir": str(Path(labels_dir).resolve()),
+                              "epoch_files": s, "source_bytes": ref.source_bytes,
+                              "sampler_indices": ref.sampler_indices is not None},
+        }
+        batch_arrays = {k: np.stack(v) for k, v in plan.items()}
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".hald-import-tmp-", dir=parent)
-    try:
-        tmp_store = os.path.join(work, "store")
-        store = LabelStore.create(tmp_store, manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec,
-                                  chunk_images, batches=batch_arrays)
+        target, _ = prepare_output(out, False, overwrite, None, stage=True)
+        store = LabelStore.create(target, manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec, chunk_images, batches=batch_arrays)
         for e, fields in enumerate(fields_per_epoch):
             store.write_block(e, fields)
-        del store
-        prepare_output(out, False, overwrite, None)  # the old store goes only now that the new one is whole
-        os.rename(tmp_store, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    store = LabelStore.open(out)
-    return ImportSummary(
-        path=out, labels_dir=str(labels_dir), num_images=n, epochs=s, batches_per_epoch=num_batches,
-        batch_size=batch_size, num_classes=codec.num_classes, mix=resolved, top_k=top_k, values=values,
-        source_bytes=ref.source_bytes, sampler_bytes=ref.sampler_bytes, bytes_on_disk=store.bytes_on_disk(),
-        label_bytes_on_disk=store.bytes_on_disk("labels"), max_prob_error=max_err,
-        top1_agreement=agree / max(n * s, 1), seconds=time.perf_counter() - t_start,
-    )
+        finish_output(target, out)  # the old store goes only now that the new one is whole
+        store = LabelStore.open(out)
+        return ImportSummary(
+            path=out, labels_dir=str(labels_dir), num_images=n, epochs=s, batches_per_epoch=num_batches,
+            batch_size=batch_size, num_classes=codec.num_classes, mix=resolved, top_k=top_k, values=values,
+            source_bytes=ref.source_bytes, sampler_bytes=ref.sampler_bytes, bytes_on_disk=store.bytes_on_disk(),
+            label_bytes_on_disk=store.bytes_on_disk("labels"), max_prob_error=max_err,
+            top1_agreement=agree / max(n * s, 1), seconds=time.perf_counter() - t_start,
+        )

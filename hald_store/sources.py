@@ -24,7 +24,7 @@ from .codec import TopKLabels
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import Manifest
-from .mixing import apply_mix
+from .batch_plan import batch_members, mix_recorded
 from .order import epoch_crop_seeds, replay_batch_order, replay_epoch
 from .store import LabelStore
 
@@ -154,12 +154,12 @@ class RecordedBatches(StoredCrops):
     def batches(self, loader, epoch, crops) -> list[np.ndarray]:
         plan = crops.extra["plan"]
         crops.extra["order"] = order = self.batch_order(loader, epoch)
-        return [plan["members"][b][plan["members"][b] >= 0] for b in order]
+        return [batch_members(plan, b) for b in order]
 
     def make_batch(self, loader, images, ids, crops, position) -> SoftBatch:
         plan, b = crops.extra["plan"], crops.extra["order"][position]
         with one_torch_thread():
-            mixed = apply_mix(self.mix, images, plan["perm"][b][: len(ids)], float(plan["lam"][b]), plan["box"][b])
+            mixed = mix_recorded(self.mix, images, plan, b)
         return super().make_batch(loader, mixed, ids, crops, position)
 
 

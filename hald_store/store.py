@@ -16,6 +16,10 @@ Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
 Label arrays are chunked ``(chunk_images, S, ...)`` and compressed with Blosc/zstd: one
 chunk file per block, so a block is written by exactly one writer and a resumed build
 redoes only blocks whose ``block_done`` marker is missing.
+
+Every chunk carries a CRC32C checksum (Zarr's ``crc32c`` codec) and is written even when it
+holds only fill values, so a damaged or missing chunk is an error when read, never zeros
+(stores made before checksums, without the ``integrity`` attribute, are still read).
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
 
+from . import safety
 from .codec import LabelCodec, TopKLabels
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError, SettingsMismatchError, StoreError
@@ -40,13 +45,21 @@ from .images import Manifest, check_image_root
 FORMAT_NAME = "hald-store"
 FORMAT_VERSION = 1
 ATTR_KEY = "hald_store"
+# Recorded by stores whose chunks all carry a checksum and are all written (fill values too).
+INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
 # Attributes that describe the store but are not build settings (ignored by resume checks).
-_NON_SETTINGS = ("format", "format_version", "library_version")
+_NON_SETTINGS = ("format", "format_version", "library_version", "integrity")
+_WRITE_EMPTY = {"write_empty_chunks": True}  # a missing chunk then always means a lost one
 
 
 def default_compressor() -> BloscCodec:
     """Blosc/zstd level 5 with bit-shuffle: the compressor of every array in a store."""
     return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+
+
+def default_codecs() -> list:
+    """The bytes-to-bytes codecs of every array: Blosc/zstd, then a CRC32C checksum."""
+    return [default_compressor(), Crc32cCodec()]
 
 
 def settings_diff(stored: dict, requested: dict) -> list[str]:
@@ -110,23 +123,136 @@ def is_partial_store(path: str | os.PathLike, storage_options: dict | None = Non
         return False
 
 
-def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None) -> bool:
-    """Decide what to do with an existing output location; returns True to resume into it."""
+def check_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                 resumable: bool = True) -> None:
+    """Refuse, before any slow work, an existing output without ``resume``/``overwrite`` and an
+    ``overwrite`` of something that is not a store."""
     if not location_exists(out, storage_options):
-        return False
-    if resume and overwrite:
-        raise HaldStoreError("--resume and --overwrite contradict each other; pass one")
-    if resume:
+        return
+    if not (resume or overwrite):
+        how = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        raise StoreError(f"output {out!r} already exists; {how}")
+    fs, root = filesystem(out, storage_options)
+    if overwrite and not (is_store(out, storage_options) or is_partial_store(out, storage_options)
+                          or (fs.isdir(root) and not fs.ls(root))):
+        raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
+
+
+def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                   stage: bool = False) -> tuple[str, bool]:
+    """Where to write ``out`` and whether to resume there; call it with the output's lock held.
+
+    A new store is created at ``out`` (with ``stage``, for writers that cannot resume, beside
+    it). An ``overwrite`` of a local store is written beside it (``.hald-store-new-<name>``) and
+    swapped in by :func:`finish_output` once complete, so the old store stays readable until
+    then; ``resume`` continues such an interrupted overwrite (with or without ``overwrite``).
+    Object stores cannot rename: there the old store is deleted first.
+    """
+    remote = is_remote(out)
+    staging = safety.sibling(out, "new")
+    if not remote:
+        safety.recover(out, new_is_complete=is_store(staging) and LabelStore.open(staging, allow_incomplete=True).complete)
+        if resume and is_store(staging):
+            return staging, True
+        shutil.rmtree(staging, ignore_errors=True)  # an overwrite killed during its creation
+    check_output(out, resume, overwrite, storage_options, resumable=not stage)
+    if not location_exists(out, storage_options):
+        return (staging if stage and not remote else out), False
+    if resume and not overwrite:
         if not is_store(out, storage_options):
             raise StoreError(f"cannot resume: {out!r} exists but is not a hald-store store")
-        return True
-    if not overwrite:
-        raise StoreError(f"output {out!r} already exists; pass --resume to continue it or --overwrite to replace it")
-    fs, root = filesystem(out, storage_options)
-    if is_store(out, storage_options) or is_partial_store(out, storage_options) or (fs.isdir(root) and not fs.ls(root)):
+        return out, True
+    if remote:
         remove_location(out, storage_options)
-        return False
-    raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
+        return out, False
+    return staging, False
+
+
+def finish_output(target: str, out: str) -> None:
+    """Swap a complete overwrite (``target`` from :func:`prepare_output`) into place at ``out``."""
+    if os.path.abspath(target) != os.path.abspath(out):
+        safety.swap_into_place(target, out)
+
+
+def same_location(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two store locations are the same, or one lies inside the other."""
+    a, b = (os.fspath(p).rstrip("/") if is_remote(p) else os.path.realpath(p) for p in (a, b))
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def output_lock(out: str):
+    """The exclusive lock of the output ``out`` (see :mod:`hald_store.safety`)."""
+    return safety.store_lock(out, is_remote(out))
+
+
+class CheckedArray:
+    """A store array whose reads fail with a :class:`StoreError` naming the store, the array, the
+    chunk and its file when a chunk does not decode (checksum mismatch, truncated, empty) or,
+    with ``require_chunks``, is missing. Everything else is the wrapped :class:`zarr.Array`."""
+
+    def __init__(self, array: zarr.Array, store: "LabelStore", name: str, require_chunks: bool) -> None:
+        self.zarr = array
+        self.store = store
+        self.name = name
+        self.require_chunks = require_chunks
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.zarr, attr)
+
+    def __getitem__(self, selection: Any) -> Any:
+        return self._read(BasicIndexer, selection, self.zarr.__getitem__)
+
+    def get_orthogonal_selection(self, selection: Any) -> Any:
+        return self._read(OrthogonalIndexer, selection, self.zarr.get_orthogonal_selection)
+
+    def __setitem__(self, selection: Any, value: Any) -> None:
+        self.zarr[selection] = value
+
+    def chunk_key(self, coords: tuple[int, ...]) -> str:
+        """The chunk's path relative to the store root, e.g. ``labels/indices/c/3/0/0``."""
+        return f"{self.zarr.path}/{self.zarr.metadata.encode_chunk_key(coords)}"
+
+    def chunk_exists(self, coords: tuple[int, ...]) -> bool:
+        fs, root = filesystem(self.store.path, self.store.storage_options)
+        return fs.exists(f"{root.rstrip('/')}/{self.chunk_key(coords)}")
+
+    def _where(self, coords: tuple[int, ...]) -> str:
+        return (f"store {self.store.path!r}: array {self.name!r} chunk {tuple(int(c) for c in coords)} "
+                f"(file {self.chunk_key(coords)})")
+
+    def missing_error(self, coords: tuple[int, ...]) -> StoreError:
+        return StoreError(f"{self._where(coords)} is missing: the store is damaged (rebuild it, or restore it "
+                          "from a copy); `hald-store verify STORE` lists every damaged chunk")
+
+    def read_chunk(self, coords: tuple[int, ...]) -> np.ndarray:
+        """The decoded chunk at grid position ``coords`` (its checksum checked)."""
+        if self.require_chunks and not self.chunk_exists(coords):
+            raise self.missing_error(coords)
+        try:
+            return self.zarr.blocks[tuple(coords)]
+        except Exception as e:  # checksum, decompression and shape errors of all kinds
+            raise StoreError(f"{self._where(coords)} is damaged: {type(e).__name__}: {e}; rebuild the store, or "
+                             "restore it from a copy") from e
+
+    def _touched(self, indexer: type, selection: Any) -> list[tuple[int, ...]]:
+        sel = selection if isinstance(selection, tuple) else (selection,)
+        try:
+            return sorted({p.chunk_coords for p in indexer(sel, self.zarr.shape, self.zarr.metadata.chunk_grid)})
+        except Exception:  # a selection the indexer does not take: assume every chunk
+            return [tuple(c) for c in np.ndindex(*self.zarr.cdata_shape)]
+
+    def _read(self, indexer: type, selection: Any, read: Any) -> Any:
+        coords = self._touched(indexer, selection)
+        if self.require_chunks:
+            for c in coords:
+                if not self.chunk_exists(c):
+                    raise self.missing_error(c)
+        try:
+            return read(selection)
+        except Exception as e:
+            for c in coords:  # name the damaged chunk
+                self.read_chunk(c)
+            raise StoreError(f"store {self.store.path!r}: reading array {self.name!r} failed: {e}") from e
 
 
 class LabelStore:
@@ -140,14 +266,47 @@ class LabelStore:
         self.codec = LabelCodec.from_dict(self.attrs["codec"])
         self.crop_policy = CropPolicy.from_dict(self.attrs["crop_policy"])
         self._done_cache: np.ndarray | None = None
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
 
-    def array(self, name: str) -> zarr.Array:
-        """The Zarr array ``name`` (e.g. ``"labels/indices"``), opened once and cached."""
+    @property
+    def checksums(self) -> bool:
+        """Whether every chunk carries a checksum and every chunk is written (stores made since
+        checksums were introduced); older stores read the same, without these guarantees."""
+        return self.attrs.get("integrity") == INTEGRITY
+
+    def array(self, name: str) -> CheckedArray:
+        """The array ``name`` (e.g. ``"labels/indices"``), opened once and cached; its reads
+        raise :class:`StoreError` naming any damaged or missing chunk."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            try:
+                arr = self.group[name]
+            except KeyError as e:
+                raise StoreError(f"store {self.path!r} has no array {name!r} (its {name}/zarr.json is missing): the "
+                                 "store is damaged; rebuild it, or restore it from a copy") from e
+            except Exception as e:
+                raise StoreError(f"store {self.path!r}: cannot open array {name!r} ({name}/zarr.json): "
+                                 f"{type(e).__name__}: {e}; the store is damaged") from e
+            if not isinstance(arr, zarr.Array):
+                raise StoreError(f"store {self.path!r}: {name!r} is not an array; the store is damaged")
+            required = self.checksums and name != "progress/block_done"  # a missing marker means "not done"
+            self._arrays[name] = CheckedArray(arr.with_config(_WRITE_EMPTY), self, name, required)
         return self._arrays[name]
+
+    def array_names(self) -> list[str]:
+        """Every array a store of this kind holds."""
+        names = [f"images/{k}" for k in ("path", "label", "nbytes", "blake2b", "height", "width")]
+        names += ["crops/box", "crops/flip"] + [f"labels/{k}" for k in self.codec.fields()]
+        if self.batch_mode:
+            names += [f"batches/{k}" for k in ("members", "perm", "lam", "box")]
+        return names + ["progress/block_done"]
+
+    def block_of_chunk(self, name: str, coords: tuple[int, ...]) -> int | None:
+        """The block whose writing fills chunk ``coords`` of array ``name`` (labels only; None for
+        arrays written when the store is created)."""
+        if not name.startswith("labels/"):
+            return None
+        return int(coords[1] if self.batch_mode else coords[0])
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -198,8 +357,9 @@ class LabelStore:
         ``start .. stop - 1``; it is called one chunk of images at a time, so a store of any
         size is planned in bounded memory.
 
-        Everything is written into a sibling temporary directory that is renamed into place
-        at the end, so a killed creation never leaves a half-made store behind. Object stores
+        Everything is written into a sibling directory ``.hald-store-tmp-<name>`` that is renamed
+        into place at the end, so a killed creation never leaves a half-made store at ``path``
+        (the next writer removes the leftover). Object stores
         cannot rename: there the attributes are written last, so an interrupted creation is
         not a valid store (``--overwrite`` replaces it). With
         ``batches`` (a :meth:`~hald_store.batch_plan.BatchPlan.arrays` dict) the store holds
@@ -213,13 +373,15 @@ class LabelStore:
         else:
             parent = os.path.dirname(os.path.abspath(path))
             os.makedirs(parent, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".hald-store-tmp-", dir=parent)
+            tmp = safety.sibling(path, "tmp")  # fixed name: the next writer removes a killed creation's
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
         try:
             g = _open_group(tmp, "w", storage_options)
 
             def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dtype: Any = None) -> None:
                 arr = g.create_array(name, shape=data.shape, dtype=dtype or data.dtype, chunks=chunks,
-                                     compressors=default_compressor())
+                                     compressors=default_codecs(), config=_WRITE_EMPTY)
                 arr[...] = data
 
             ci = min(chunk_images, n)
@@ -230,21 +392,23 @@ class LabelStore:
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
             box = g.create_array("crops/box", shape=(n, s, 4), dtype=np.int32, chunks=(ci, s, 4),
-                                 compressors=default_compressor())
-            flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_compressor())
+                                 compressors=default_codecs(), config=_WRITE_EMPTY)
+            flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_codecs(),
+                                  config=_WRITE_EMPTY)
             for start in range(0, n, ci):
                 stop = min(start + ci, n)
                 box[start:stop], flip[start:stop] = crops(start, stop)
             label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
                 g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
-                               compressors=default_compressor(), fill_value=0)
+                               compressors=default_codecs(), fill_value=0)
             for name, data in (batches or {}).items():
                 put(f"batches/{name}", data, (1, *data.shape[1:]))
             blocks = math.ceil(n / ci) if batches is None else s
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
-                           fill_value=0, compressors=None)
-            g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs}
+                           fill_value=0, compressors=[Crc32cCodec()])
+            g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs,
+                                 "integrity": INTEGRITY}
             if not remote:
                 os.rename(tmp, path)
         except BaseException:
@@ -417,6 +581,27 @@ class LabelStore:
         self.array("progress/block_done")[block] = 1
         self._done_cache = None
 
+    def expected_chunks(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """``(array, chunk coordinates)`` of every chunk that must exist: all chunks of arrays
+        written at creation and the label chunks of blocks marked done (markers excluded)."""
+        done = self.block_done()
+        for name in self.array_names()[:-1]:
+            for coords in np.ndindex(*self.array(name).cdata_shape):
+                block = self.block_of_chunk(name, coords)
+                if block is None or done[block]:
+                    yield name, coords
+
+    def missing_chunks(self) -> list[str]:
+        """Chunk files (keys) that should exist but do not; found by listing, nothing is read."""
+        fs, root = filesystem(self.path, self.storage_options)
+        root = root.rstrip("/")
+        present: dict[str, set[str]] = {}
+        for name in self.array_names()[:-1]:
+            prefix = f"{root}/{name}/"
+            present[name] = {p[len(root) + 1 :] for p in fs.find(prefix)} if fs.exists(prefix) else set()
+        return [key for name, coords in self.expected_chunks()
+                if (key := self.array(name).chunk_key(coords)) not in present[name]]
+
     # -------------------------------------------------------------------- size
     def bytes_on_disk(self, prefix: str = "") -> int:
         """Bytes of all files (objects) under the store, or under ``prefix`` (e.g. ``'labels'``)."""
@@ -429,10 +614,13 @@ class LabelStore:
         total = self.bytes_on_disk()
         label_bytes = self.bytes_on_disk("labels")
         done = self.block_done()
+        missing = self.missing_chunks() if self.checksums else []
         return {
             "path": self.path,
             "format_version": self.attrs["format_version"],
-            "complete": bool(done.all()),
+            "complete": bool(done.all()) and not missing,
+            "checksums": self.checksums,
+            "missing_chunks": len(missing),
             "blocks_done": int(done.sum()),
             "num_blocks": self.num_blocks,
             "num_images": self.num_images,

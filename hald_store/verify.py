@@ -1,23 +1,107 @@
-"""Check a store against its teacher: re-render sampled crops, re-run the teacher, compare.
+"""Check a store: its chunks (integrity) and, with a teacher, its labels (deep check).
 
-The codec itself loses a little (top-k truncation, quantization); that loss is measured on
-the fresh outputs (encode, decode, KL to the full distribution) and a store passes when its
-stored labels are no further from the fresh teacher than that, within a small slack.
+:func:`check_integrity` reads and decodes every chunk (checksums included), and reports
+missing and damaged chunks and impossible values, each named by array, chunk and file.
+
+:func:`verify_store` re-renders sampled crops, re-runs the teacher and compares. The codec
+itself loses a little (top-k truncation, quantization); that loss is measured on the fresh
+outputs (encode, decode, KL to the full distribution) and a store passes when its stored
+labels are no further from the fresh teacher than that, within a small slack. Stores of
+batch-specific labels are checked the way they were built: whole recorded batches are
+replayed (members, mix) through the teacher in the recorded mode.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .build import resolve_device
+from .build import batch_stats_teacher, resolve_device
+from .errors import HaldStoreError, StoreError
+from .batch_plan import batch_members, mix_recorded
 from .pipeline import make_renderer, read_files
 from .store import LabelStore
+
+
+@dataclass
+class IntegrityReport:
+    """What :func:`check_integrity` found; ``problems`` name array, chunk and file."""
+
+    path: str
+    arrays: int
+    chunks_read: int
+    checksums: bool
+    complete: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.complete and not self.problems
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        sums = "CRC32C checksums verified" if self.checksums else "no checksums (store made before them)"
+        lines = [f"integrity {verdict}: {self.chunks_read:,} chunks of {self.arrays} arrays read, {sums}"]
+        lines += [f"  problem: {p}" for p in self.problems[:20]]
+        if len(self.problems) > 20:
+            lines.append(f"  ... and {len(self.problems) - 20} more problems")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: dict | None = None) -> IntegrityReport:
+    """Read every chunk of every array of ``store``: missing and undecodable chunks (checksum
+    mismatch, truncated, empty), missing arrays, class indices out of range, unfinished blocks."""
+    if not isinstance(store, LabelStore):
+        store = LabelStore.open(store, allow_incomplete=True, storage_options=storage_options)
+    report = IntegrityReport(store.path, 0, 0, store.checksums, True)
+    try:
+        done = store.block_done()
+    except StoreError as e:
+        report.problems.append(str(e))
+        done = np.zeros(0, dtype=bool)
+    report.complete = bool(done.size) and bool(done.all())
+    if done.size and not report.complete:
+        report.problems.append(f"store {store.path!r} is incomplete: {int(done.sum())} of {done.size} blocks written "
+                               "(finish it with `hald-store build ... --resume`)")
+    if not store.checksums:
+        report.notes.append("this store has no checksums: flipped bytes that still decode cannot be detected, and "
+                            "missing all-zero chunks are legal; `hald-store convert` writes a copy with checksums")
+    for name in store.array_names()[:-1]:
+        try:
+            arr = store.array(name)
+            chunks = list(np.ndindex(*arr.cdata_shape))
+        except StoreError as e:
+            report.problems.append(str(e))
+            continue
+        report.arrays += 1
+        for coords in chunks:
+            block = store.block_of_chunk(name, coords)
+            if block is not None and (block >= done.size or not done[block]):
+                continue  # not written yet (reported as incomplete)
+            if not store.checksums and not arr.chunk_exists(coords):
+                continue  # older stores leave out chunks that hold only fill values
+            try:  # a missing chunk raises too
+                data = arr.read_chunk(coords)
+                report.chunks_read += 1
+            except StoreError as e:
+                report.problems.append(str(e))
+                continue
+            if name == "labels/indices" and data.size and int(data.max()) >= store.num_classes:
+                report.problems.append(f"store {store.path!r}: array {name!r} chunk {coords} (file "
+                                       f"{arr.chunk_key(coords)}) holds class index {int(data.max())} of a "
+                                       f"{store.num_classes}-class store: the chunk is damaged")
+    report.arrays += 1  # progress/block_done, read above
+    return report
 
 
 @dataclass
@@ -49,6 +133,12 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
+def _store_renderer(store: LabelStore, dev: torch.device):
+    a = store.attrs
+    return make_renderer(a["renderer"]["backend"], size=a["input_size"], mean=a["mean"], std=a["std"],
+                         device="gpu" if dev.type == "cuda" else "cpu")
+
+
 def teacher_logits(
     store: LabelStore,
     images: str | os.PathLike,
@@ -62,9 +152,7 @@ def teacher_logits(
     """Fresh teacher logits (n, C) float32 on CPU for stored crops ``(image_ids[i], seeds[i])``,
     re-rendered with the store's own backend, input size and normalization."""
     dev = resolve_device(device)
-    a = store.attrs
-    renderer = make_renderer(a["renderer"]["backend"], size=a["input_size"], mean=a["mean"], std=a["std"],
-                             device="gpu" if dev.type == "cuda" else "cpu")
+    renderer = _store_renderer(store, dev)
     paths = store.manifest().paths
     boxes, flips = store.boxes(image_ids, seeds)
     teacher = teacher.to(dev).eval()
@@ -75,6 +163,52 @@ def teacher_logits(
         with torch.inference_mode():
             out.append(teacher(x.to(dev)).float().cpu())
     return torch.cat(out) if out else torch.empty(0, store.num_classes)
+
+
+def replayed_teacher_logits(
+    store: LabelStore,
+    images: str | os.PathLike,
+    teacher: nn.Module,
+    sample: int,
+    rng: np.random.Generator,
+    *,
+    device: str | torch.device = "auto",
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Batch-specific stores: replay randomly chosen recorded batches (at least ``sample`` crops)
+    through ``teacher`` in the recorded mode (BatchNorm on batch statistics for
+    ``teacher_mode="train"``) with the recorded mix; returns (image ids, crop seeds, logits)."""
+    dev = resolve_device(device)
+    renderer = _store_renderer(store, dev)
+    files = [Path(images, p) for p in store.manifest().paths]
+    labelling = store.attrs["labelling"]
+    model = teacher.to(dev).eval()
+    if labelling["teacher_mode"] == "train":
+        model = batch_stats_teacher(model)
+    per_epoch = store.array("batches/members").shape[1]
+    ids, seeds, out = [], [], []
+    for pick in rng.permutation(store.crops_per_image * per_epoch):
+        if sum(len(i) for i in ids) >= sample:
+            break
+        epoch, b = divmod(int(pick), per_epoch)
+        boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
+        plan = store.batches(epoch)
+        members = batch_members(plan, b)
+        x = mix_recorded(labelling["mix"], renderer(read_files([files[i] for i in members]), boxes[members],
+                                                    flips[members]), plan, b)
+        with torch.inference_mode():
+            out.append(model(x.to(dev)).float().cpu())
+        ids.append(members)
+        seeds.append(np.full(len(members), epoch))
+    return np.concatenate(ids), np.concatenate(seeds), torch.cat(out)
+
+
+def _check_verify_options(sample: int, temperature: float | None, min_agreement: float) -> None:
+    if sample < 1:
+        raise HaldStoreError(f"--sample must be >= 1 (crops to check), got {sample}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise HaldStoreError(f"--temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= min_agreement <= 1:
+        raise HaldStoreError(f"--min-agreement must be a fraction in [0, 1], got {min_agreement}")
 
 
 def verify_store(
@@ -90,20 +224,27 @@ def verify_store(
     min_agreement: float = 0.99,
     kl_factor: float = 2.0,
     kl_slack: float = 1e-3,
+    check_hashes: bool = True,
 ) -> VerifyReport:
-    """Compare ``sample`` random stored crops with a fresh teacher pass on regenerated pixels.
+    """Compare ``sample`` random stored crops with a fresh teacher pass on regenerated pixels
+    (for batch-specific stores: whole recorded batches, replayed as built).
 
-    Passes when top-1 agreement >= ``min_agreement`` and the mean KL is at most
-    ``kl_factor * codec_mean_kl + kl_slack``.
+    The image folder must match the manifest (sizes, and content hashes unless
+    ``check_hashes=False``). Passes when top-1 agreement >= ``min_agreement`` and the mean KL
+    is at most ``kl_factor * codec_mean_kl + kl_slack``.
     """
+    _check_verify_options(sample, temperature, min_agreement)
     if not isinstance(store, LabelStore):
         store = LabelStore.open(store)
-    store.check_images(images)
+    store.check_images(images, check_hashes=check_hashes)
     temperature = store.temperature if temperature is None else float(temperature)
     rng = np.random.default_rng(seed)
-    flat = rng.choice(store.num_crops, size=min(sample, store.num_crops), replace=False)
-    img, seeds = np.divmod(flat, store.crops_per_image)
-    fresh_logits = teacher_logits(store, images, teacher, img, seeds, batch_size=batch_size, device=device)
+    if store.batch_mode:
+        img, seeds, fresh_logits = replayed_teacher_logits(store, images, teacher, sample, rng, device=device)
+    else:
+        flat = rng.choice(store.num_crops, size=min(sample, store.num_crops), replace=False)
+        img, seeds = np.divmod(flat, store.crops_per_image)
+        fresh_logits = teacher_logits(store, images, teacher, img, seeds, batch_size=batch_size, device=device)
     fresh_log = torch.log_softmax(fresh_logits / temperature, dim=1)
     stored = store.read(img, seeds)
     kl = _kl(fresh_log, stored.log_probs(temperature))

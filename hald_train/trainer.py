@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, distributed, resolve_model
 from hald_store.errors import HaldStoreError, SettingsMismatchError
+from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
@@ -273,8 +275,14 @@ class Trainer:
         """Train to the end of the schedule (or ``stop_after`` epochs); returns the last metrics.
 
         Writes ``checkpoint.pt`` after every epoch, ``metrics.jsonl`` (one line per epoch) and,
-        at the end, ``final.json`` and ``model.pt`` (the student's state dict) to ``out_dir``.
+        at the end, ``final.json`` and ``model.pt`` (the student's state dict) to ``out_dir``,
+        holding an exclusive lock on ``out_dir`` (a second run there fails naming this one).
         """
+        lock = run_dir_lock(self.out) if self.ranks.is_main else nullcontext()
+        with lock:
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict:
         c, main = self.config, self.ranks.is_main
         if resume:
             self._resume()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,17 @@ def agreeing(teacher, batch) -> int:
     with torch.inference_mode():
         fresh = teacher(batch.images).argmax(1)
     return int((fresh == batch.soft.argmax(1)).sum())
+
+
+def kill_after_blocks(cmd: list[str], store: Path, blocks: int = 3) -> None:
+    """Run a build ``cmd`` writing ``store`` and ``kill -9`` it once ``blocks`` block markers exist."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    markers = store / "progress" / "block_done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if markers.is_dir() and len(list(markers.iterdir())) >= blocks:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "build finished before it could be killed: " + proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +133,7 @@ def test_cli_info_json(mini_store):
 
 def test_cli_verify_passes(mini_store, cifar_mini_train):
     out, ckpt = mini_store
-    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet56",
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--deep", "--teacher", "cifar_resnet56",
                                        "--checkpoint", str(ckpt), "--sample", "4000", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -146,13 +143,13 @@ def test_cli_verify_passes(mini_store, cifar_mini_train):
 def test_verify_fails_against_other_teacher(mini_store, cifar_mini_train):
     out, _ = mini_store
     ckpt20 = require_data("teachers", "cifar10-resnet20.th")
-    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--teacher", "cifar_resnet20",
+    result = CliRunner().invoke(main, ["verify", str(out), str(cifar_mini_train), "--deep", "--teacher", "cifar_resnet20",
                                        "--checkpoint", str(ckpt20), "--sample", "200"])
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
 def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
-    from .conftest import copy_subset
+    from .conftest import copy_subset, kill_after_blocks
 
     images = copy_subset(cifar_mini_train, tmp_path / "images", classes=10, per_class=8)
     ckpt = require_data("teachers", "cifar10-resnet56.th")
@@ -160,16 +157,7 @@ def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
             "--values", "uint4", "--input-size", "32", "--chunk-images", "4", "--batch-size", "16", "--quiet"]
     killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
     cmd = [sys.executable, "-m", "hald_store", "build"]
-    proc = subprocess.Popen(cmd + [args[0], str(killed), *args[2:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    marker_dir = killed / "progress" / "block_done" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if marker_dir.is_dir() and len(list(marker_dir.iterdir())) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "build finished before it could be killed: " + proc.stdout.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_blocks(cmd + [args[0], str(killed), *args[2:]], killed)
     done_before = LabelStore.open(killed, allow_incomplete=True).block_done()
     assert 0 < done_before.sum() < len(done_before)
     with pytest.raises(StoreError, match="incomplete"):

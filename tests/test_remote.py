@@ -40,8 +40,11 @@ def test_round_trip_through_s3(s3, tmp_path, small_folder, resnet20):
     kw = dict(num_classes=10, crops_per_image=3, top_k=4, input_size=32, chunk_images=10, progress=False)
     build_store(small_folder, tmp_path / "local.zarr", resnet20, **kw)
     url = "s3://labels/run1/store.zarr"
-    summary = build_store(small_folder, url, resnet20, storage_options=s3, **kw)
+    with pytest.warns(UserWarning, match="is an object store: hald-store cannot lock it"):
+        summary = build_store(small_folder, url, resnet20, storage_options=s3, **kw)
     assert summary.crops_written == 72 and summary.bytes_on_disk > 0
+    remote = LabelStore.open(url, storage_options=s3)
+    assert remote.checksums and remote.missing_chunks() == [] and remote.info()["complete"]
     local, remote = LabelStore.open(tmp_path / "local.zarr"), LabelStore.open(url, storage_options=s3)
     i, s = np.divmod(np.arange(72), 3)
     assert torch.equal(local.read(i, s).indices, remote.read(i, s).indices)

@@ -78,6 +78,18 @@ def test_replay_reproduces_stored_labels(replay_store, resnet56):
     assert all(torch.equal(a, b) for a, b in zip(resnet56.state_dict().values(), fresh_copy.state_dict().values()))
 
 
+def test_verify_deep_replays_batch_specific_stores_as_built(replay_store):
+    """A correct train-mode + CutMix store passes `verify --deep` (it used to fail at ~28%: the
+    crops were checked one by one by an eval-mode teacher, without their batch and mix)."""
+    store, images = replay_store
+    ckpt = require_data("teachers", "cifar10-resnet56.th")
+    r = CliRunner().invoke(main, ["verify", store.path, str(images), "--deep", "--teacher", "cifar_resnet56",
+                                  "--checkpoint", str(ckpt), "--sample", "128", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["passed"] and report["num_crops"] == 128 and report["top1_agreement"] >= 0.99
+
+
 def test_resume_redoes_only_unfinished_epochs(replay_store, tmp_path, resnet56):
     store, images = replay_store
     copy = tmp_path / "c.zarr"
