@@ -13,8 +13,7 @@ import time
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import ExitStack
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,13 +24,14 @@ from . import __version__, distributed
 from .batch_plan import BatchPlan, batch_members, mix_recorded
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_image_crops
-from .errors import HaldStoreError, ManifestMismatchError, SettingsMismatchError, StoreError, TeacherOutputError
+from .errors import HaldStoreError, TeacherOutputError
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
-from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
+from .store import LabelStore
 from .stream import CropStream, open_stream
+from .writer import StoreWriter
 
 
 
@@ -99,47 +99,6 @@ def crops_for_slc(manifest: Manifest, slc: int) -> int:
             f"try --slc {max(ipc, slc // ipc * ipc)}"
         )
     return slc // ipc
-
-
-def _open_or_create(out: str, resume: bool, overwrite: bool, root: Path, manifest: Manifest,
-                    crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]], attrs: dict, codec: LabelCodec,
-                    chunk_images: int,
-                    batches: dict[str, np.ndarray] | None, storage_options: dict | None) -> str:
-    """Check an existing store for resuming, or create a new one; returns the path to write
-    (``out``, or where an overwrite is staged, see :func:`~hald_store.store.prepare_output`)."""
-    target, resuming = prepare_output(out, resume, overwrite, storage_options)
-    if not resuming:
-        LabelStore.create(target, manifest, crops, attrs, codec, chunk_images, batches=batches,
-                          storage_options=storage_options)
-        return target
-    store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=storage_options)
-    staged = "" if target == out else (f" (an interrupted --overwrite of {out!r} left it; --overwrite without "
-                                       "--resume starts that overwrite over)")
-    if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
-        raise ManifestMismatchError(
-            f"cannot resume {target!r}{staged}: the images in {str(root)!r} differ from the ones it was built from"
-        )
-    try:
-        store.check_settings(attrs)
-    except SettingsMismatchError as e:
-        raise SettingsMismatchError(f"{e}{staged}") from e
-    return target
-
-
-def _on_main(ranks: distributed.DistContext, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only; every rank gets its result, or raises its error."""
-    result = failure = None
-    if ranks.is_main:
-        try:
-            result = fn()
-        except HaldStoreError as e:
-            failure = e
-    shared, message = ranks.broadcast((result, None if failure is None else str(failure)))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise HaldStoreError(f"rank 0 could not prepare the store: {message}")
-    return shared
 
 
 def _crop_batches(
@@ -245,15 +204,8 @@ def build_store(
     if workers is not None and workers < 0:
         raise HaldStoreError(f"--workers must be >= 0, got {workers}")
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
-    check_output(out, resume, overwrite, storage_options)  # fail before the (slow) scan
     ranks = distributed.context()
-    lock = ExitStack()  # rank 0 holds the output's lock for the whole build
-
-    def take_lock() -> None:
-        lock.enter_context(output_lock(out))
-
-    _on_main(ranks, take_lock)
-    with lock:
+    with StoreWriter(out, resume=resume, overwrite=overwrite, storage_options=storage_options, ranks=ranks) as writer:
         progress = progress and ranks.is_main
         dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
 
@@ -318,12 +270,9 @@ def build_store(
             _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
 
         ranks.check_same(attrs, "build settings")
-        # one writer creates (or checks) the store; the other ranks wait for it
-        target = _on_main(ranks, lambda: _open_or_create(
-            out, resume, overwrite, root, manifest, crops, attrs, codec, chunk_images, None if plan is None else plan.arrays(), storage_options))
-        store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=storage_options)
-
-        todo = [b for b, done in enumerate(store.block_done()) if not done][ranks.rank :: ranks.world_size]
+        store = writer.open(manifest, crops, attrs, codec, chunk_images,
+                            batches=None if plan is None else plan.arrays(), source=f"the images in {str(root)!r}")
+        todo = writer.todo()
         stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
                              batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
                              cache_decoded=cache_decoded)
@@ -363,17 +312,13 @@ def build_store(
         finally:
             pbar.close()
         written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
-        ranks.barrier()  # every rank's blocks are on disk before anyone reports
-        summary = BuildSummary(
-            path=out, crops_total=store.num_crops, crops_written=written, blocks_written=blocks_written,
-            blocks_skipped=store.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
-            teacher_seconds=teacher_seconds, bytes_on_disk=store.bytes_on_disk(),
-            label_bytes_on_disk=store.bytes_on_disk("labels"), images_scanned=int(ranks.sum(manifest.inspected_here)),
-        )
-        if ranks.is_main:
-            finish_output(target, out)  # an overwrite replaces the old store only now
-        ranks.barrier()
-        return summary
+    final = LabelStore.open(out, allow_incomplete=True, storage_options=storage_options)  # swapped in, if staged
+    return BuildSummary(
+        path=out, crops_total=final.num_crops, crops_written=written, blocks_written=blocks_written,
+        blocks_skipped=final.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
+        teacher_seconds=teacher_seconds, bytes_on_disk=final.bytes_on_disk(),
+        label_bytes_on_disk=final.bytes_on_disk("labels"), images_scanned=int(ranks.sum(manifest.inspected_here)),
+    )
 
 
 def _check_labelling_mode(teacher_mode: str, mix: str, mix_alpha: float | None,

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
 from .codec import LabelCodec
 from .errors import HaldStoreError
-from .store import LabelStore, check_output, finish_output, output_lock, prepare_output, same_location
+from .store import LabelStore, same_location
+from .writer import StoreWriter
+
+_ROWS = 65536  # crops re-encoded at a time
 
 
 def reencode_store(
@@ -39,20 +43,20 @@ def reencode_store(
         raise HaldStoreError(f"top_k {top_k} exceeds the source store's top_k {src.codec.top_k}: those classes are gone")
     codec = LabelCodec(values=values, top_k=top_k, num_classes=src.num_classes, temperature=src.temperature)
     so = src.storage_options
-    check_output(dst, False, overwrite, so, resumable=False)
     attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
-    with output_lock(dst):
-        target, _ = prepare_output(dst, False, overwrite, so, stage=True)
-        out = LabelStore.create(target, src.manifest(),
-                                lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]), attrs,
-                                codec, src.chunk_images, batches=batches, storage_options=so)
-        for block in tqdm(range(out.num_blocks), desc="re-encode", unit="block", disable=not progress):
+    with StoreWriter(dst, overwrite=overwrite, storage_options=so, resumable=False) as writer:
+        out = writer.open(src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
+                          attrs, codec, src.chunk_images, batches=batches)
+        for block in tqdm(writer.todo(), desc="re-encode", unit="block", disable=not progress):
             sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
             fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}
             lead = next(iter(fields.values())).shape[: 1 if out.batch_mode else 2]
             flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in fields.items()}
-            new = codec.encode(src.codec.decode(flat).dense_logits())
+            new = {k: np.empty((len(flat["indices"]), *shape), dtype) for k, (dtype, shape) in codec.fields().items()}
+            for a in range(0, len(new["indices"]), _ROWS):  # bounded memory: never a block of dense logits
+                rows = {k: v[a : a + _ROWS] for k, v in flat.items()}
+                for k, v in codec.encode(src.codec.decode(rows).dense_logits()).items():
+                    new[k][a : a + _ROWS] = v
             out.write_block(block, {k: v.reshape(*lead, *v.shape[1:]) for k, v in new.items()})
-        finish_output(target, dst)  # an existing DST is replaced only now
     return LabelStore.open(dst, storage_options=so)

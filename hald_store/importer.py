@@ -36,7 +36,8 @@ from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
 from .reference_format import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
-from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
+from .store import LabelStore
+from .writer import StoreWriter
 
 __all__ = ["ImportSummary", "import_reference"]
 
@@ -230,8 +231,7 @@ def import_reference(
     for name, value in (("--input-size", input_size), ("--chunk-images", chunk_images)):
         if value < 1:
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
-    check_output(out, False, overwrite, None, resumable=False)  # fail before the (slow) conversion
-    with output_lock(out):
+    with StoreWriter(out, overwrite=overwrite, resumable=False) as writer:  # fails early if OUT exists
         renderer = make_renderer("torchvision", size=input_size, mean=mean, std=std, device="cpu")  # checks mean/std
         ref = open_reference(labels_dir, num_classes=num_classes)
         manifest = scan_image_folder(images_root, progress=progress)
@@ -319,16 +319,15 @@ def import_reference(
         }
         batch_arrays = {k: np.stack(v) for k, v in plan.items()}
 
-        target, _ = prepare_output(out, False, overwrite, None, stage=True)
-        store = LabelStore.create(target, manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec, chunk_images, batches=batch_arrays)
-        for e, fields in enumerate(fields_per_epoch):
-            store.write_block(e, fields)
-        finish_output(target, out)  # the old store goes only now that the new one is whole
-        store = LabelStore.open(out)
-        return ImportSummary(
-            path=out, labels_dir=str(labels_dir), num_images=n, epochs=s, batches_per_epoch=num_batches,
-            batch_size=batch_size, num_classes=codec.num_classes, mix=resolved, top_k=top_k, values=values,
-            source_bytes=ref.source_bytes, sampler_bytes=ref.sampler_bytes, bytes_on_disk=store.bytes_on_disk(),
-            label_bytes_on_disk=store.bytes_on_disk("labels"), max_prob_error=max_err,
-            top1_agreement=agree / max(n * s, 1), seconds=time.perf_counter() - t_start,
-        )
+        store = writer.open(manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec, chunk_images,
+                            batches=batch_arrays)
+        for e in writer.todo():
+            store.write_block(e, fields_per_epoch[e])
+    store = LabelStore.open(out)  # the old store was replaced only once the new one was whole
+    return ImportSummary(
+        path=out, labels_dir=str(labels_dir), num_images=n, epochs=s, batches_per_epoch=num_batches,
+        batch_size=batch_size, num_classes=codec.num_classes, mix=resolved, top_k=top_k, values=values,
+        source_bytes=ref.source_bytes, sampler_bytes=ref.sampler_bytes, bytes_on_disk=store.bytes_on_disk(),
+        label_bytes_on_disk=store.bytes_on_disk("labels"), max_prob_error=max_err,
+        top1_agreement=agree / max(n * s, 1), seconds=time.perf_counter() - t_start,
+    )

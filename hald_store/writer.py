@@ -1,0 +1,101 @@
+"""The one store writer: lock, create or resume, write blocks, swap an overwrite in safely.
+
+``build``, ``import``, ``convert`` and the scale benchmark share it, the way FFCV's
+``DatasetWriter`` serves several sources; they differ only in where a block's labels come
+from (a teacher over rendered crops, reference label files, another store, synthetic logits)::
+
+    with StoreWriter(out, resume=resume, overwrite=overwrite) as writer:
+        store = writer.open(manifest, crops, attrs, codec, chunk_images)
+        for block in writer.todo():
+            store.write_block(block, fields_of(block))
+
+Under torchrun rank 0 holds the lock and creates (or checks) the store; every rank writes its
+share of the unfinished blocks. Leaving the ``with`` normally, with every block written,
+moves a staged store into place: an existing store at ``out`` survives until then.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from typing import Callable
+
+import numpy as np
+
+from .codec import LabelCodec
+from .distributed import DistContext
+from .errors import ManifestMismatchError, SettingsMismatchError
+from .images import Manifest
+from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
+
+__all__ = ["StoreWriter"]
+
+
+class StoreWriter:
+    """Write one store at ``out`` (a directory or an fsspec URL); see the module docstring.
+
+    ``resumable=False`` (writers that cannot continue a killed run: ``import``, ``convert``)
+    always writes beside ``out`` and swaps in the finished store. Errors that the constructor
+    raises (``out`` exists without ``resume``/``overwrite``) come before any slow work.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 storage_options: dict | None = None, resumable: bool = True, ranks: DistContext | None = None) -> None:
+        self.out = os.fspath(out)
+        self.resume, self.overwrite, self.resumable = bool(resume), bool(overwrite), bool(resumable)
+        self.storage_options = storage_options
+        self.ranks = ranks or DistContext()
+        check_output(self.out, self.resume, self.overwrite, storage_options, resumable=self.resumable)
+        self._lock = ExitStack()
+        self.target: str | None = None
+        self.store: LabelStore | None = None
+
+    def __enter__(self) -> "StoreWriter":
+        self.ranks.on_main(lambda: self._lock.enter_context(output_lock(self.out)))
+        return self
+
+    def open(self, manifest: Manifest, crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]], attrs: dict,
+             codec: LabelCodec, chunk_images: int, *, batches: dict[str, np.ndarray] | None = None,
+             source: str = "the images") -> LabelStore:
+        """Create the store (see :meth:`LabelStore.create` for ``crops`` and ``batches``), or
+        check the one being resumed against ``attrs``; ``source`` names the images in errors."""
+        self.target = self.ranks.on_main(
+            lambda: self._open_or_create(manifest, crops, attrs, codec, chunk_images, batches, source))
+        self.store = LabelStore.open(self.target, mode="r+", allow_incomplete=True,
+                                     storage_options=self.storage_options)
+        return self.store
+
+    def todo(self) -> list[int]:
+        """This rank's unfinished blocks."""
+        done = self.store.block_done()
+        return [b for b, d in enumerate(done) if not d][self.ranks.rank :: self.ranks.world_size]
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None and self.store is not None:
+                self.ranks.barrier()  # every rank's blocks are on disk
+                if self.ranks.is_main and LabelStore.open(self.target, allow_incomplete=True,
+                                                          storage_options=self.storage_options).complete:
+                    finish_output(self.target, self.out)  # an overwrite replaces the old store only now
+                self.ranks.barrier()
+        finally:
+            self._lock.close()
+
+    def _open_or_create(self, manifest, crops, attrs, codec, chunk_images, batches, source) -> str:
+        target, resuming = prepare_output(self.out, self.resume, self.overwrite, self.storage_options,
+                                          stage=not self.resumable)
+        if not resuming:
+            LabelStore.create(target, manifest, crops, attrs, codec, chunk_images, batches=batches,
+                              storage_options=self.storage_options)
+            return target
+        store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=self.storage_options)
+        staged = "" if target == self.out else (f" (an interrupted --overwrite of {self.out!r} left it; --overwrite "
+                                                "without --resume starts that overwrite over)")
+        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
+            raise ManifestMismatchError(
+                f"cannot resume {target!r}{staged}: {source} differ from the ones it was built from")
+        try:
+            store.check_settings(attrs)
+        except SettingsMismatchError as e:
+            raise SettingsMismatchError(f"{e}{staged}") from e
+        return target
