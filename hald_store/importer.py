@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .codec import VALUE_CODECS, LabelCodec
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError
+from .errors import HaldStoreError, check_positive_finite
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
@@ -237,8 +237,7 @@ def import_reference(
         raise HaldStoreError(f"teacher_mode must be eval or train, got {teacher_mode!r}")
     if values not in VALUE_CODECS:
         raise HaldStoreError(f"--values must be one of {', '.join(VALUE_CODECS)}, got {values!r}")
-    if not temperature > 0:
-        raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    check_positive_finite("--temperature", temperature)
     for name, value in (("--input-size", input_size), ("--chunk-images", chunk_images)):
         if value < 1:
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
