@@ -24,7 +24,7 @@ from . import __version__, distributed
 from .batch_plan import BatchPlan, batch_members, mix_recorded
 from .codec import LabelCodec
 from .crop_plan import CropPolicy, plan_image_crops
-from .errors import HaldStoreError, TeacherOutputError
+from .errors import HaldStoreError, TeacherOutputError, check_positive_finite
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES
 from .models import weights_sha256
@@ -80,7 +80,12 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``'auto'`` picks CUDA when available, else CPU; asking for CUDA without it is an error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise HaldStoreError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise HaldStoreError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HaldStoreError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     return dev
@@ -199,8 +204,7 @@ def build_store(
     for name, value in (("--batch-size", batch_size), ("--input-size", input_size), ("--chunk-images", chunk_images)):
         if value < 1:
             raise HaldStoreError(f"{name} must be >= 1, got {value}")
-    if not temperature > 0:
-        raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    check_positive_finite("--temperature", temperature)
     if workers is not None and workers < 0:
         raise HaldStoreError(f"--workers must be >= 0, got {workers}")
     batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)

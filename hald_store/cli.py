@@ -35,12 +35,38 @@ def _friendly_errors(fn):
     return wrapper
 
 
-def _teacher_options(fn):
-    fn = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                      help="Weights for the teacher (state dict, or a dict with 'state_dict').")(fn)
-    fn = click.option("--teacher", required=True,
-                      help="cifar_resnet20/56/..., a torchvision model name, or package.module:factory.")(fn)
-    return fn
+def _teacher_options(required: bool):
+    """--teacher, --checkpoint, --num-classes and --random-init, shared by build and verify."""
+    need = "" if required else "--deep: "
+
+    def apply(fn):
+        fn = click.option("--random-init", is_flag=True,
+                          help=f"{need}Use the teacher with random weights on purpose (no --checkpoint).")(fn)
+        fn = click.option("--num-classes", type=int, default=None,
+                          help=f"{need}Teacher output width [default: the number of classes].")(fn)
+        fn = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                          help=f"{need}Weights for the teacher (state dict, or a dict with 'state_dict').")(fn)
+        return click.option("--teacher", required=required, default=None,
+                            help=f"{need}cifar_resnet20/56/..., a torchvision model name, or package.module:factory.")(fn)
+
+    return apply
+
+
+def _normalization_options(fn):
+    """--mean and --std, shared by build and import (verify uses the store's)."""
+    fn = click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")(fn)
+    return click.option("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="Normalization mean (RGB, 0-1).")(fn)
+
+
+def _load_teacher(teacher: str, checkpoint: str | None, num_classes: int, random_init: bool):
+    """The teacher, refusing to run on random weights unless --random-init says so."""
+    if checkpoint is not None and random_init:
+        raise click.UsageError("--checkpoint and --random-init contradict each other; pass one")
+    model = load_teacher(teacher, checkpoint, num_classes)
+    if checkpoint is None and not random_init:
+        raise click.UsageError(f"no --checkpoint: teacher {teacher!r} would label with random weights; pass its "
+                               "weights with --checkpoint, or --random-init to use random weights on purpose")
+    return model
 
 
 def _device_option(fn):
@@ -56,8 +82,7 @@ def main() -> None:
 @main.command()
 @click.argument("images_dir", type=click.Path(file_okay=False))
 @click.argument("out_store", type=click.Path())
-@_teacher_options
-@click.option("--num-classes", type=int, default=None, help="Teacher output width [default: number of class folders].")
+@_teacher_options(required=True)
 @click.option("--crops-per-image", "-s", type=int, default=None, help="Stored crops per image.")
 @click.option("--slc", type=int, default=None, help="Soft labels per class (instead of --crops-per-image).")
 @click.option("--top-k", type=int, default=5, help="Classes kept per crop.")
@@ -70,8 +95,7 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, help="Crop plan seed.")
 @click.option("--batch-size", type=int, default=256, help="Teacher batch size.")
 @_device_option
-@click.option("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="Normalization mean (RGB, 0-1).")
-@click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")
+@_normalization_options
 @click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto",
               help="Crop renderer (the same one training uses).")
 @click.option("--workers", type=int, default=None,
@@ -91,7 +115,7 @@ def main() -> None:
               help="Batch size of batch-specific labelling (= the training batch size at replay) [default: --batch-size].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
-def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_image, slc, top_k, values, temperature,
+def build(images_dir, out_store, teacher, checkpoint, num_classes, random_init, crops_per_image, slc, top_k, values, temperature,
           input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, workers, manifest, chunk_images, resume,
           overwrite, skip_bad, teacher_mode, mix, mix_alpha, labelling_batch_size, quiet) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
@@ -99,7 +123,7 @@ def build(images_dir, out_store, teacher, checkpoint, num_classes, crops_per_ima
         policy = CropPolicy(scale=tuple(scale), ratio=tuple(ratio), flip_prob=flip_prob)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    model = load_teacher(teacher, checkpoint, num_classes or len(class_names(images_dir)))
+    model = _load_teacher(teacher, checkpoint, num_classes or len(class_names(images_dir)), random_init)
     summary = build_store(
         images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
         slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
@@ -150,9 +174,7 @@ def info(store, as_json) -> None:
 @click.argument("store", type=click.Path())
 @click.argument("images_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--deep", is_flag=True, help="Also re-run the teacher on sampled crops (needs IMAGES_DIR and --teacher).")
-@click.option("--teacher", default=None, help="--deep: cifar_resnet20/56/..., a torchvision model name, or package.module:factory.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="--deep: the teacher's weights.")
-@click.option("--num-classes", type=int, default=None, help="--deep: teacher output width [default: the store's].")
+@_teacher_options(required=False)
 @click.option("--sample", type=int, default=256, help="--deep: number of random crops to check.")
 @click.option("--seed", type=int, default=0, help="--deep: seed for choosing the crops.")
 @click.option("--batch-size", type=int, default=256, help="--deep: teacher batch size (per-crop stores).")
@@ -162,14 +184,15 @@ def info(store, as_json) -> None:
 @click.option("--check-hashes/--no-check-hashes", default=True, help="Re-hash IMAGES_DIR against the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly_errors
-def verify(store, images_dir, deep, teacher, checkpoint, num_classes, sample, seed, batch_size, device, temperature,
+def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_init, sample, seed, batch_size, device, temperature,
            min_agreement, check_hashes, as_json) -> None:
     """Check STORE: read every chunk (checksums, missing chunks); with IMAGES_DIR, check the images
     against the manifest; with --deep, re-run the teacher on regenerated crops. Exit 1 on failure."""
     if deep and (images_dir is None or teacher is None):
         raise click.UsageError("--deep needs IMAGES_DIR and --teacher")
-    if not deep and teacher is not None:
-        raise click.UsageError("--teacher is used by --deep only; add --deep to re-run the teacher")
+    if not deep and (teacher or checkpoint or num_classes or random_init):
+        raise click.UsageError("--teacher, --checkpoint, --num-classes and --random-init are used by --deep only; "
+                               "add --deep to re-run the teacher")
     opened = LabelStore.open(store, allow_incomplete=True)
     integrity = check_integrity(opened)
     result: dict = {"integrity": integrity.to_dict()}
@@ -181,7 +204,7 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, sample, se
         result["images_checked"] = n
         lines.append(f"images    PASS: {n:,} files match the manifest ({'content hashes' if check_hashes else 'sizes'})")
     if passed and deep:
-        model = load_teacher(teacher, checkpoint, num_classes or opened.num_classes)
+        model = _load_teacher(teacher, checkpoint, num_classes or opened.num_classes, random_init)
         report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size,
                               device=device, temperature=temperature, min_agreement=min_agreement,
                               check_hashes=False)  # just checked
@@ -232,8 +255,7 @@ def demo(out, quiet) -> None:
 @click.option("--values", type=click.Choice(VALUE_CODECS), default="uint8", help="How the logit gaps are stored.")
 @click.option("--temperature", type=float, default=20.0, help="Temperature T of the reference softmax(logits / T).")
 @click.option("--input-size", type=int, default=224, help="Side of the square crops the labels were made on.")
-@click.option("--mean", type=float, nargs=3, default=IMAGENET_MEAN, help="Normalization mean (RGB, 0-1).")
-@click.option("--std", type=float, nargs=3, default=IMAGENET_STD, help="Normalization std (RGB, 0-1).")
+@_normalization_options
 @click.option("--mix", type=click.Choice(["none", "cutmix", "mixup"]), default=None,
               help="Mix of the labelling batches [default: what the files record].")
 @click.option("--teacher-mode", type=click.Choice(["eval", "train"]), default="train",

@@ -1,5 +1,7 @@
 """Exceptions raised by hald-store. Every message names the thing that is wrong."""
 
+import math
+
 
 class HaldStoreError(Exception):
     """Base class for all hald-store errors (the CLI prints these without a traceback)."""
@@ -31,3 +33,9 @@ class TeacherOutputError(HaldStoreError):
 
 class LockError(HaldStoreError):
     """Another process is writing the same store or run directory."""
+
+
+def check_positive_finite(name: str, value: float | None) -> None:
+    """Raise :class:`HaldStoreError` unless ``value`` (the flag or parameter ``name``) is a finite number > 0."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise HaldStoreError(f"{name} must be a finite number > 0, got {value}")

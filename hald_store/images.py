@@ -25,6 +25,7 @@ from .errors import ImageError, ManifestMismatchError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_FORMAT = "hald-store-manifest-1"
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")  # what every crop renderer (DALI, torchvision) decodes
 DIGEST_SIZE = 16
 
 
@@ -81,27 +82,55 @@ class Manifest:
         return h.hexdigest()
 
 
+def _is_folder(d: Path) -> bool:
+    """A directory that may hold images: not hidden, not a Zarr store (e.g. a store written inside
+    the image folder)."""
+    return d.is_dir() and not d.name.startswith(".") and not (d / "zarr.json").exists()
+
+
+def _class_files(root: Path, name: str, label: int) -> list[tuple[str, int]]:
+    """Images under class folder ``name`` (links followed); a link back into the image folder
+    outside this class (a loop, or another class) is an error naming it."""
+    top, real_root = (root / name).resolve(), root.resolve()
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+        real = Path(dirpath).resolve()
+        bad = real in seen or (real_root in (real, *real.parents) and top not in (real, *real.parents))
+        if bad or (real != top and real in top.parents):
+            rel = Path(dirpath).relative_to(root).as_posix()
+            raise ImageError(f"image folder {str(root)!r}: {rel!r} links to {str(real)!r}, which is a loop or lies "
+                             f"outside class folder {name!r}; its images would be counted again under the wrong "
+                             "class (remove the link)")
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if _is_folder(Path(dirpath, d)))
+        for fname in sorted(filenames):
+            if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
+                files.append((Path(dirpath, fname).relative_to(root).as_posix(), label))
+    return files
+
+
 def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not root.exists():
         raise ImageError(f"image folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise ImageError(f"image folder {str(root)!r} is not a directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in root.iterdir() if _is_folder(d))
     if not classes:
         raise ImageError(
             f"image folder {str(root)!r} has no class sub-folders (expected ROOT/<class>/<image>)"
         )
-    files: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
-                    rel = Path(dirpath, fname).relative_to(root).as_posix()
-                    files.append((rel, label))
+    per_class = [_class_files(root, name, label) for label, name in enumerate(classes)]
+    files = [f for group in per_class for f in group]
     if not files:
         raise ImageError(
             f"image folder {str(root)!r} holds no images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    empty = [name for name, group in zip(classes, per_class) if not group]
+    if empty:
+        raise ImageError(
+            f"image folder {str(root)!r}: class folder(s) {', '.join(map(repr, empty[:5]))} hold no images with "
+            f"extensions {', '.join(IMAGE_EXTENSIONS)}; an empty folder would still take a class index (remove it, "
+            "or add its images)"
         )
     return classes, files
 
@@ -111,6 +140,9 @@ def _inspect(path: Path) -> tuple[int, bytes, int, int]:
     data = path.read_bytes()
     digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
     with Image.open(io.BytesIO(data)) as img:
+        if img.format not in DECODABLE_FORMATS:
+            raise ValueError(f"it is a {img.format} file despite its name; the crop renderers decode only "
+                             f"{', '.join(DECODABLE_FORMATS)} (convert it)")
         width, height = img.size
         img.load()  # a full decode catches truncated and corrupt files
     return len(data), digest, height, width

@@ -4,7 +4,9 @@
 Each reference epoch becomes one labelling epoch (crop seed) of the store:
 
 * crop windows ``round(coords * (H, W, H, W))`` (checked to be whole pixels inside the
-  image) and flips go to ``crops/box`` / ``crops/flip``;
+  image, within the rounding of the dtype the coords were saved in: the reference saves
+  float16, whose rounding at 224 px is up to ~0.06 px) and flips go to ``crops/box`` /
+  ``crops/flip``;
 * the batches (members from the epoch's sampler order, ``perm`` = ``mix_index``, ``lam``,
   the CutMix box ``(y0, y1, x0, x1) = (bbx1, bbx2, bby1, bby2)``) go to ``batches/*``, so
   :class:`~hald_store.loader.SoftLabelLoader` replays exactly the batches the teacher saw;
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .codec import VALUE_CODECS, LabelCodec
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError
+from .errors import HaldStoreError, check_positive_finite
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
@@ -45,7 +47,7 @@ __all__ = ["ImportSummary", "import_reference"]
 # source dtype (the true probability rounded to 0 was below it).
 _ZERO_FLOOR = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 _ZERO_FLOOR_DEFAULT = 2.0**-150  # float32 / float64 sources
-_PIXEL_TOLERANCE = 0.02  # coords * size must be this close to whole pixels
+_PIXEL_TOLERANCE = 0.02  # coords * size must be this close to whole pixels (more where the dtype is coarser)
 
 
 @dataclass
@@ -132,14 +134,24 @@ def _resolve_mix(requested: str | None, batch: ReferenceBatch, resolved: str | N
     return requested
 
 
+def _pixel_tolerance(coords: np.ndarray, bits: int, sizes: np.ndarray) -> np.ndarray:
+    """How far ``coords * size`` may lie from the true whole pixel: half a unit in the last place
+    of the saved dtype (``bits`` significand bits) times the size, at least ``_PIXEL_TOLERANCE``."""
+    exponent = np.floor(np.log2(np.where(coords > 0, np.abs(coords), 1.0)))
+    half_ulp = np.where(coords > 0, 2.0 ** (exponent - bits), 0.0)
+    return np.maximum(_PIXEL_TOLERANCE, half_ulp * sizes * (1 + 1e-6))
+
+
 def _pixel_boxes(batch: ReferenceBatch, manifest: Manifest, ids: np.ndarray, where: str) -> np.ndarray:
-    """(B, 4) int32 (top, left, height, width) from fractional coords, checked."""
+    """(B, 4) int32 (top, left, height, width) from fractional coords: the nearest whole pixels,
+    checked to lie within the saved dtype's rounding (fp16 coords at 224 px: up to ~0.06 px)."""
     h, w = manifest.heights[ids].astype(np.float64), manifest.widths[ids].astype(np.float64)
-    scaled = batch.coords * np.stack([h, w, h, w], axis=1)
+    sizes = np.stack([h, w, h, w], axis=1)
+    scaled = batch.coords * sizes
     px = np.rint(scaled)
     top, left, ch, cw = px.T
-    bad = ((top < 0) | (left < 0) | (ch < 1) | (cw < 1) | (top + ch > h) | (left + cw > w)
-           | (np.abs(scaled - px).max(axis=1) > _PIXEL_TOLERANCE))
+    off = np.abs(scaled - px) > _pixel_tolerance(batch.coords, batch.coords_bits, sizes)
+    bad = (top < 0) | (left < 0) | (ch < 1) | (cw < 1) | (top + ch > h) | (left + cw > w) | off.any(axis=1)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
         i = int(ids[j])
@@ -226,8 +238,7 @@ def import_reference(
         raise HaldStoreError(f"teacher_mode must be eval or train, got {teacher_mode!r}")
     if values not in VALUE_CODECS:
         raise HaldStoreError(f"--values must be one of {', '.join(VALUE_CODECS)}, got {values!r}")
-    if not temperature > 0:
-        raise HaldStoreError(f"--temperature must be > 0, got {temperature}")
+    check_positive_finite("--temperature", temperature)
     for name, value in (("--input-size", input_size), ("--chunk-images", chunk_images)):
         if value < 1:
             raise HaldStoreError(f"{name} must be >= 1, got {value}")

@@ -184,7 +184,13 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for bad files
-        raise ModelError(f"checkpoint {path!r} cannot be read: {e}") from e
+        with open(path, "rb") as f:
+            head = f.read(256)
+        text = bool(head) and all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"checkpoint {path!r} cannot be read as a PyTorch checkpoint (a torch.save file)"
+                         f"{'; it looks like a text file' if text else ''}: torch.load failed with "
+                         f"{type(e).__name__}: {reason}") from e
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):

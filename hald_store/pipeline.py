@@ -390,6 +390,8 @@ class TorchvisionRenderer(CropRenderer):
 
         try:
             with Image.open(io.BytesIO(data)) as im:
+                if im.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits as DALI does (convert() clips)
+                    im = Image.fromarray(np.round(np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
                 rgb = np.array(im.convert("RGB"))
         except Exception as exc:
             raise ImageError(f"sample {index}: cannot decode image ({len(data)} bytes): {exc}") from exc

@@ -13,7 +13,8 @@ with one entry per labelling batch, each entry
 ``[coords, flip, mix_index, mix_lam, mix_bbox, soft_label]``:
 
 ``coords``      float tensor (B, 4): ``(top/H, left/W, height/H, width/W)`` of the
-                RandomResizedCrop window in the original H x W image;
+                RandomResizedCrop window in the original H x W image, float16 in the
+                reference files (so ``coords * H`` is only as exact as float16 allows);
 ``flip``        bool tensor (B,): horizontal flip after the crop;
 ``mix_index``   long tensor (B,): the in-batch permutation of the mix (sample ``i`` is mixed
                 with sample ``mix_index[i]``), or None without a mix;
@@ -31,8 +32,10 @@ the sorted ImageFolder order of the image folder (:func:`~hald_store.images.scan
 The files are unpickled with ``torch.load(weights_only=True)`` (tensors, numbers, lists,
 dicts and NumPy scalars/arrays only), never as arbitrary pickles.
 
-Not covered: the original SRe2L per-batch layout ``epoch_<e>/batch_<b>.tar`` holding raw
-teacher outputs (logits); :func:`open_reference` names it when it meets it.
+Not covered: the original SRe2L per-batch layout ``epoch_<e>/batch_<b>.tar``. Its files hold
+raw teacher outputs (logits) and no image order (SRe2L's order comes from a ``RandomSampler``
+seeded with ``--fkd-seed``, reproducible only by re-running it with the same torch version),
+so its labels cannot be attached to images safely; :func:`open_reference` says so.
 
 :func:`write_reference_epochs` produces such files with a real teacher the way the reference
 relabel code does (tests and benchmarks use it); :func:`read_reference_epochs` /
@@ -71,6 +74,9 @@ __all__ = [
 SAMPLER_FILE = "sampler_indices_dict.pt"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.tar$")
 _ENTRY = "[coords, flip, mix_index, mix_lam, mix_bbox, soft_label]"
+# Significand bits (precision) of the float dtypes coords may be saved in.
+_SIGNIFICAND_BITS = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53,
+                     np.dtype(np.float16): 11, np.dtype(np.float32): 24, np.dtype(np.float64): 53}
 
 
 class ReferenceBatch(NamedTuple):
@@ -82,6 +88,7 @@ class ReferenceBatch(NamedTuple):
     mix_lam: float | None
     mix_bbox: np.ndarray | None  # (4,) int64 (bbx1, bby1, bbx2, bby2), None for MixUp / no mix
     soft_label: torch.Tensor  # (B, C) float (float16 in the reference files)
+    coords_bits: int = 53  # significand bits of the coords' dtype as saved (11: float16, the reference)
 
     @property
     def size(self) -> int:
@@ -146,7 +153,9 @@ def _validate_batch(entry: Any, where: str, num_classes: int | None) -> Referenc
         raise HaldStoreError(f"{where}: expected an entry {_ENTRY}, got {got}")
     coords, flips, mix_index, mix_lam, mix_bbox, soft = entry
     try:
-        c = _as_array(coords).astype(np.float64)
+        bits = _SIGNIFICAND_BITS.get(coords.dtype if isinstance(coords, torch.Tensor) else np.asarray(coords).dtype, 53)
+        c = _as_array(coords.float() if isinstance(coords, torch.Tensor) and coords.dtype == torch.bfloat16
+                      else coords).astype(np.float64)
     except (TypeError, ValueError) as e:
         raise HaldStoreError(f"{where}: coords is not numeric ({type(coords).__name__}): {e}") from e
     if c.ndim != 2 or c.shape[1] != 4 or c.shape[0] < 1:
@@ -203,7 +212,7 @@ def _validate_batch(entry: Any, where: str, num_classes: int | None) -> Referenc
             f"[{float(p.min()):.3g}, {float(p.max()):.3g}], row sums in [{float(sums.min()):.3g}, {float(sums.max()):.3g}] "
             "(teacher logits are not supported: store softmax(logits / T))"
         )
-    return ReferenceBatch(c, f.astype(bool), perm, lam, box, soft.detach().cpu())
+    return ReferenceBatch(c, f.astype(bool), perm, lam, box, soft.detach().cpu(), bits)
 
 
 @dataclass
@@ -299,8 +308,12 @@ def open_reference(labels_dir: str | os.PathLike, *, num_classes: int | None = N
     if not found:
         if any(p.is_dir() and re.match(r"^epoch_\d+$", p.name) for p in root.iterdir()):
             raise HaldStoreError(
-                f"{str(root)!r} uses the per-batch layout epoch_<e>/batch_<b>.tar (raw teacher outputs), which is "
-                "not supported; expected one epoch_<e>.tar per epoch with soft labels as probabilities"
+                f"{str(root)!r} uses SRe2L's per-batch layout epoch_<e>/batch_<b>.tar, which cannot be imported: "
+                "those files do not record which images each batch holds (SRe2L draws the order from a "
+                "RandomSampler seeded with --fkd-seed, reproducible only by re-running that sampler with the same "
+                "torch version and image list), so their labels cannot be attached to images safely, and they hold "
+                "raw teacher logits; expected one epoch_<e>.tar per epoch (HALD/LPLD layout) with soft labels as "
+                f"probabilities and the image order in {SAMPLER_FILE}"
             )
         raise HaldStoreError(f"no epoch_<n>.tar files in {str(root)!r}")
     last = max(found)
@@ -353,6 +366,7 @@ def write_reference_epochs(
     with_sampler_indices: bool = True,
     crop_policy: CropPolicy = CropPolicy(),
     device: str | torch.device = "cpu",
+    coords_dtype: torch.dtype = torch.float16,
 ) -> list[Path]:
     """Label ``images_root`` with ``teacher`` the way the reference relabel code does and write
     the reference layout into ``out_dir``; returns the epoch files.
@@ -362,7 +376,9 @@ def write_reference_epochs(
     order is ``0..N-1`` and no sampler file is written), one RandomResizedCrop window and flip
     per image (:func:`~hald_store.crop_plan.plan_crops`, crop seed = epoch), crops rendered by
     the torchvision renderer, CutMix/MixUp inside each batch, the teacher on the mixed batch (BatchNorm on
-    batch statistics for ``teacher_mode="train"``) and ``softmax(logits / T)`` saved as fp16.
+    batch statistics for ``teacher_mode="train"``) and ``softmax(logits / T)`` saved as fp16;
+    the crop coordinates are saved as ``coords_dtype`` (float16, as the reference's
+    ``coords_status.half()``).
     """
     from .build import batch_stats_teacher  # build imports the loader; keep this module light
 
@@ -407,7 +423,7 @@ def write_reference_epochs(
                 probs = torch.softmax(model(x.to(dev)).float() / temperature, dim=1).half().cpu()
             y0, y1, x0, x1 = (int(v) for v in box)
             entries.append([
-                torch.from_numpy(coords[ids]).float(),
+                torch.from_numpy(coords[ids]).float().to(coords_dtype),
                 torch.from_numpy(flips[ids].copy()),
                 None if mix == "none" else torch.from_numpy(np.asarray(perm, dtype=np.int64)),
                 None if mix == "none" else float(lam),

@@ -39,7 +39,7 @@ from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
 from . import safety
 from .codec import LabelCodec, TopKLabels
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError, SettingsMismatchError, StoreError
+from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
 
 FORMAT_NAME = "hald-store"

@@ -13,7 +13,6 @@ replayed (members, mix) through the teacher in the recorded mode.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .build import batch_stats_teacher, resolve_device
-from .errors import HaldStoreError, StoreError
+from .errors import HaldStoreError, StoreError, check_positive_finite
 from .batch_plan import batch_members, mix_recorded
 from .pipeline import make_renderer, read_files
 from .store import LabelStore
@@ -205,8 +204,7 @@ def replayed_teacher_logits(
 def _check_verify_options(sample: int, temperature: float | None, min_agreement: float) -> None:
     if sample < 1:
         raise HaldStoreError(f"--sample must be >= 1 (crops to check), got {sample}")
-    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
-        raise HaldStoreError(f"--temperature must be a finite number > 0, got {temperature}")
+    check_positive_finite("--temperature", temperature)
     if not 0 <= min_agreement <= 1:
         raise HaldStoreError(f"--min-agreement must be a fraction in [0, 1], got {min_agreement}")
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, distributed, resolve_model
-from hald_store.errors import HaldStoreError, SettingsMismatchError
+from hald_store.errors import HaldStoreError, SettingsMismatchError, check_positive_finite
 from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
@@ -91,8 +91,7 @@ class TrainConfig:
         for name, v in positive.items():
             if not v > 0:
                 raise HaldStoreError(f"{name} must be > 0, got {v}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise HaldStoreError(f"temperature must be > 0, got {self.temperature}")
+        check_positive_finite("temperature", self.temperature)
         if self.optimizer not in ("adamw", "sgd"):
             raise HaldStoreError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if not 0 <= self.label_smoothing < 1:

@@ -111,7 +111,7 @@ def test_scan_once_then_build_from_the_manifest(small_folder, tmp_path, resnet20
     assert first.images_scanned == 24 and again.images_scanned == 0
     assert_stores_equal(scanned, reused)
     (tmp_path / "junk.npz").write_bytes(b"not a manifest")
-    r = run_cli("build", str(small_folder), str(tmp_path / "c.zarr"), "--teacher", "cifar_resnet20", "-s", "2",
+    r = run_cli("build", str(small_folder), str(tmp_path / "c.zarr"), "--teacher", "cifar_resnet20", "-s", "2", "--random-init",
                 "--manifest", str(tmp_path / "junk.npz"))
     assert r.exit_code == 1 and "junk.npz' is not a manifest written by 'hald-store scan'" in r.output
     next(small_folder.rglob("*.jpg")).unlink()
@@ -329,3 +329,27 @@ def test_convert_reencodes_labels_and_keeps_crops(tmp_path, small_folder, resnet
     assert r.exit_code == 1 and "top_k 5 exceeds the source store's top_k 4" in r.output
     r = CliRunner().invoke(main, ["convert", str(full), str(direct), "--top-k", "4", "--values", "uint8"])
     assert r.exit_code == 1 and "exists" in r.output and LabelStore.open(direct).complete
+
+
+def test_rough_edges_are_one_line_errors(small_folder, tmp_path):
+    ckpt = require_data("teachers", "cifar10-resnet20.th")
+    out = tmp_path / "s.zarr"
+    base = ["build", str(small_folder), str(out), "--teacher", "cifar_resnet20", "--num-classes", "10", "-s", "1",
+            "--input-size", "32", "-q"]
+    text = tmp_path / "notes.txt"
+    text.write_text("epochs: 300\nlr: 0.1\n")
+    for extra, code, message in (
+        (["--checkpoint", str(ckpt), "--temperature", "inf"], 1, "--temperature must be a finite number > 0, got inf"),
+        (["--checkpoint", str(ckpt), "--device", "tpu"], 1, "--device tpu: not a device; use auto, cpu, cuda"),
+        (["--checkpoint", str(ckpt), "--device", "meta"], 1, "--device meta: unsupported device type 'meta'"),
+        (["--checkpoint", str(text)], 1, "cannot be read as a PyTorch checkpoint (a torch.save file); it looks like a "
+                                         "text file"),
+        ([], 2, "no --checkpoint: teacher 'cifar_resnet20' would label with random weights"),
+        (["--checkpoint", str(ckpt), "--random-init"], 2, "--checkpoint and --random-init contradict each other"),
+    ):
+        r = run_cli(*base, *extra)
+        assert r.exit_code == code and message in r.output, (extra, r.output)
+        assert isinstance(r.exception, SystemExit) and not out.exists()
+    r = run_cli(*base, "--random-init")
+    assert r.exit_code == 0, r.output
+    assert LabelStore.open(out).complete

@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from hald_store import LabelStore, SoftLabelLoader, import_reference
 from hald_store.build import batch_stats_teacher
@@ -249,3 +251,52 @@ def test_cli_import(reference, images, tmp_path):
     r = CliRunner().invoke(main, ["import", str(reference), str(images), str(tmp_path / "x.zarr"), "--input-size",
                                   "32", "--num-classes", "12", "-q"])
     assert r.exit_code == 1 and "Error:" in r.output and "soft labels have 10 classes, expected 12" in r.output
+
+
+def _resized_copy(src: Path, dst: Path, sizes: list[tuple[int, int]]) -> Path:
+    """Real CIFAR photos (3 classes x 4) resized to the given (height, width) sizes, in turn."""
+    copy_subset(src, dst, classes=3, per_class=4)
+    for i, f in enumerate(sorted(dst.rglob("*.jpg"))):
+        h, w = sizes[i % len(sizes)]
+        with Image.open(f) as im:
+            im.convert("RGB").resize((w, h), Image.BICUBIC).save(f, quality=90)
+    return dst
+
+
+@pytest.mark.parametrize("sizes", [[(224, 224)], [(375, 500), (301, 227), (333, 1001)]], ids=["224px", "odd"])
+def test_float16_coords_as_the_reference_saves_them(tmp_path, resnet56, sizes):
+    """The reference saves coords with `.half()`: `coords * 224` is up to ~0.06 px off a whole
+    pixel. Import recovers the exact integer windows within float16's rounding."""
+    root = _resized_copy(require_data("cifar10-mini", "train"), tmp_path / "images", sizes)
+    labels = tmp_path / "labels"
+    write_reference_epochs(root, labels, resnet56, epochs=3, batch_size=4, temperature=T, input_size=32,
+                           mix="cutmix", teacher_mode="train", seed=5)
+    entries = torch.load(labels / "epoch_0.tar", weights_only=True)
+    assert entries[0][0].dtype == torch.float16
+    manifest = scan_image_folder(root, progress=False)
+    (epochs, sampler) = read_reference_epochs(labels)
+    worst = 0.0
+    for e, batches in enumerate(epochs):
+        order = sampler[e].numpy() if isinstance(sampler[e], torch.Tensor) else sampler[e]
+        hw = np.stack([manifest.heights, manifest.widths] * 2, axis=1)[order].astype(np.float64)
+        scaled = np.concatenate([b.coords for b in batches]) * hw
+        worst = max(worst, float(np.abs(scaled - np.rint(scaled)).max()))
+    assert worst > 0.02  # beyond the old fixed tolerance: this used to be refused
+    out = tmp_path / "s.zarr"
+    import_reference(labels, root, out, top_k=10, temperature=T, input_size=32, progress=False)
+    store = LabelStore.open(out)
+    n = store.num_images
+    for e in range(3):
+        boxes, flips = plan_crops(5, np.arange(n), e, manifest.heights, manifest.widths)
+        np.testing.assert_array_equal(store.array("crops/box")[:, e], boxes, err_msg=f"epoch {e}")
+        np.testing.assert_array_equal(store.array("crops/flip")[:, e], flips)
+
+
+def test_sre2l_per_batch_layout_is_explained(tmp_path, reference):
+    """SRe2L's epoch_<e>/batch_<b>.tar holds logits and no image order: refused, saying why."""
+    entries = torch.load(reference / "epoch_0.tar", weights_only=True)
+    (tmp_path / "fkd" / "epoch_0").mkdir(parents=True)
+    for b, entry in enumerate(entries):
+        torch.save(entry, tmp_path / "fkd" / "epoch_0" / f"batch_{b}.tar")
+    with pytest.raises(HaldStoreError, match=r"per-batch layout .* do not record which images each batch holds"):
+        read_reference_epochs(tmp_path / "fkd")

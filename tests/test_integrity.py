@@ -170,7 +170,7 @@ def test_verify_modes_and_image_hashes(built, tmp_path, cifar_mini_train):
     assert r.exit_code == 1 and "bird/0002.jpg" in r.output
     # flags that need --deep, and bad numbers
     r = run_cli("verify", good, images, "--teacher", "cifar_resnet20")
-    assert r.exit_code == 2 and "--teacher is used by --deep only" in r.output
+    assert r.exit_code == 2 and "are used by --deep only" in r.output
     assert "--deep needs IMAGES_DIR" in run_cli("verify", good, "--deep").output
     deep = ["verify", good, images, "--deep", "--teacher", "cifar_resnet20", "--checkpoint", ckpt]
     for flag, value, message in (("--sample", "0", "--sample must be >= 1"),

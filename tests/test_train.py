@@ -371,3 +371,9 @@ def test_demo_end_to_end_small(tmp_path):
     mtime = (tmp_path / "demo" / "teacher.pt").stat().st_mtime
     assert run_demo(tmp_path / "demo", s, progress=False)["students"] == r["students"]
     assert (tmp_path / "demo" / "teacher.pt").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0])
+def test_non_finite_temperature_is_refused(value):
+    with pytest.raises(HaldStoreError, match="temperature must be a finite number > 0"):
+        TrainConfig(store="s.zarr", images="img", out_dir="run", temperature=value).check()
