@@ -31,7 +31,7 @@ from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .store import LabelStore
 from .stream import CropStream, open_stream
-from .writer import StoreWriter
+from .writer import BlockAssembler, StoreWriter
 
 
 
@@ -281,19 +281,16 @@ def build_store(
                              batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
                              cache_decoded=cache_decoded)
         if batch_mode:
-            block_shape = {b: (n,) for b in todo}
             batches = _recorded_batches(store, stream, todo)
             if teacher_mode == "train":
                 teacher = batch_stats_teacher(teacher)
         else:
-            block_shape = {b: (b1 - b0, s) for b, (b0, b1) in zip(todo, map(store.block_range, todo))}
             batches = _crop_batches(store, stream, todo, batch_size)
-        remaining = sum(int(np.prod(shape)) for shape in block_shape.values())
+        remaining = sum(int(np.prod(store.block_shape(b))) for b in todo)
         pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                     disable=not progress, dynamic_ncols=True)
         teacher_seconds, written = 0.0, 0
-        pending: dict[int, dict[str, np.ndarray]] = {}  # encoded fields of each unfinished block
-        filled: dict[int, int] = {}
+        blocks = BlockAssembler(store)
         try:
             for block, positions, idx, x in batches:
                 t0 = time.perf_counter()
@@ -301,18 +298,8 @@ def build_store(
                     logits = teacher(x.to(dev, non_blocking=True)).float().cpu()
                 teacher_seconds += time.perf_counter() - t0
                 _check_logits(logits, idx, manifest, num_classes)
-                size = int(np.prod(block_shape[block]))
-                fields = pending.setdefault(block, {k: np.empty((size, *shape), dtype) for k, (dtype, shape)
-                                                    in codec.fields().items()})
-                for k, v in codec.encode(logits).items():  # encoded per batch: a block never holds logits
-                    fields[k][positions] = v
-                filled[block] = filled.get(block, 0) + len(positions)
+                written += blocks.add(block, positions, logits)
                 pbar.update(len(idx))
-                if filled[block] == size:
-                    fields = pending.pop(block)
-                    store.write_block(block, {k: v.reshape(*block_shape[block], *v.shape[1:])
-                                              for k, v in fields.items()})
-                    written += size
         finally:
             pbar.close()
         written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))

@@ -568,6 +568,13 @@ class LabelStore:
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         return fields, out["crops/box"], out["crops/flip"]
 
+    def block_shape(self, block: int) -> tuple[int, ...]:
+        """Leading shape of a block's label arrays: (images in block, S), or (N,) in batch mode."""
+        if self.batch_mode:
+            return (self.num_images,)
+        start, stop = self.block_range(block)
+        return (stop - start, self.crops_per_image)
+
     def write_block(self, block: int, fields: dict[str, np.ndarray]) -> None:
         """Write the labels of one block, then mark it done. A block is a range of images
         (arrays shaped (images in block, S, ...)) or, in batch mode, one crop seed of every

@@ -28,7 +28,7 @@ from .errors import ManifestMismatchError, SettingsMismatchError
 from .images import Manifest
 from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
 
-__all__ = ["StoreWriter"]
+__all__ = ["StoreWriter", "BlockAssembler"]
 
 
 class StoreWriter:
@@ -99,3 +99,29 @@ class StoreWriter:
         except SettingsMismatchError as e:
             raise SettingsMismatchError(f"{e}{staged}") from e
         return target
+
+
+class BlockAssembler:
+    """Encodes labels batch by batch into their blocks and writes each block once it is full,
+    so a block is held encoded (bytes per crop), never as logits."""
+
+    def __init__(self, store: LabelStore) -> None:
+        self.store = store
+        self._pending: dict[int, dict[str, np.ndarray]] = {}
+        self._filled: dict[int, int] = {}
+
+    def add(self, block: int, positions: np.ndarray, logits) -> int:
+        """Encode ``logits`` (one row per crop) into ``block`` at flat ``positions``; returns the
+        crops written (the block's size when this batch completes it, else 0)."""
+        shape = self.store.block_shape(block)
+        size = int(np.prod(shape))
+        fields = self._pending.setdefault(block, {k: np.empty((size, *s), dtype)
+                                                  for k, (dtype, s) in self.store.codec.fields().items()})
+        for k, v in self.store.codec.encode(logits).items():
+            fields[k][positions] = v
+        self._filled[block] = self._filled.get(block, 0) + len(positions)
+        if self._filled[block] < size:
+            return 0
+        del self._filled[block]
+        self.store.write_block(block, {k: v.reshape(*shape, *v.shape[1:]) for k, v in self._pending.pop(block).items()})
+        return size
