@@ -1,25 +1,20 @@
-"""Mechanical scale test of the label store at ImageNet-like shape, with SYNTHETIC logits.
+"""Scale test of the build path at ImageNet/FKD shape, with SYNTHETIC logits (clearly labelled).
 
-No teacher and no images are involved: a synthetic manifest (fake paths, random sizes and
-digests) and synthetic logits (a "true class" peak plus Gaussian noise per crop) exercise the
-store's write path, its size on disk and its read paths at 10,000,000 crop records.
+The library's own write path runs: ``StoreWriter`` (lock, create or resume), crops planned
+and written one chunk of images at a time (``plan_image_crops``), ``BlockAssembler``
+(per-batch encoding, block writes, done markers) -- only the teacher over rendered crops is
+replaced by synthetic logits and the images by a synthetic manifest. Each store is built
+half-way and stopped (as a kill would), resumed to completion, then read (an epoch pass and
+random batches), each phase in its own process so that its peak RSS is its own.
 
-    .venv/bin/python benchmarks/scale.py --quick                # 10,000 images x 100 crops (1M records), ~15 s
-    .venv/bin/python benchmarks/scale.py                        # 100,000 images x 100 crops (10M records), ~2.5 min
-    .venv/bin/python benchmarks/scale.py --compare-chunking     # chunk_images 256/1024/4096, 100,000 x 20 crops, ~2 min
-    .venv/bin/python benchmarks/scale.py --keep                 # keep the store afterwards
+    .venv/bin/python benchmarks/scale.py --quick              # 2,000 x 500 crops (1M records)
+    .venv/bin/python benchmarks/scale.py                      # 20,000 x 500 (10M) and 200,000 x 500 (100M)
+    .venv/bin/python benchmarks/scale.py --compare-chunking   # chunk_images 256/1024/4096 at 20,000 x 500
+    .venv/bin/python benchmarks/scale.py --keep               # keep the stores afterwards
 
-Stores go to ``benchmarks/results/scale/`` and are deleted at the end unless ``--keep``;
-results go to ``benchmarks/results/scale.json`` (``scale-quick.json`` with ``--quick``,
-``scale-chunking.json`` with ``--compare-chunking``).
-
-Measured: write (encode + ``write_block``; synthetic logit generation is timed separately and
-excluded), encode alone, files and bytes on disk, random batches of ``(image, crop seed)``
-pairs through ``LabelStore.read`` + dense ``probs``, one epoch pass through
-``read_one_crop_per_image``, and the peak RSS of each phase. The read phase runs in a fresh
-process so that its peak RSS is not masked by the write phase. Reads hit a warm page cache
-(the store has just been written). Times are from a 2-core machine; the run ends by printing
-how much CPU other processes took meanwhile, since a shared machine skews the numbers.
+Stores go to ``benchmarks/results/scale/`` (deleted unless ``--keep``); results to
+``benchmarks/results/scale.json`` (``scale-quick.json``, ``scale-chunking.json``). Reads hit a
+warm page cache. The run ends by printing how much CPU other processes took meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hald_store import CropPolicy, LabelCodec, LabelStore, Manifest, __version__, build_store
+from hald_store.writer import BlockAssembler, StoreWriter
 from hald_store.crop_plan import plan_image_crops
 from hald_store.order import epoch_crop_seeds
 
@@ -50,8 +46,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUILD_DEFAULTS = {k: p.default for k, p in inspect.signature(build_store).parameters.items()}
 OWN_CLASS_FRACTION = 0.8  # share of crops whose logit peak is on the image's own class
 PEAK_RANGE = (4.0, 12.0)  # height of the peak above N(0, 1) noise
+NOISY_CLASSES = 16
+TEACHER_BATCH = 4096  # crops per synthetic "teacher" batch
 SYNTHETIC_NOTE = (
-    f"SYNTHETIC logits: N(0,1) noise on every class plus a peak of height U{PEAK_RANGE} on a 'true class' "
+    f"SYNTHETIC logits: N(0,1) noise on {NOISY_CLASSES} random classes per crop plus a peak of height "
+    f"U{PEAK_RANGE} on a 'true class' "
     f"(the image's class for {OWN_CLASS_FRACTION:.0%} of the crops, a uniformly random class otherwise); "
     "top-2..k indices are therefore random, which makes label compression pessimistic compared with a real teacher"
 )
@@ -75,13 +74,16 @@ def synthetic_manifest(num_images: int, num_classes: int, seed: int) -> Manifest
     )
 
 
-def synthetic_logits(labels: np.ndarray, crops: int, num_classes: int, seed: int, block: int) -> torch.Tensor:
-    """SYNTHETIC logits (len(labels) * crops, C) float32 of one block's crops, image-major;
-    deterministic in ``(seed, block)``."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
-    rows = len(labels) * crops
-    z = torch.randn(rows, num_classes, generator=g)
-    own = torch.from_numpy(np.repeat(labels, crops))
+def synthetic_logits(labels: np.ndarray, num_classes: int, seed: int, key: int) -> torch.Tensor:
+    """SYNTHETIC logits (len(labels), C) float32, one row per crop of an image of class
+    ``labels[i]``; deterministic in ``(seed, key)``. N(0, 1) noise on NOISY_CLASSES random classes
+    per row (cheap at any C, and random top-k indices: pessimistic for compression) plus a peak."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key]).generate_state(1)[0]))
+    rows = len(labels)
+    z = torch.zeros(rows, num_classes)
+    cols = torch.randint(num_classes, (rows, NOISY_CLASSES), generator=g)
+    z.scatter_(1, cols, torch.randn(rows, NOISY_CLASSES, generator=g))
+    own = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     other = torch.randint(num_classes, (rows,), generator=g)
     true = torch.where(torch.rand(rows, generator=g) < OWN_CLASS_FRACTION, own, other)
     lo, hi = PEAK_RANGE
@@ -111,35 +113,56 @@ def store_attrs(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropP
 
 
 # ------------------------------------------------------------------ write phase
-def create_store(path: Path, manifest: Manifest, crops: int, codec: LabelCodec, chunk_images: int,
-                 seed: int) -> LabelStore:
-    """Create the empty store, planned block by block, as ``build_store`` does."""
-    policy = CropPolicy()
-    attrs = store_attrs(manifest, crops, codec, policy, seed)
-    return LabelStore.create(path, manifest, lambda a, b: plan_image_crops(seed, a, b, crops, manifest.heights,
-                                                                           manifest.widths, policy),
-                             attrs, codec, chunk_images)
-
-
-def write_labels(store: LabelStore, labels: np.ndarray, seed: int) -> dict[str, float]:
-    """Generate, encode and write every block; seconds spent in each step."""
-    s, c = store.crops_per_image, store.num_classes
-    secs = {"generate": 0.0, "encode": 0.0, "write_block": 0.0}
-    with tqdm(total=store.num_crops, desc="write labels", unit="crop", unit_scale=True, dynamic_ncols=True) as bar:
-        for block in range(store.num_blocks):
-            start, stop = store.block_range(block)
-            t0 = time.perf_counter()
-            logits = synthetic_logits(labels[start:stop], s, c, seed, block)
-            t1 = time.perf_counter()
-            fields = store.codec.encode(logits)
-            t2 = time.perf_counter()
-            store.write_block(block, {k: v.reshape(stop - start, s, *v.shape[1:]) for k, v in fields.items()})
-            t3 = time.perf_counter()
-            secs["generate"] += t1 - t0
-            secs["encode"] += t2 - t1
-            secs["write_block"] += t3 - t2
-            bar.update((stop - start) * s)
-    return secs
+def write_phase(path: str, args: argparse.Namespace, chunk_images: int, resume: bool,
+                stop_after: int | None) -> dict[str, Any]:
+    """Build (or resume) the store through the library's own writer: ``StoreWriter`` (lock,
+    create or resume), block-by-block planning (``plan_image_crops``), and ``BlockAssembler``
+    (per-batch encoding, block writes), with synthetic logits in place of a teacher over
+    rendered crops. ``stop_after`` blocks ends the run early, as a kill would (runs in a child
+    process so its peak RSS is its own)."""
+    torch.set_num_threads(1)
+    codec = LabelCodec(values=args.values, top_k=args.top_k, num_classes=args.num_classes,
+                       temperature=float(BUILD_DEFAULTS["temperature"]))
+    manifest = synthetic_manifest(args.num_images, args.num_classes, args.seed)
+    policy, s = CropPolicy(), args.crops_per_image
+    attrs = store_attrs(manifest, s, codec, policy, args.seed)
+    t0 = time.perf_counter()
+    secs = {"logits": 0.0, "encode_write": 0.0}
+    written = 0
+    with StoreWriter(path, resume=resume) as writer:
+        store = writer.open(manifest, lambda a, b: plan_image_crops(args.seed, a, b, s, manifest.heights,
+                                                                   manifest.widths, policy),
+                            attrs, codec, chunk_images)
+        create_s = time.perf_counter() - t0
+        rss_create = peak_rss_mib()
+        blocks = BlockAssembler(store)
+        todo = writer.todo()[:stop_after]
+        total = sum(int(np.prod(store.block_shape(b))) for b in todo)
+        with tqdm(total=total, desc="resume" if resume else "build", unit="crop", unit_scale=True,
+                  dynamic_ncols=True) as bar:
+            for block in todo:
+                start, stop = store.block_range(block)
+                labels = np.repeat(manifest.labels[start:stop], s)
+                for b0 in range(0, len(labels), TEACHER_BATCH):
+                    t1 = time.perf_counter()
+                    z = synthetic_logits(labels[b0 : b0 + TEACHER_BATCH], args.num_classes, args.seed,
+                                         block * 1_000_003 + b0)
+                    t2 = time.perf_counter()
+                    written += blocks.add(block, np.arange(b0, b0 + len(z)), z)
+                    secs["logits"] += t2 - t1
+                    secs["encode_write"] += time.perf_counter() - t2
+                    bar.update(len(z))
+    disk = disk_usage(Path(path))
+    crops = args.num_images * s
+    return {
+        "resume": resume, "blocks_written": len(todo), "crops_written": written, "crops": crops,
+        "blocks": store.num_blocks, "create_s": create_s, "synthetic_logits_s": secs["logits"],
+        "encode_write_s": secs["encode_write"],
+        "write_crops_per_s": written / secs["encode_write"] if secs["encode_write"] else 0.0,
+        **disk, "bytes_per_crop": disk["bytes"] / crops, "label_bytes_per_crop": disk["label_bytes"] / crops,
+        "raw_label_bytes_per_crop": codec.bytes_per_crop(), "reference_fp16_bytes_per_crop": 2 * codec.num_classes,
+        "peak_rss_mib_after_create": rss_create, "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def disk_usage(path: Path) -> dict[str, int]:
@@ -154,36 +177,10 @@ def disk_usage(path: Path) -> dict[str, int]:
     }
 
 
-def write_phase(path: Path, args: argparse.Namespace, chunk_images: int) -> dict[str, Any]:
-    """Create and fill the store; throughput, size on disk and peak RSS."""
-    codec = LabelCodec(values=args.values, top_k=args.top_k, num_classes=args.num_classes,
-                       temperature=float(BUILD_DEFAULTS["temperature"]))
-    manifest = synthetic_manifest(args.num_images, args.num_classes, args.seed)
-    t0 = time.perf_counter()
-    store = create_store(path, manifest, args.crops_per_image, codec, chunk_images, args.seed)
-    create_s = time.perf_counter() - t0
-    rss_create = peak_rss_mib()
-    secs = write_labels(store, manifest.labels, args.seed)
-    crops = store.num_crops
-    disk = disk_usage(path)
-    return {
-        "crops": crops,
-        "blocks": store.num_blocks,
-        "create_s": create_s,
-        "generate_s": secs["generate"],
-        "encode_s": secs["encode"],
-        "write_block_s": secs["write_block"],
-        "write_crops_per_s": crops / (secs["encode"] + secs["write_block"]),
-        "encode_crops_per_s": crops / secs["encode"],
-        "write_block_crops_per_s": crops / secs["write_block"],
-        **disk,
-        "bytes_per_crop": disk["bytes"] / crops,
-        "label_bytes_per_crop": disk["label_bytes"] / crops,
-        "raw_label_bytes_per_crop": codec.bytes_per_crop(),
-        "reference_fp16_bytes_per_crop": 2 * codec.num_classes,
-        "peak_rss_mib_after_create": rss_create,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+def in_child(fn, *args) -> Any:
+    """``fn(*args)`` in a fresh (spawned) process, so its peak RSS is its own."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 # ------------------------------------------------------------------ read phase
@@ -232,7 +229,7 @@ def random_batches(store: LabelStore, batches: int, batch_size: int, seed: int) 
 
 def epoch_pass(store: LabelStore, batch_size: int) -> dict[str, float]:
     """One crop per image via ``read_one_crop_per_image`` (labels, boxes, flips), then its
-    labels decoded to dense probs in batches, as the SoftLabelLoader does."""
+    labels decoded to top-k (``dense=False``) in batches, as a loader does per epoch."""
     n = store.num_images
     seeds = epoch_crop_seeds(n, store.crops_per_image, epoch=0)
     t0 = time.perf_counter()
@@ -240,77 +237,65 @@ def epoch_pass(store: LabelStore, batch_size: int) -> dict[str, float]:
     read_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for b0 in range(0, n, batch_size):
-        store.codec.decode({k: v[b0 : b0 + batch_size] for k, v in fields.items()}).probs(store.temperature)
-    probs_s = time.perf_counter() - t0
-    return {"read_s": read_s, "labels_per_s": n / read_s, "decode_probs_s": probs_s,
-            "labels_per_s_with_probs": n / (read_s + probs_s)}
+        store.codec.decode({k: v[b0 : b0 + batch_size] for k, v in fields.items()})
+    decode_s = time.perf_counter() - t0
+    return {"read_s": read_s, "decode_s": decode_s, "labels_per_s": n / (read_s + decode_s)}
 
 
 def read_phase(path: str, batches: int, batch_size: int, seed: int) -> dict[str, Any]:
-    """Both read tests on a freshly opened store (runs in a child process)."""
+    """An epoch pass, then random batches, on a freshly opened store (runs in a child process)."""
+    torch.set_num_threads(1)
     t0 = time.perf_counter()
     store = LabelStore.open(path)
     open_s = time.perf_counter() - t0
-    rss_open = peak_rss_mib()
-    rand = random_batches(store, batches, batch_size, seed)
-    rss_random = peak_rss_mib()
     epoch = epoch_pass(store, batch_size)
-    return {"open_s": open_s, "random": rand, "epoch": epoch, "peak_rss_mib_after_open": rss_open,
-            "peak_rss_mib_after_random": rss_random, "peak_rss_mib_after_epoch": peak_rss_mib()}
-
-
-def read_in_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`read_phase` in a fresh (spawned) process, so its ``ru_maxrss`` is its own."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(read_phase, str(path), args.batches, args.batch_size, args.seed).result()
+    rss_epoch = peak_rss_mib()
+    rand = random_batches(store, batches, batch_size, seed)
+    return {"open_s": open_s, "random": rand, "epoch": epoch, "peak_rss_mib_after_epoch": rss_epoch,
+            "peak_rss_mib_after_random": peak_rss_mib()}
 
 
 # ------------------------------------------------------------------ driver
 def run_one(args: argparse.Namespace, chunk_images: int) -> dict[str, Any]:
-    """Write, measure and read one store; deletes it unless ``--keep``."""
+    """Build half the blocks (then stop, as a kill would), resume, read; deletes the store unless ``--keep``."""
     path = RESULTS / "scale" / f"synthetic-{args.num_images}x{args.crops_per_image}-ci{chunk_images}.zarr"
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
+    blocks = -(-args.num_images // chunk_images)
     print(f"\n== {args.num_images:,} images x {args.crops_per_image} crops, chunk_images {chunk_images} -> {path}")
     try:
-        write = write_phase(path, args, chunk_images)
-        read = read_in_child(path, args)
+        build = in_child(write_phase, str(path), args, chunk_images, False, blocks // 2)
+        resume = in_child(write_phase, str(path), args, chunk_images, True, None)
+        read = in_child(read_phase, str(path), args.batches, args.batch_size, args.seed)
     finally:
         if not args.keep:
             shutil.rmtree(path, ignore_errors=True)
-    return {"chunk_images": chunk_images, "path": str(path), "kept": args.keep, "write": write, "read": read}
+    return {"chunk_images": chunk_images, "path": str(path), "kept": args.keep, "build": build, "resume": resume,
+            "read": read}
 
 
 def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     """(measure, value) rows of one run."""
-    w, r = result["write"], result["read"]
+    b, w, r = result["build"], result["resume"], result["read"]
     rb, ep = r["random"], r["epoch"]
     return [
         ("crop records", f"{w['crops']:,} ({w['blocks']} blocks of {result['chunk_images']} images)"),
-        ("create (crop plan + manifest + boxes)", f"{w['create_s']:.1f} s"),
-        ("synthetic logit generation (excluded)", f"{w['generate_s']:.1f} s"),
-        ("write throughput (encode + write_block)", f"{w['write_crops_per_s']:,.0f} crops/s"),
-        ("  encode only", f"{w['encode_crops_per_s']:,.0f} crops/s ({w['encode_s']:.1f} s)"),
-        ("  write_block only", f"{w['write_block_crops_per_s']:,.0f} crops/s ({w['write_block_s']:.1f} s)"),
+        ("build: blocks written, then stopped", f"{b['blocks_written']} ({b['crops_written']:,} crops)"),
+        ("resume: blocks written", f"{w['blocks_written']} ({w['crops_written']:,} crops)"),
+        ("create (plan + manifest + boxes, streamed)", f"{b['create_s']:.1f} s"),
+        ("synthetic logit generation (excluded)", f"{b['synthetic_logits_s'] + w['synthetic_logits_s']:.1f} s"),
+        ("write (encode + write_block), build / resume",
+         f"{b['write_crops_per_s']:,.0f} / {w['write_crops_per_s']:,.0f} crops/s"),
         ("files on disk (labels/)", f"{w['files']:,} ({w['label_files']:,})"),
         ("bytes on disk (labels/)", f"{w['bytes'] / 2**20:,.1f} MiB ({w['label_bytes'] / 2**20:,.1f} MiB)"),
-        ("bytes per crop, total", f"{w['bytes_per_crop']:.2f}"),
-        ("bytes per crop, labels (raw; fp16 ref)",
-         f"{w['label_bytes_per_crop']:.2f} ({w['raw_label_bytes_per_crop']}; {w['reference_fp16_bytes_per_crop']})"),
-        ("peak RSS, write process: after create / end",
-         f"{w['peak_rss_mib_after_create']:,.0f} / {w['peak_rss_mib']:,.0f} MiB"),
-        ("LabelStore.open", f"{1e3 * r['open_s']:.0f} ms"),
+        ("bytes per crop, total / labels (raw; fp16 ref)",
+         f"{w['bytes_per_crop']:.2f} / {w['label_bytes_per_crop']:.2f} ({w['raw_label_bytes_per_crop']}; "
+         f"{w['reference_fp16_bytes_per_crop']})"),
+        ("peak RSS: build / resume / epoch read",
+         f"{b['peak_rss_mib']:,.0f} / {w['peak_rss_mib']:,.0f} / {r['peak_rss_mib_after_epoch']:,.0f} MiB"),
+        ("epoch pass (read + decode top-k)", f"{ep['labels_per_s']:,.0f} labels/s ({ep['read_s'] + ep['decode_s']:.1f} s)"),
         (f"random batches of {rb['batch_size']} (read + probs)",
-         f"{rb['batches_per_s']:.2f} batches/s = {rb['labels_per_s']:,.0f} labels/s"),
-        ("  ms per batch: read / dense probs", f"{rb['ms_per_batch_read']:.1f} / {rb['ms_per_batch_probs']:.1f}"),
-        ("  chunk reads per batch",
-         f"{rb['chunk_reads_per_batch']:.0f} ({rb['blocks_per_batch']:.1f} blocks x {rb['label_arrays']} arrays)"),
-        ("  decompressed label data per batch", f"{rb['decompressed_mib_per_batch']:.1f} MiB"),
-        ("epoch pass read_one_crop_per_image", f"{ep['labels_per_s']:,.0f} labels/s ({ep['read_s']:.2f} s)"),
-        ("  + decode to dense probs", f"{ep['labels_per_s_with_probs']:,.0f} labels/s"),
-        ("peak RSS, read process: open / random / epoch",
-         f"{r['peak_rss_mib_after_open']:,.0f} / {r['peak_rss_mib_after_random']:,.0f} / "
-         f"{r['peak_rss_mib_after_epoch']:,.0f} MiB"),
+         f"{rb['batches_per_s']:.2f} batches/s, {rb['chunk_reads_per_batch']:.0f} chunk reads, "
+         f"{rb['decompressed_mib_per_batch']:.0f} MiB decompressed per batch"),
     ]
 
 
@@ -325,38 +310,36 @@ def print_comparison(results: list[dict[str, Any]]) -> None:
     print(f"\n  {'chunk':>6} {'files':>7} {'B/crop':>7} {'write c/s':>10} {'batch/s':>8} "
           f"{'reads/b':>8} {'MiB/b':>7} {'epoch l/s':>10} {'RSS MiB':>8}")
     for res in results:
-        w, r = res["write"], res["read"]
+        w, r = res["resume"], res["read"]
         print(f"  {res['chunk_images']:>6} {w['files']:>7,} {w['bytes_per_crop']:>7.2f} {w['write_crops_per_s']:>10,.0f} "
               f"{r['random']['batches_per_s']:>8.2f} {r['random']['chunk_reads_per_batch']:>8.0f} "
               f"{r['random']['decompressed_mib_per_batch']:>7.1f} {r['epoch']['labels_per_s']:>10,.0f} "
-              f"{r['peak_rss_mib_after_epoch']:>8,.0f}")
+              f"{max(res['build']['peak_rss_mib'], w['peak_rss_mib'], r['peak_rss_mib_after_epoch']):>8,.0f}")
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="10,000 images (1M records), 50 random batches")
+    p.add_argument("--quick", action="store_true", help="2,000 images x 500 crops (1M records), 5 random batches")
     p.add_argument("--compare-chunking", action="store_true",
-                   help="compare --chunkings on a smaller store (default 100,000 images x 20 crops: as many "
-                        "blocks as the main run, 1/5 of the records) instead of the main run")
+                   help="compare --chunkings on a 20,000 x 500 store instead of the main run")
     p.add_argument("--chunkings", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--num-images", type=int, default=None, help="default 100,000 (10,000 --quick)")
-    p.add_argument("--crops-per-image", type=int, default=None, help="default 100 (20 --compare-chunking)")
+    p.add_argument("--num-images", type=int, nargs="+", default=None,
+                   help="stores to build, in images (default 20,000 and 200,000: 10M and 100M records)")
+    p.add_argument("--crops-per-image", type=int, default=500)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--top-k", type=int, default=BUILD_DEFAULTS["top_k"])
     p.add_argument("--values", default=BUILD_DEFAULTS["values"])
     p.add_argument("--chunk-images", type=int, default=BUILD_DEFAULTS["chunk_images"])
-    p.add_argument("--batches", type=int, default=None, help="random batches timed (default 200, 50 --quick)")
+    p.add_argument("--batches", type=int, default=None, help="random batches timed (default 20, 5 --quick)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the store(s) under benchmarks/results/scale/")
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/scale[-quick|-chunking].json")
     args = p.parse_args()
     if args.num_images is None:
-        args.num_images = 10_000 if args.quick else 100_000
-    if args.crops_per_image is None:
-        args.crops_per_image = 20 if args.compare_chunking else 100
+        args.num_images = [2_000] if args.quick else [20_000] if args.compare_chunking else [20_000, 200_000]
     if args.batches is None:
-        args.batches = 50 if args.quick or args.compare_chunking else 200
+        args.batches = 5 if args.quick else 20
     if args.json is None:
         suffix = "-chunking" if args.compare_chunking else "-quick" if args.quick else ""
         args.json = RESULTS / f"scale{suffix}.json"
@@ -370,9 +353,10 @@ def main() -> None:
     chunkings = args.chunkings if args.compare_chunking else [args.chunk_images]
     busy0, own0 = busy_cpu_seconds()
     t0 = time.perf_counter()
-    results = [run_one(args, ci) for ci in chunkings]
+    results = [run_one(argparse.Namespace(**{**vars(args), "num_images": n}), ci)
+               for n in args.num_images for ci in chunkings]
     for res in results:
-        print(f"\n-- chunk_images {res['chunk_images']}")
+        print(f"\n-- {res['build']['crops']:,} crop records, chunk_images {res['chunk_images']}")
         print_table(table(res))
     if args.compare_chunking:
         print_comparison(results)
