@@ -8,31 +8,33 @@ the result is identical to an uninterrupted build.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
+from . import distributed
 from .batch_plan import BatchPlan, batch_members, mix_recorded
-from .codec import LabelCodec
+from .codec import VALUE_CODECS, LabelCodec, check_logits
 from .crop_plan import CropPolicy, plan_image_crops
-from .errors import HaldStoreError, TeacherOutputError, check_positive_finite
+from .devices import renderer_device, resolve_device
+from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES
 from .models import weights_sha256
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
+from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
 from .stream import CropStream, open_stream
 from .writer import BlockAssembler, StoreWriter
-
 
 
 @dataclass
@@ -76,33 +78,17 @@ class BuildSummary:
         )
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``'auto'`` picks CUDA when available, else CPU; asking for CUDA without it is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise HaldStoreError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise HaldStoreError(f"--device {device}: unsupported device type {dev.type!r}; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HaldStoreError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return dev
-
-
 def crops_for_slc(manifest: Manifest, slc: int) -> int:
     """Crops per image giving ``slc`` soft labels per class (needs equal images per class)."""
     per_class = manifest.images_per_class()
     present = per_class[per_class > 0]
     if len(set(present.tolist())) != 1:
-        raise HaldStoreError("--slc needs the same number of images in every class; use --crops-per-image")
+        raise OptionError("slc needs the same number of images in every class; use crops_per_image", "slc",
+                          "crops_per_image")
     ipc = int(present[0])
     if slc < ipc or slc % ipc:
-        raise HaldStoreError(
-            f"--slc {slc} is not a positive multiple of the {ipc} images per class; "
-            f"try --slc {max(ipc, slc // ipc * ipc)}"
-        )
+        raise OptionError(f"slc={slc} is not a positive multiple of the {ipc} images per class; "
+                          f"try slc={max(ipc, slc // ipc * ipc)}", "slc")
     return slc // ipc
 
 
@@ -127,7 +113,7 @@ def _recorded_batches(
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, torch.Tensor]]:
     """The store's recorded labelling batches of the given epochs, rendered and mixed:
     yields (epoch, positions = image indices, image indices, images)."""
-    mix = store.attrs["labelling"]["mix"]
+    mix = store.settings.labelling.mix
     for epoch in epochs:
         plan = store.batches(epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
@@ -147,46 +133,80 @@ def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
     return copy
 
 
-def build_store(
-    images: str | os.PathLike,
-    out: str | os.PathLike,
-    teacher: nn.Module,
-    *,
-    teacher_name: str | None = None,
-    num_classes: int | None = None,
-    crops_per_image: int | None = None,
-    slc: int | None = None,
-    top_k: int = 5,
-    values: str = "uint8",
-    temperature: float = 20.0,
-    input_size: int = 224,
-    crop_policy: CropPolicy = CropPolicy(),
-    seed: int = 0,
-    batch_size: int = 256,
-    device: str | torch.device = "auto",
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    backend: str = "auto",
-    workers: int | None = None,
-    cache_decoded: bool | str = "auto",
-    manifest: Manifest | str | os.PathLike | None = None,
-    chunk_images: int = 1024,
-    resume: bool = False,
-    overwrite: bool = False,
-    skip_bad: bool = False,
-    teacher_mode: str = "eval",
-    mix: str = "none",
-    mix_alpha: float | None = None,
-    labelling_batch_size: int | None = None,
-    storage_options: dict | None = None,
-    progress: bool = True,
-) -> BuildSummary:
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build a store (``hald-store build`` flags map one to one; ``--scale``, ``--ratio``
+    and ``--flip-prob`` make ``crop_policy``). Exactly one of ``crops_per_image`` and ``slc``
+    (soft labels per class) is given; see the README for the meaning of each option."""
+
+    teacher_name: str | None = None  # recorded; default: the teacher's class name
+    num_classes: int | None = None  # teacher output width; default: the number of class folders
+    crops_per_image: int | None = None
+    slc: int | None = None
+    top_k: int = 5
+    values: str = "uint8"
+    temperature: float = 20.0
+    input_size: int = 224
+    crop_policy: CropPolicy = CropPolicy()
+    seed: int = 0  # crop plan seed
+    batch_size: int = 256  # teacher batch size
+    device: str | torch.device = "auto"
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    backend: str = "auto"
+    workers: int | None = None  # rendering threads (DALI) or processes (torchvision); default: the cores
+    cache_decoded: bool | str = "auto"  # as for the loaders
+    manifest: Manifest | str | os.PathLike | None = None  # a scan made earlier: skips the scan
+    chunk_images: int = 1024
+    resume: bool = False
+    overwrite: bool = False
+    skip_bad: bool = False
+    teacher_mode: str = "eval"  # "train": BatchNorm on each labelling batch's statistics
+    mix: str = "none"  # cutmix / mixup inside each labelling batch
+    mix_alpha: float | None = None  # Beta(alpha, alpha) of the mix; default 1.0
+    labelling_batch_size: int | None = None  # default: batch_size
+    storage_options: dict | None = None  # for fsspec URLs
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse bad or contradicting options (before any slow work)."""
+        if (self.crops_per_image is None) == (self.slc is None):
+            raise OptionError("give exactly one of crops_per_image and slc", "crops_per_image", "slc")
+        for name in ("crops_per_image", "slc", "batch_size", "input_size", "chunk_images"):
+            check_at_least(name, getattr(self, name), 1)
+        check_at_least("workers", self.workers, 0)
+        check_positive_finite("temperature", self.temperature)
+        check_choice("values", self.values, VALUE_CODECS)
+        check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
+        check_choice("mix", self.mix, MIXES)
+        if self.mix == "none" and self.mix_alpha is not None:
+            raise OptionError("mix_alpha needs mix='cutmix' or mix='mixup' (it has no effect with mix='none')",
+                              "mix_alpha", "mix")
+        check_positive_finite("mix_alpha", self.mix_alpha)
+        if self.labelling_batch_size is not None and not self.batch_mode:
+            raise OptionError("labelling_batch_size applies to batch-specific labels only (teacher_mode='train' or "
+                              "mix='cutmix' or mix='mixup'); use batch_size otherwise", "labelling_batch_size",
+                              "teacher_mode", "mix", "batch_size")
+        train = self.teacher_mode == "train"
+        if self.labelling_batch_size is not None and self.labelling_batch_size < (2 if train else 1):
+            raise OptionError(f"labelling_batch_size={self.labelling_batch_size} is too small"
+                              f"{' for BatchNorm batch statistics (need >= 2)' if train else ''}", "labelling_batch_size")
+
+    @property
+    def batch_mode(self) -> bool:
+        """True when labels are batch-specific (teacher in train mode, or mixed batches)."""
+        return self.teacher_mode == "train" or self.mix != "none"
+
+
+def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.Module,
+                config: BuildConfig | None = None, **options: Any) -> BuildSummary:
     """Label ``crops_per_image`` planned crops of every image in ``images`` with ``teacher``.
 
     ``images`` is an ImageFolder-style directory; ``out`` the store directory or an fsspec URL
-    (``s3://bucket/labels.zarr``; ``storage_options`` go to fsspec). Exactly one of
-    ``crops_per_image`` and ``slc`` (soft labels per class) is given. See the README for the
-    meaning of each option; the CLI ``hald-store build`` maps its flags one to one.
+    (``s3://bucket/labels.zarr``). The settings are ``config`` or the :class:`BuildConfig`
+    keywords ``options`` (which also override a given ``config``)::
+
+        build_store("train/", "labels.zarr", teacher, crops_per_image=10, top_k=5)
 
     ``teacher_mode="train"`` (BatchNorm on batch statistics) or ``mix="cutmix"|"mixup"`` make
     labels batch-specific: crop seed ``e`` of every image is labelled in labelling epoch ``e``,
@@ -197,75 +217,49 @@ def build_store(
     skips the scan. Crops are rendered by a :mod:`~hald_store.stream` (``workers`` threads for DALI,
     processes for torchvision; ``cache_decoded`` as for the loaders) ahead of the teacher.
     """
+    c = BuildConfig(**options) if config is None else replace(config, **options)
+    c.check()
     t_start = time.perf_counter()
     root, out = Path(images), os.fspath(out)
-    if (crops_per_image is None) == (slc is None):
-        raise HaldStoreError("give exactly one of --crops-per-image and --slc")
-    for name, value in (("--batch-size", batch_size), ("--input-size", input_size), ("--chunk-images", chunk_images)):
-        if value < 1:
-            raise HaldStoreError(f"{name} must be >= 1, got {value}")
-    check_positive_finite("--temperature", temperature)
-    if workers is not None and workers < 0:
-        raise HaldStoreError(f"--workers must be >= 0, got {workers}")
-    batch_mode = _check_labelling_mode(teacher_mode, mix, mix_alpha, labelling_batch_size)
     ranks = distributed.context()
-    with StoreWriter(out, resume=resume, overwrite=overwrite, storage_options=storage_options, ranks=ranks) as writer:
-        progress = progress and ranks.is_main
-        dev = ranks.device() if ranks.active and device == "auto" else resolve_device(device)
+    with StoreWriter(out, resume=c.resume, overwrite=c.overwrite, storage_options=c.storage_options,
+                     ranks=ranks) as writer:
+        progress = c.progress and ranks.is_main
+        dev = ranks.device() if ranks.active and c.device == "auto" else resolve_device(c.device)
 
-        if manifest is None:
-            manifest = scan_image_folder(root, skip_bad=skip_bad, progress=progress, workers=workers or None,
+        if c.manifest is None:
+            manifest = scan_image_folder(root, skip_bad=c.skip_bad, progress=progress, workers=c.workers or None,
                                          ranks=ranks)
         else:  # a scan made earlier (hald-store scan): its files must still be there, at their sizes
-            manifest = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+            manifest = c.manifest if isinstance(c.manifest, Manifest) else Manifest.load(c.manifest)
             check_image_root(manifest, root)
-        num_classes = len(manifest.class_names) if num_classes is None else num_classes
+        num_classes = len(manifest.class_names) if c.num_classes is None else c.num_classes
         if num_classes < len(manifest.class_names):
-            raise HaldStoreError(
-                f"--num-classes {num_classes} is smaller than the {len(manifest.class_names)} class folders in {str(root)!r}"
-            )
-        if crops_per_image is None:
-            crops_per_image = crops_for_slc(manifest, slc)
-        if crops_per_image < 1:
-            raise HaldStoreError(f"--crops-per-image must be >= 1, got {crops_per_image}")
-        if not 1 <= top_k <= num_classes:
-            raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({num_classes})")
-        codec = LabelCodec(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std,
-                                 device="gpu" if dev.type == "cuda" else "cpu", **threads_option(backend, workers))
+            raise OptionError(f"num_classes={num_classes} is smaller than the {len(manifest.class_names)} class "
+                              f"folders in {str(root)!r}", "num_classes")
+        s = c.crops_per_image or crops_for_slc(manifest, c.slc)
+        codec = LabelCodec.checked(c.values, c.top_k, num_classes, c.temperature)
+        renderer = make_renderer(c.backend, size=c.input_size, mean=c.mean, std=c.std, device=renderer_device(dev),
+                                 **threads_option(c.backend, c.workers))
         teacher = teacher.to(dev).eval()
-        renderer_info = renderer.record()
-        attrs = {
-            "library_version": __version__,
-            "num_images": len(manifest),
-            "crops_per_image": int(crops_per_image),
-            "num_classes": int(num_classes),
-            "class_names": manifest.class_names,
-            "plan_seed": int(seed),
-            "crop_policy": crop_policy.to_dict(),
-            "input_size": int(input_size),
-            "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std],
-            "renderer": renderer_info,
-            "teacher": {"name": teacher_name or type(teacher).__name__, "weights_sha256": weights_sha256(teacher),
-                        "mode": teacher_mode},
-            "codec": codec.to_dict(),
-            "manifest_blake2b": manifest.fingerprint(),
-            "skipped": manifest.skipped,
-        }
-
-        n, s = len(manifest), int(crops_per_image)
+        n = len(manifest)
         plan = None
-        if batch_mode:
+        if c.batch_mode:
             try:
-                plan = BatchPlan(num_images=n, epochs=s, batch_size=labelling_batch_size or min(batch_size, n), seed=seed,
-                                 mix=mix, mix_alpha=1.0 if mix_alpha is None else mix_alpha, size=input_size)
+                plan = BatchPlan(num_images=n, epochs=s, batch_size=c.labelling_batch_size or min(c.batch_size, n),
+                                 seed=c.seed, mix=c.mix, mix_alpha=1.0 if c.mix_alpha is None else c.mix_alpha,
+                                 size=c.input_size)
             except ValueError as e:
                 raise HaldStoreError(str(e)) from e
-            attrs["labelling"] = {"mode": "batch", "teacher_mode": teacher_mode, **plan.to_dict()}
+        settings = StoreSettings(
+            num_images=n, crops_per_image=s, num_classes=num_classes, class_names=tuple(manifest.class_names),
+            plan_seed=int(c.seed), crop_policy=c.crop_policy, render_spec=RenderSpec.of(renderer),
+            teacher=TeacherInfo(c.teacher_name or type(teacher).__name__, weights_sha256(teacher), c.teacher_mode),
+            codec=codec, manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
+            labelling=None if plan is None else LabellingPlan.of(plan, c.teacher_mode))
 
         def crops(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-            return plan_image_crops(seed, start, stop, s, manifest.heights, manifest.widths, crop_policy)
+            return plan_image_crops(c.seed, start, stop, s, manifest.heights, manifest.widths, c.crop_policy)
 
         # Probe the teacher on one crop, so a wrong teacher fails before anything is written.
         boxes, flips = crops(0, 1)
@@ -273,19 +267,19 @@ def build_store(
         with torch.inference_mode():
             _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
 
-        ranks.check_same(attrs, "build settings")
-        store = writer.open(manifest, crops, attrs, codec, chunk_images,
+        ranks.check_same(settings.to_dict(), "build settings")
+        store = writer.open(manifest, crops, settings, codec, c.chunk_images,
                             batches=None if plan is None else plan.arrays(), source=f"the images in {str(root)!r}")
         todo = writer.todo()
         stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
-                             batch_size=plan.batch_size if batch_mode else batch_size, workers=workers,
-                             cache_decoded=cache_decoded)
-        if batch_mode:
+                             batch_size=c.batch_size if plan is None else plan.batch_size, workers=c.workers,
+                             cache_decoded=c.cache_decoded)
+        if plan is not None:
             batches = _recorded_batches(store, stream, todo)
-            if teacher_mode == "train":
+            if c.teacher_mode == "train":
                 teacher = batch_stats_teacher(teacher)
         else:
-            batches = _crop_batches(store, stream, todo, batch_size)
+            batches = _crop_batches(store, stream, todo, c.batch_size)
         remaining = sum(int(np.prod(store.block_shape(b))) for b in todo)
         pbar = tqdm(total=store.num_crops, initial=store.num_crops - remaining, desc="label crops", unit="crop",
                     disable=not progress, dynamic_ncols=True)
@@ -303,7 +297,7 @@ def build_store(
         finally:
             pbar.close()
         written, blocks_written = int(ranks.sum(written)), int(ranks.sum(len(todo)))
-    final = LabelStore.open(out, allow_incomplete=True, storage_options=storage_options)  # swapped in, if staged
+    final = LabelStore.open(out, allow_incomplete=True, storage_options=c.storage_options)  # swapped in, if staged
     return BuildSummary(
         path=out, crops_total=final.num_crops, crops_written=written, blocks_written=blocks_written,
         blocks_skipped=final.num_blocks - blocks_written, seconds=time.perf_counter() - t_start,
@@ -312,37 +306,19 @@ def build_store(
     )
 
 
-def _check_labelling_mode(teacher_mode: str, mix: str, mix_alpha: float | None,
-                          labelling_batch_size: int | None) -> bool:
-    """Validate the batch-labelling options together; True when labels are batch-specific."""
-    if teacher_mode not in ("eval", "train"):
-        raise HaldStoreError(f"--teacher-mode must be eval or train, got {teacher_mode!r}")
-    if mix not in MIXES:
-        raise HaldStoreError(f"--mix must be one of {', '.join(MIXES)}, got {mix!r}")
-    batch_mode = teacher_mode == "train" or mix != "none"
-    if mix == "none" and mix_alpha is not None:
-        raise HaldStoreError("--mix-alpha needs --mix cutmix or --mix mixup (it has no effect with --mix none)")
-    if mix_alpha is not None and not mix_alpha > 0:
-        raise HaldStoreError(f"--mix-alpha must be > 0, got {mix_alpha}")
-    if labelling_batch_size is not None and not batch_mode:
-        raise HaldStoreError("--labelling-batch-size applies to batch-specific labels only "
-                             "(--teacher-mode train or --mix cutmix|mixup); use --batch-size otherwise")
-    if labelling_batch_size is not None and labelling_batch_size < (2 if teacher_mode == "train" else 1):
-        raise HaldStoreError(f"--labelling-batch-size {labelling_batch_size} is too small"
-                             f"{' for BatchNorm batch statistics (need >= 2)' if teacher_mode == 'train' else ''}")
-    return batch_mode
+def _keyword_signature(fn: Any, config: type) -> inspect.Signature:
+    """``fn``'s signature with ``**options`` spelled out as ``config``'s fields (for help(), IDEs
+    and ``inspect.signature``)."""
+    sig = inspect.signature(fn)
+    fixed = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    return sig.replace(parameters=fixed + [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                                             annotation=f.type) for f in fields(config)])
+
+
+build_store.__signature__ = _keyword_signature(build_store, BuildConfig)
 
 
 def _check_logits(logits: torch.Tensor, idx: np.ndarray, manifest: Manifest, num_classes: int) -> None:
-    if logits.ndim != 2 or logits.shape[1] != num_classes:
-        raise TeacherOutputError(
-            f"the teacher returned shape {tuple(logits.shape)}; expected (batch, {num_classes}) "
-            "(check --num-classes against the teacher)"
-        )
-    bad = ~torch.isfinite(logits).all(dim=1)
-    if bad.any():
-        names = sorted({manifest.paths[i] for i in idx[bad.numpy()]})
-        raise TeacherOutputError(
-            f"the teacher returned NaN/Inf for {int(bad.sum())} crops of {', '.join(names[:5])}"
-            f"{' ...' if len(names) > 5 else ''}; finished blocks are kept"
-        )
+    """:func:`~hald_store.codec.check_logits`, naming the images of broken crops."""
+    check_logits(logits, num_classes, lambda rows: preview(sorted({manifest.paths[i] for i in idx[rows]})),
+                 note="; finished blocks are kept")

@@ -4,33 +4,55 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 
 import click
 
 from . import distributed
-from .build import build_store
+from .build import BuildConfig, build_store
 from .codec import VALUE_CODECS
 from .convert import reencode_store
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError
 from .images import class_names, scan_image_folder
 from .importer import import_reference
+from .mixing import MIXES
 from .models import load_teacher
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD
+from .schema import TEACHER_MODES
 from .store import LabelStore
 from .verify import check_integrity, verify_store
 
 
+def flag_message(error: HaldStoreError, command: click.Command) -> str:
+    """``error``'s message with the parameters it names (``error.options``) written as
+    ``command``'s flags: ``top_k=7`` -> ``--top-k 7``, ``resume=True`` -> ``--resume`` and, where
+    the message has no ``name=`` form of it, a bare ``crops_per_image`` -> ``--crops-per-image``
+    (so ``device='tpu': not a device`` keeps its prose). Parameters without a flag stay as they are."""
+    flags = {p.name: max(p.opts, key=len) for p in command.params if isinstance(p, click.Option)}
+    message = str(error)
+    for name in (n for n in error.options if n in flags):
+        flag = flags[name]
+        assigned = re.compile(rf"(?<![\w-]){name}=(?:'([^']*)'|([^\s,;)']+))")
+        if assigned.search(message):
+            message = assigned.sub(lambda m: flag if m[2] == "True" else f"{flag} {m[1] if m[1] is not None else m[2]}",
+                                   message)
+        else:
+            message = re.sub(rf"(?<![\w-]){name}(?![\w-])", flag, message)
+    return message
+
+
 def _friendly_errors(fn):
-    """Turn library errors into a one-line ``Error: ...`` and exit status 1."""
+    """Turn library errors into a one-line ``Error: ...`` (parameters named as flags) and exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except HaldStoreError as e:
-            raise click.ClickException(str(e)) from e
+            ctx = click.get_current_context(silent=True)
+            raise click.ClickException(str(e) if ctx is None else flag_message(e, ctx.command)) from e
 
     return wrapper
 
@@ -106,31 +128,25 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")
-@click.option("--teacher-mode", type=click.Choice(["eval", "train"]), default="eval",
+@click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default="eval",
               help="train: BatchNorm uses each labelling batch's statistics (batch-specific labels).")
-@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup"]), default="none",
+@click.option("--mix", type=click.Choice(MIXES), default="none",
               help="Mix images inside each labelling batch before the teacher sees them (recorded for replay).")
 @click.option("--mix-alpha", type=float, default=None, help="Beta(alpha, alpha) of the mix [default: 1.0].")
 @click.option("--labelling-batch-size", type=int, default=None,
               help="Batch size of batch-specific labelling (= the training batch size at replay) [default: --batch-size].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
-def build(images_dir, out_store, teacher, checkpoint, num_classes, random_init, crops_per_image, slc, top_k, values, temperature,
-          input_size, scale, ratio, flip_prob, seed, batch_size, device, mean, std, backend, workers, manifest, chunk_images, resume,
-          overwrite, skip_bad, teacher_mode, mix, mix_alpha, labelling_batch_size, quiet) -> None:
+def build(images_dir, out_store, teacher, checkpoint, random_init, scale, ratio, flip_prob, quiet, **options) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
     try:
         policy = CropPolicy(scale=tuple(scale), ratio=tuple(ratio), flip_prob=flip_prob)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    model = _load_teacher(teacher, checkpoint, num_classes or len(class_names(images_dir)), random_init)
-    summary = build_store(
-        images_dir, out_store, model, teacher_name=teacher, num_classes=num_classes, crops_per_image=crops_per_image,
-        slc=slc, top_k=top_k, values=values, temperature=temperature, input_size=input_size, crop_policy=policy,
-        seed=seed, batch_size=batch_size, device=device, mean=mean, std=std, backend=backend, workers=workers,
-        manifest=manifest, chunk_images=chunk_images, resume=resume, overwrite=overwrite, skip_bad=skip_bad, teacher_mode=teacher_mode,
-        mix=mix, mix_alpha=mix_alpha, labelling_batch_size=labelling_batch_size, progress=not quiet,
-    )
+    config = BuildConfig(teacher_name=teacher, crop_policy=policy, progress=not quiet, **options)
+    config.check()  # before loading the teacher
+    model = _load_teacher(teacher, checkpoint, config.num_classes or len(class_names(images_dir)), random_init)
+    summary = build_store(images_dir, out_store, model, config)
     if distributed.context().is_main:
         click.echo(str(summary))
 
@@ -256,19 +272,16 @@ def demo(out, quiet) -> None:
 @click.option("--temperature", type=float, default=20.0, help="Temperature T of the reference softmax(logits / T).")
 @click.option("--input-size", type=int, default=224, help="Side of the square crops the labels were made on.")
 @_normalization_options
-@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup"]), default=None,
+@click.option("--mix", type=click.Choice(MIXES), default=None,
               help="Mix of the labelling batches [default: what the files record].")
-@click.option("--teacher-mode", type=click.Choice(["eval", "train"]), default="train",
+@click.option("--teacher-mode", type=click.Choice(TEACHER_MODES), default="train",
               help="How the teacher's BatchNorm ran (recorded only).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
-def import_(labels_dir, images_dir, out_store, num_classes, top_k, values, temperature, input_size, mean, std, mix,
-            teacher_mode, overwrite, quiet) -> None:
+def import_(labels_dir, images_dir, out_store, quiet, **options) -> None:
     """Import reference soft labels (LABELS_DIR/epoch_<e>.tar, SRe2L/LPLD/HALD layout) of IMAGES_DIR into OUT_STORE."""
-    summary = import_reference(labels_dir, images_dir, out_store, num_classes=num_classes, top_k=top_k, values=values,
-                               temperature=temperature, input_size=input_size, mean=mean, std=std, mix=mix,
-                               teacher_mode=teacher_mode, overwrite=overwrite, progress=not quiet)
+    summary = import_reference(labels_dir, images_dir, out_store, progress=not quiet, **options)
     click.echo(str(summary))
 
 

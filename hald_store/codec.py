@@ -62,12 +62,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from hald_store.errors import StoreError, TeacherOutputError
+from hald_store.errors import OptionError, StoreError, TeacherOutputError, preview
 
 __all__ = [
     "VALUE_CODECS",
@@ -116,24 +116,18 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _row_list(rows: torch.Tensor, limit: int = 5) -> str:
-    rows = rows.tolist()
-    shown = ", ".join(str(r) for r in rows[:limit])
-    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
-    return f"{shown}{more}"
-
-
-def _check_logits(logits: Any, num_classes: int | None) -> torch.Tensor:
-    """Validate teacher output and return it as a floating-point tensor (float32 or float64)."""
+def check_logits(logits: Any, num_classes: int | None, name_rows: Callable[[np.ndarray], str] | None = None,
+                 note: str = "") -> torch.Tensor:
+    """Validate teacher output and return it as a floating-point tensor (float32 or float64).
+    Crops with NaN/Inf are named by ``name_rows(rows)`` (default: their row numbers); ``note``
+    ends the message."""
     z = _as_tensor(logits)
     if z.ndim != 2:
-        raise TeacherOutputError(
-            f"teacher output must have shape (crops, classes), got shape {tuple(z.shape)}"
-        )
+        raise TeacherOutputError(f"teacher output must have shape (crops, classes), got shape {tuple(z.shape)}{note}")
     if num_classes is not None and z.shape[1] != num_classes:
         raise TeacherOutputError(
             f"teacher produced {z.shape[1]} outputs per crop but the label codec expects "
-            f"num_classes={num_classes} (output shape {tuple(z.shape)})"
+            f"num_classes={num_classes} (output shape {tuple(z.shape)}){note}", "num_classes"
         )
     if z.dtype != torch.float64:
         z = z.to(torch.float32)
@@ -144,10 +138,10 @@ def _check_logits(logits: Any, num_classes: int | None) -> torch.Tensor:
         if cand.numel():
             bad = cand[~torch.isfinite(z[cand]).all(dim=1)]
             if bad.numel():
+                rows = bad.numpy()
+                where = name_rows(rows) if name_rows else f"rows {preview(rows.tolist())}"
                 raise TeacherOutputError(
-                    f"teacher produced NaN/Inf logits in {bad.numel()} of {z.shape[0]} crops "
-                    f"(rows {_row_list(bad)})"
-                )
+                    f"teacher produced NaN/Inf logits in {bad.numel()} of {z.shape[0]} crops ({where}){note}")
     return z
 
 
@@ -277,6 +271,14 @@ class LabelCodec:
             temperature=d["temperature"],
         )
 
+    @classmethod
+    def checked(cls, values: str, top_k: int, num_classes: int, temperature: float) -> "LabelCodec":
+        """The codec, its bad parameters raised as :class:`~hald_store.errors.OptionError`."""
+        try:
+            return cls(values=values, top_k=top_k, num_classes=num_classes, temperature=float(temperature))
+        except ValueError as e:
+            raise OptionError(str(e), "values", "top_k", "num_classes", "temperature") from e
+
     # ------------------------------------------------------------------ encode
     def encode(self, logits: Any) -> dict[str, np.ndarray]:
         """Encode teacher logits ``(N, C)`` (NumPy or torch, any device) into NumPy fields.
@@ -285,7 +287,7 @@ class LabelCodec:
         or a wrong shape/width.
         """
         with torch.no_grad():
-            z = _check_logits(logits, self.num_classes)
+            z = check_logits(logits, self.num_classes)
             n = z.shape[0]
             out = {
                 name: np.empty((n, *shape), dtype=dt) for name, (dt, shape) in self.fields().items()
@@ -469,7 +471,7 @@ def reference_fp16_probs(logits: Any, temperature: float) -> np.ndarray:
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     with torch.no_grad():
-        z = _check_logits(logits, None)
+        z = check_logits(logits, None)
         n, c = z.shape
         out = np.empty((n, c), dtype=np.float16)
         chunk = max(1, _CHUNK_ELEMS // max(c, 1))

@@ -8,9 +8,8 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__
 from .codec import LabelCodec
-from .errors import HaldStoreError
+from .errors import HaldStoreError, OptionError
 from .store import LabelStore, same_location
 from .writer import StoreWriter
 
@@ -40,14 +39,14 @@ def reencode_store(
         raise HaldStoreError(f"DST {dst!r} is the source store {src.path!r} (or inside it): write the new store to "
                              "another path")
     if top_k > src.codec.top_k:
-        raise HaldStoreError(f"top_k {top_k} exceeds the source store's top_k {src.codec.top_k}: those classes are gone")
-    codec = LabelCodec(values=values, top_k=top_k, num_classes=src.num_classes, temperature=src.temperature)
+        raise OptionError(f"top_k={top_k} exceeds the {src.codec.top_k} classes per crop the source store keeps: "
+                          "the others are gone", "top_k")
+    codec = LabelCodec.checked(values, top_k, src.num_classes, src.temperature)
     so = src.storage_options
-    attrs = {**src.settings(), "library_version": __version__, "codec": codec.to_dict(), "reencoded_from": src.attrs["codec"]}
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
     with StoreWriter(dst, overwrite=overwrite, storage_options=so, resumable=False) as writer:
         out = writer.open(src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
-                          attrs, codec, src.chunk_images, batches=batches)
+                          src.settings.reencoded(codec), codec, src.chunk_images, batches=batches)
         for block in tqdm(writer.todo(), desc="re-encode", unit="block", disable=not progress):
             sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
             fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}

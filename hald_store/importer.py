@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
 from .codec import VALUE_CODECS, LabelCodec
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError, check_positive_finite
+from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
 from .reference_format import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
+from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
 from .writer import StoreWriter
 
@@ -125,12 +125,12 @@ def _resolve_mix(requested: str | None, batch: ReferenceBatch, resolved: str | N
                                  "every batch must use the same mix")
         return kind
     if requested == "none" and kind != "none":
-        raise HaldStoreError(f"{where} records a mix (mix_index is set) but --mix none was given: "
-                             "its soft labels belong to mixed images")
+        raise OptionError(f"{where} records a mix (mix_index is set) but mix='none' was given: "
+                          "its soft labels belong to mixed images", "mix")
     if requested != "none" and kind == "none":
-        raise HaldStoreError(f"{where} records no mix (mix_index is None) but --mix {requested} was given")
+        raise OptionError(f"{where} records no mix (mix_index is None) but mix={requested!r} was given", "mix")
     if requested == "cutmix" and kind == "mixup":
-        raise HaldStoreError(f"{where} has no mix_bbox (a MixUp entry) but --mix cutmix was given")
+        raise OptionError(f"{where} has no mix_bbox (a MixUp entry) but mix='cutmix' was given", "mix")
     return requested
 
 
@@ -168,8 +168,8 @@ def _cutmix_box(batch: ReferenceBatch, input_size: int, where: str) -> np.ndarra
     bbx1, bby1, bbx2, bby2 = (int(v) for v in batch.mix_bbox)
     box = np.array([bbx1, bbx2, bby1, bby2], dtype=np.int32)  # (y0, y1, x0, x1)
     if box.max() > input_size:
-        raise HaldStoreError(f"{where}: mix_bbox {[bbx1, bby1, bbx2, bby2]} reaches beyond the {input_size}x{input_size} "
-                             "crops; pass the --input-size the labels were made with")
+        raise OptionError(f"{where}: mix_bbox {[bbx1, bby1, bbx2, bby2]} reaches beyond the {input_size}x{input_size} "
+                          "crops; pass the input_size the labels were made with", "input_size")
     return box
 
 
@@ -232,16 +232,13 @@ def import_reference(
     images_root = os.fspath(images_root)
     if "://" in out:
         raise HaldStoreError(f"import writes local stores only, got {out!r}")
-    if mix is not None and mix not in MIXES:
-        raise HaldStoreError(f"--mix must be one of {', '.join(MIXES)}, got {mix!r}")
-    if teacher_mode not in ("eval", "train"):
-        raise HaldStoreError(f"teacher_mode must be eval or train, got {teacher_mode!r}")
-    if values not in VALUE_CODECS:
-        raise HaldStoreError(f"--values must be one of {', '.join(VALUE_CODECS)}, got {values!r}")
-    check_positive_finite("--temperature", temperature)
-    for name, value in (("--input-size", input_size), ("--chunk-images", chunk_images)):
-        if value < 1:
-            raise HaldStoreError(f"{name} must be >= 1, got {value}")
+    if mix is not None:
+        check_choice("mix", mix, MIXES)
+    check_choice("teacher_mode", teacher_mode, TEACHER_MODES)
+    check_choice("values", values, VALUE_CODECS)
+    check_positive_finite("temperature", temperature)
+    check_at_least("input_size", input_size, 1)
+    check_at_least("chunk_images", chunk_images, 1)
     with StoreWriter(out, overwrite=overwrite, resumable=False) as writer:  # fails early if OUT exists
         renderer = make_renderer("torchvision", size=input_size, mean=mean, std=std, device="cpu")  # checks mean/std
         ref = open_reference(labels_dir, num_classes=num_classes)
@@ -264,9 +261,7 @@ def import_reference(
                 if c < len(manifest.class_names):
                     raise HaldStoreError(f"{name}: the soft labels have {c} classes but {images_root!r} has "
                                          f"{len(manifest.class_names)} class folders")
-                if not 1 <= top_k <= c:
-                    raise HaldStoreError(f"--top-k {top_k} must be between 1 and the number of classes ({c})")
-                codec = LabelCodec(values=values, top_k=top_k, num_classes=c, temperature=float(temperature))
+                codec = LabelCodec.checked(values, top_k, c, temperature)
                 batch_size, num_batches = batches[0].size, len(batches)
             elif len(batches) != num_batches or batches[0].size != batch_size:
                 raise HaldStoreError(
@@ -304,33 +299,18 @@ def import_reference(
                 plan[key].append(value)
         assert codec is not None and resolved is not None
 
-        renderer_info = renderer.record()
-        attrs = {
-            "library_version": __version__,
-            "num_images": n,
-            "crops_per_image": s,
-            "num_classes": codec.num_classes,
-            "class_names": manifest.class_names,
-            "plan_seed": 0,
-            "crop_policy": crop_policy.to_dict(),
-            "input_size": int(input_size),
-            "mean": [float(m) for m in mean],
-            "std": [float(v) for v in std],
-            "renderer": renderer_info,
-            "teacher": {"name": "imported", "weights_sha256": None, "mode": teacher_mode},
-            "codec": codec.to_dict(),
-            "manifest_blake2b": manifest.fingerprint(),
-            "skipped": manifest.skipped,
-            "labelling": {"mode": "batch", "teacher_mode": teacher_mode, "num_images": n, "epochs": s,
-                          "batch_size": batch_size, "seed": None, "mix": resolved, "mix_alpha": None,
-                          "size": int(input_size)},
-            "imported_from": {"format": "fkd-reference", "labels_dir": str(Path(labels_dir).resolve()),
-                              "epoch_files": s, "source_bytes": ref.source_bytes,
-                              "sampler_indices": ref.sampler_indices is not None},
-        }
+        settings = StoreSettings(
+            num_images=n, crops_per_image=s, num_classes=codec.num_classes, class_names=tuple(manifest.class_names),
+            plan_seed=0, crop_policy=crop_policy, render_spec=RenderSpec.of(renderer),
+            teacher=TeacherInfo("imported", None, teacher_mode), codec=codec,
+            manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
+            labelling=LabellingPlan(teacher_mode, n, s, batch_size, None, resolved, None, int(input_size)),
+            imported_from={"format": "fkd-reference", "labels_dir": str(Path(labels_dir).resolve()),
+                           "epoch_files": s, "source_bytes": ref.source_bytes,
+                           "sampler_indices": ref.sampler_indices is not None})
         batch_arrays = {k: np.stack(v) for k, v in plan.items()}
 
-        store = writer.open(manifest, lambda a, b: (boxes[a:b], flips[a:b]), attrs, codec, chunk_images,
+        store = writer.open(manifest, lambda a, b: (boxes[a:b], flips[a:b]), settings, codec, chunk_images,
                             batches=batch_arrays)
         for e in writer.todo():
             store.write_block(e, fields_per_epoch[e])

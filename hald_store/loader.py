@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError
+from .devices import renderer_device
+from .errors import HaldStoreError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, dali_available, make_renderer, threads_option
+from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, FreshCrops, HardBatch, RecordedBatches, SoftBatch,
                       StoredCrops)
 from .store import LabelStore
@@ -36,14 +36,6 @@ from .stream import CropStream, open_stream
 
 __all__ = ["CropLoader", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "SoftBatch", "HardBatch",
            "HARD_CROP_STREAM", "epoch_crop_seeds", "replay_epoch"]
-
-
-def _renderer_device(device: str) -> str:
-    """Map a user device (auto/cpu/cuda/gpu) to a renderer device (auto/cpu/gpu)."""
-    mapping = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
-    if str(device).split(":")[0] not in mapping:
-        raise HaldStoreError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return mapping[str(device).split(":")[0]]
 
 
 class CropLoader:
@@ -142,23 +134,6 @@ class CropLoader:
             yield self.source.make_batch(self, images, ids, crops, start_batch + k)
 
 
-def _store_renderer(store: LabelStore, backend: str, device: str, workers: int | None = None, **kw) -> CropRenderer:
-    """A renderer that reproduces the store's pixels (its backend, size, normalization)."""
-    info = store.attrs["renderer"]
-    if backend == "auto":
-        backend = info["backend"]
-        if backend == "dali" and not dali_available():
-            warnings.warn(
-                "this store was labelled with DALI-rendered crops but DALI is not installed; using the "
-                "torchvision renderer, whose pixels differ slightly (see the README's tolerance table)",
-                stacklevel=3,
-            )
-            backend = "torchvision"
-    return make_renderer(backend, size=store.attrs["input_size"], mean=store.attrs["mean"], std=store.attrs["std"],
-                         device=_renderer_device(device), interpolation=info.get("interpolation", "bilinear"),
-                         antialias=info.get("antialias", True), **threads_option(backend, workers), **kw)
-
-
 def _open(store: LabelStore | str | os.PathLike) -> LabelStore:
     return store if isinstance(store, LabelStore) else LabelStore.open(store)
 
@@ -204,17 +179,18 @@ class SoftLabelLoader(CropLoader):
                 f"store {self.store.path!r} holds batch-specific labels: read it with replay=True"
                 if self.store.batch_mode else f"store {self.store.path!r} has no recorded labelling batches to replay"
             )
-        if self.replay and batch_size != self.store.attrs["labelling"]["batch_size"]:
+        labelling = self.store.settings.labelling
+        if self.replay and batch_size != labelling.batch_size:
             raise HaldStoreError(
                 f"replaying {self.store.path!r} needs batch_size = the labelling batch size "
-                f"{self.store.attrs['labelling']['batch_size']} (its labels depend on the batch), got {batch_size}"
+                f"{labelling.batch_size} (its labels depend on the batch), got {batch_size}"
             )
         temperature = self.store.temperature if temperature is None else float(temperature)
         source = (RecordedBatches(self.store, temperature, dense, seed, drop_last) if self.replay
                   else StoredCrops(self.store, temperature, dense, seed))
         self.temperature = source.temperature
         super().__init__(source, images_root, self.store.manifest(),
-                         _store_renderer(self.store, backend, device, workers, **renderer_kw),
+                         self.store.render_spec.renderer(backend, device, workers, **renderer_kw),
                          batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
                          world_size=world_size, prefetch=prefetch, workers=workers, cache_decoded=cache_decoded,
                          check_batch_size=not self.replay)
@@ -257,9 +233,9 @@ class HardLabelLoader(CropLoader):
         store = _open(store)
         manifest = store.manifest()
         check_image_root(manifest, images_root, check_hashes=check_hashes)
-        seed = store.attrs["plan_seed"] if seed is None else seed
+        seed = store.settings.plan_seed if seed is None else seed
         super().__init__(FreshCrops(store.crop_policy, seed), images_root, manifest,
-                         _store_renderer(store, backend, device, workers, **renderer_kw), batch_size=batch_size,
+                         store.render_spec.renderer(backend, device, workers, **renderer_kw), batch_size=batch_size,
                          shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
                          prefetch=prefetch, workers=workers, cache_decoded=cache_decoded)
 
@@ -291,7 +267,7 @@ class HardLabelLoader(CropLoader):
     ) -> "HardLabelLoader":
         """A hard-label loader over an image folder (scanned now), without a store."""
         self = cls.__new__(cls)
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=_renderer_device(device),
+        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
                                  **threads_option(backend, workers))
         CropLoader.__init__(self, FreshCrops(crop_policy, seed), images_root,
                             scan_image_folder(images_root, progress=progress, verify=False), renderer,
@@ -329,10 +305,11 @@ class EvalLoader(CropLoader):
             lacking = sorted(set(class_names) - set(manifest.class_names))
             raise HaldStoreError(
                 f"the classes of {str(images_root)!r} differ from the expected ones"
-                f"{f'; not expected: {extra[:5]}' if extra else ''}{f'; missing: {lacking[:5]}' if lacking else ''}"
+                f"{f'; not expected: {preview(map(repr, extra))}' if extra else ''}"
+                f"{f'; missing: {preview(map(repr, lacking))}' if lacking else ''}"
                 f"{'; same names in a different order' if not extra and not lacking else ''}"
             )
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=_renderer_device(device),
+        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
                                  **threads_option(backend, workers))
         super().__init__(source, images_root, manifest, renderer, batch_size=min(batch_size, len(manifest)),
                          shuffle=False, seed=0, drop_last=False, rank=0, world_size=1, prefetch=prefetch,

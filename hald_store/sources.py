@@ -129,7 +129,7 @@ class RecordedBatches(StoredCrops):
 
     def __init__(self, store: LabelStore, temperature: float, dense: bool, seed: int, drop_last: bool) -> None:
         super().__init__(store, temperature, dense, seed)
-        self.mix = store.attrs["labelling"]["mix"]
+        self.mix = store.settings.labelling.mix
         members = store.array("batches/members")
         short = not (members[0, -1] >= 0).all()  # a short last batch is dropped with drop_last
         self.recorded = members.shape[1] - int(short and drop_last)

@@ -37,10 +37,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
 
 from . import safety
-from .codec import LabelCodec, TopKLabels
-from .crop_plan import CropPolicy
+from .codec import TopKLabels
 from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
+from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
 FORMAT_VERSION = 1
@@ -48,7 +48,7 @@ ATTR_KEY = "hald_store"
 # Recorded by stores whose chunks all carry a checksum and are all written (fill values too).
 INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
 # Attributes that describe the store but are not build settings (ignored by resume checks).
-_NON_SETTINGS = ("format", "format_version", "library_version", "integrity")
+_NON_SETTINGS = (*NOT_SETTINGS, "library_version")
 _WRITE_EMPTY = {"write_empty_chunks": True}  # a missing chunk then always means a lost one
 
 
@@ -130,12 +130,13 @@ def check_output(out: str, resume: bool, overwrite: bool, storage_options: dict 
     if not location_exists(out, storage_options):
         return
     if not (resume or overwrite):
-        how = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
-        raise StoreError(f"output {out!r} already exists; {how}")
+        how = ("pass resume=True to continue it or overwrite=True to replace it" if resumable
+               else "pass overwrite=True to replace it")
+        raise StoreError(f"output {out!r} already exists; {how}", "resume", "overwrite")
     fs, root = filesystem(out, storage_options)
     if overwrite and not (is_store(out, storage_options) or is_partial_store(out, storage_options)
                           or (fs.isdir(root) and not fs.ls(root))):
-        raise StoreError(f"refusing to --overwrite {out!r}: it is not a hald-store store")
+        raise StoreError(f"overwrite=True refuses to replace {out!r}: it is not a hald-store store", "overwrite")
 
 
 def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
@@ -262,9 +263,10 @@ class LabelStore:
         self.group = group
         self.path = path
         self.storage_options = storage_options
-        self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])
-        self.codec = LabelCodec.from_dict(self.attrs["codec"])
-        self.crop_policy = CropPolicy.from_dict(self.attrs["crop_policy"])
+        self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])  # the raw JSON
+        self.settings = StoreSettings.from_dict(self.attrs)
+        self.codec = self.settings.codec
+        self.crop_policy = self.settings.crop_policy
         self._done_cache: np.ndarray | None = None
         self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
@@ -345,8 +347,7 @@ class LabelStore:
         path: str | os.PathLike,
         manifest: Manifest,
         crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
-        attrs: dict[str, Any],
-        codec: LabelCodec,
+        settings: StoreSettings,
         chunk_images: int,
         batches: dict[str, np.ndarray] | None = None,
         storage_options: dict | None = None,
@@ -366,7 +367,7 @@ class LabelStore:
         batch-specific labels: they are written one labelling epoch (crop seed) at a time.
         """
         path = os.fspath(path)
-        n, s = len(manifest), int(attrs["crops_per_image"])
+        n, s, codec = len(manifest), settings.crops_per_image, settings.codec
         remote = is_remote(path)
         if remote:
             tmp = path
@@ -407,7 +408,7 @@ class LabelStore:
             blocks = math.ceil(n / ci) if batches is None else s
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=[Crc32cCodec()])
-            g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **attrs,
+            g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **settings.to_dict(),
                                  "integrity": INTEGRITY}
             if not remote:
                 os.rename(tmp, path)
@@ -419,12 +420,17 @@ class LabelStore:
 
     # -------------------------------------------------------------- properties
     @property
+    def render_spec(self) -> RenderSpec:
+        """How the crops were rendered; ``store.render_spec.renderer(...)`` reproduces them."""
+        return self.settings.render_spec
+
+    @property
     def num_images(self) -> int:
-        return int(self.attrs["num_images"])
+        return self.settings.num_images
 
     @property
     def crops_per_image(self) -> int:
-        return int(self.attrs["crops_per_image"])
+        return self.settings.crops_per_image
 
     @property
     def num_crops(self) -> int:
@@ -432,11 +438,11 @@ class LabelStore:
 
     @property
     def num_classes(self) -> int:
-        return int(self.attrs["num_classes"])
+        return self.settings.num_classes
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.attrs["class_names"])
+        return list(self.settings.class_names)
 
     @property
     def temperature(self) -> float:
@@ -453,7 +459,7 @@ class LabelStore:
     @property
     def batch_mode(self) -> bool:
         """True for batch-specific labels (written and replayed by labelling batch)."""
-        return "labelling" in self.attrs
+        return self.settings.labelling is not None
 
     def batches(self, epoch: int) -> dict[str, np.ndarray]:
         """The recorded labelling batches of crop seed ``epoch``: ``members``, ``perm``
@@ -477,17 +483,13 @@ class LabelStore:
     def complete(self) -> bool:
         return bool(self.block_done().all())
 
-    def settings(self) -> dict[str, Any]:
-        """The attributes that define the store's contents (compared on resume)."""
-        return {k: v for k, v in self.attrs.items() if k not in _NON_SETTINGS}
-
-    def check_settings(self, requested: dict[str, Any]) -> None:
+    def check_settings(self, requested: StoreSettings) -> None:
         """Raise :class:`SettingsMismatchError` listing every setting that differs."""
-        diff = settings_diff(self.settings(), requested)
+        diff = settings_diff(self.settings.to_dict(), requested.to_dict())
         if diff:
             raise SettingsMismatchError(
                 f"store {self.path!r} was built with different settings:\n  " + "\n  ".join(diff)
-                + "\nuse the original settings with --resume, or --overwrite to rebuild"
+                + "\nuse the original settings with resume=True, or overwrite=True to rebuild", "resume", "overwrite"
             )
 
     # ---------------------------------------------------------------- manifest
@@ -503,7 +505,7 @@ class LabelStore:
                 digests=a("images/blake2b")[:],
                 heights=a("images/height")[:],
                 widths=a("images/width")[:],
-                skipped=list(self.attrs.get("skipped", [])),
+                skipped=[dict(s) for s in self.settings.skipped],
             )
         return self._manifest
 
@@ -637,15 +639,15 @@ class LabelStore:
             "top_k": self.codec.top_k,
             "values": self.codec.values,
             "temperature": self.temperature,
-            "teacher": self.attrs.get("teacher"),
-            "input_size": self.attrs.get("input_size"),
-            "backend": self.attrs.get("renderer", {}).get("backend"),
-            "seed": self.attrs.get("plan_seed"),
+            "teacher": self.settings.teacher.to_dict(),
+            "input_size": self.render_spec.size,
+            "backend": self.render_spec.backend,
+            "seed": self.settings.plan_seed,
             "bytes_on_disk": total,
             "bytes_per_crop": total / max(self.num_crops, 1),
             "label_bytes_on_disk": label_bytes,
             "label_bytes_per_crop": label_bytes / max(self.num_crops, 1),
             "raw_label_bytes_per_crop": self.codec.bytes_per_crop(),
             "reference_fp16_bytes_per_crop": 2 * self.num_classes,
-            "skipped_images": len(self.attrs.get("skipped", [])),
+            "skipped_images": len(self.settings.skipped),
         }

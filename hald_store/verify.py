@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import batch_stats_teacher, resolve_device
-from .errors import HaldStoreError, StoreError, check_positive_finite
 from .batch_plan import batch_members, mix_recorded
-from .pipeline import make_renderer, read_files
+from .build import batch_stats_teacher
+from .devices import resolve_device
+from .errors import OptionError, StoreError, check_at_least, check_positive_finite
+from .pipeline import read_files
 from .store import LabelStore
 
 
@@ -132,12 +133,6 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(dim=1)
 
 
-def _store_renderer(store: LabelStore, dev: torch.device):
-    a = store.attrs
-    return make_renderer(a["renderer"]["backend"], size=a["input_size"], mean=a["mean"], std=a["std"],
-                         device="gpu" if dev.type == "cuda" else "cpu")
-
-
 def teacher_logits(
     store: LabelStore,
     images: str | os.PathLike,
@@ -149,9 +144,9 @@ def teacher_logits(
     device: str | torch.device = "auto",
 ) -> torch.Tensor:
     """Fresh teacher logits (n, C) float32 on CPU for stored crops ``(image_ids[i], seeds[i])``,
-    re-rendered with the store's own backend, input size and normalization."""
+    re-rendered as the store records (:attr:`LabelStore.render_spec`)."""
     dev = resolve_device(device)
-    renderer = _store_renderer(store, dev)
+    renderer = store.render_spec.renderer(device=dev)
     paths = store.manifest().paths
     boxes, flips = store.boxes(image_ids, seeds)
     teacher = teacher.to(dev).eval()
@@ -177,11 +172,11 @@ def replayed_teacher_logits(
     through ``teacher`` in the recorded mode (BatchNorm on batch statistics for
     ``teacher_mode="train"``) with the recorded mix; returns (image ids, crop seeds, logits)."""
     dev = resolve_device(device)
-    renderer = _store_renderer(store, dev)
+    renderer = store.render_spec.renderer(device=dev)
     files = [Path(images, p) for p in store.manifest().paths]
-    labelling = store.attrs["labelling"]
+    labelling = store.settings.labelling
     model = teacher.to(dev).eval()
-    if labelling["teacher_mode"] == "train":
+    if labelling.teacher_mode == "train":
         model = batch_stats_teacher(model)
     per_epoch = store.array("batches/members").shape[1]
     ids, seeds, out = [], [], []
@@ -192,8 +187,8 @@ def replayed_teacher_logits(
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
         plan = store.batches(epoch)
         members = batch_members(plan, b)
-        x = mix_recorded(labelling["mix"], renderer(read_files([files[i] for i in members]), boxes[members],
-                                                    flips[members]), plan, b)
+        x = mix_recorded(labelling.mix, renderer(read_files([files[i] for i in members]), boxes[members],
+                                                 flips[members]), plan, b)
         with torch.inference_mode():
             out.append(model(x.to(dev)).float().cpu())
         ids.append(members)
@@ -202,11 +197,10 @@ def replayed_teacher_logits(
 
 
 def _check_verify_options(sample: int, temperature: float | None, min_agreement: float) -> None:
-    if sample < 1:
-        raise HaldStoreError(f"--sample must be >= 1 (crops to check), got {sample}")
-    check_positive_finite("--temperature", temperature)
+    check_at_least("sample", sample, 1)
+    check_positive_finite("temperature", temperature)
     if not 0 <= min_agreement <= 1:
-        raise HaldStoreError(f"--min-agreement must be a fraction in [0, 1], got {min_agreement}")
+        raise OptionError(f"min_agreement must be a fraction in [0, 1], got {min_agreement}", "min_agreement")
 
 
 def verify_store(

@@ -5,7 +5,7 @@
 from (a teacher over rendered crops, reference label files, another store, synthetic logits)::
 
     with StoreWriter(out, resume=resume, overwrite=overwrite) as writer:
-        store = writer.open(manifest, crops, attrs, codec, chunk_images)
+        store = writer.open(manifest, crops, settings, codec, chunk_images)
         for block in writer.todo():
             store.write_block(block, fields_of(block))
 
@@ -26,6 +26,7 @@ from .codec import LabelCodec
 from .distributed import DistContext
 from .errors import ManifestMismatchError, SettingsMismatchError
 from .images import Manifest
+from .schema import StoreSettings
 from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
 
 __all__ = ["StoreWriter", "BlockAssembler"]
@@ -54,13 +55,17 @@ class StoreWriter:
         self.ranks.on_main(lambda: self._lock.enter_context(output_lock(self.out)))
         return self
 
-    def open(self, manifest: Manifest, crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]], attrs: dict,
-             codec: LabelCodec, chunk_images: int, *, batches: dict[str, np.ndarray] | None = None,
-             source: str = "the images") -> LabelStore:
+    def open(self, manifest: Manifest, crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+             settings: StoreSettings | dict, codec: LabelCodec, chunk_images: int, *,
+             batches: dict[str, np.ndarray] | None = None, source: str = "the images") -> LabelStore:
         """Create the store (see :meth:`LabelStore.create` for ``crops`` and ``batches``), or
-        check the one being resumed against ``attrs``; ``source`` names the images in errors."""
+        check the one being resumed against ``settings`` (or their attribute dict), whose codec
+        is ``codec``; ``source`` names the images in errors."""
+        settings = settings if isinstance(settings, StoreSettings) else StoreSettings.from_dict(settings)
+        if settings.codec != codec:
+            raise ValueError(f"codec {codec} differs from the settings' codec {settings.codec}")
         self.target = self.ranks.on_main(
-            lambda: self._open_or_create(manifest, crops, attrs, codec, chunk_images, batches, source))
+            lambda: self._open_or_create(manifest, crops, settings, chunk_images, batches, source))
         self.store = LabelStore.open(self.target, mode="r+", allow_incomplete=True,
                                      storage_options=self.storage_options)
         return self.store
@@ -81,23 +86,24 @@ class StoreWriter:
         finally:
             self._lock.close()
 
-    def _open_or_create(self, manifest, crops, attrs, codec, chunk_images, batches, source) -> str:
+    def _open_or_create(self, manifest, crops, settings, chunk_images, batches, source) -> str:
         target, resuming = prepare_output(self.out, self.resume, self.overwrite, self.storage_options,
                                           stage=not self.resumable)
         if not resuming:
-            LabelStore.create(target, manifest, crops, attrs, codec, chunk_images, batches=batches,
+            LabelStore.create(target, manifest, crops, settings, chunk_images, batches=batches,
                               storage_options=self.storage_options)
             return target
         store = LabelStore.open(target, mode="r+", allow_incomplete=True, storage_options=self.storage_options)
-        staged = "" if target == self.out else (f" (an interrupted --overwrite of {self.out!r} left it; --overwrite "
-                                                "without --resume starts that overwrite over)")
-        if store.attrs.get("manifest_blake2b") != attrs["manifest_blake2b"]:
+        staged = "" if target == self.out else (f" (an interrupted overwrite=True of {self.out!r} left it; "
+                                                "overwrite=True without resume=True starts that overwrite over)")
+        if store.settings.manifest_blake2b != settings.manifest_blake2b:
             raise ManifestMismatchError(
-                f"cannot resume {target!r}{staged}: {source} differ from the ones it was built from")
+                f"cannot resume {target!r}{staged}: {source} differ from the ones it was built from", "resume",
+                "overwrite")
         try:
-            store.check_settings(attrs)
+            store.check_settings(settings)
         except SettingsMismatchError as e:
-            raise SettingsMismatchError(f"{e}{staged}") from e
+            raise SettingsMismatchError(f"{e}{staged}", *e.options) from e
         return target
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, distributed, resolve_model
-from hald_store.errors import HaldStoreError, SettingsMismatchError, check_positive_finite
+from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError, check_at_least, check_positive_finite
 from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
@@ -90,17 +90,15 @@ class TrainConfig:
                     "lr_eta": self.lr_eta}
         for name, v in positive.items():
             if not v > 0:
-                raise HaldStoreError(f"{name} must be > 0, got {v}")
+                raise OptionError(f"{name} must be > 0, got {v}", name)
         check_positive_finite("temperature", self.temperature)
         if self.optimizer not in ("adamw", "sgd"):
-            raise HaldStoreError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+            raise OptionError(f"optimizer must be adamw or sgd, got {self.optimizer!r}", "optimizer")
         if not 0 <= self.label_smoothing < 1:
-            raise HaldStoreError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.workers is not None and self.workers < 0:
-            raise HaldStoreError(f"workers must be >= 0, got {self.workers}")
-        for name in ("warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
-            if getattr(self, name) < 0:
-                raise HaldStoreError(f"{name} must be >= 0, got {getattr(self, name)}")
+            raise OptionError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "label_smoothing")
+        for name in ("workers", "warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
+            check_at_least(name, getattr(self, name), 0)
+        check_at_least("stop_after", self.stop_after, 1)
 
     @classmethod
     def from_preset(cls, name: str, **fields: Any) -> "TrainConfig":
@@ -158,8 +156,6 @@ class Trainer:
         self.out = Path(c.out_dir)
         self.store = LabelStore.open(c.store)
         self.schedule: Schedule = parse_schedule(c.schedule, c.epochs, c.hard_epochs)
-        if c.stop_after is not None and c.stop_after < 1:
-            raise HaldStoreError(f"stop_after must be >= 1, got {c.stop_after}")
         kinds = set(self.schedule.kinds())
         self.ranks = distributed.context()
         common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device,
@@ -172,21 +168,21 @@ class Trainer:
         if "hard" in kinds:
             per_rank, low = -(-self.store.num_images // self.ranks.world_size), 2 if c.cutmix_alpha > 0 else 1
             if not low <= c.hard_batch <= per_rank:
-                raise HaldStoreError(
-                    f"{'batch_size' if c.hard_batch_size is None else 'hard_batch_size'} of hard phases must be "
-                    f"between {low} (CutMix pairs images) and the {per_rank} images each of "
-                    f"{self.ranks.world_size} rank(s) gets, got {c.hard_batch}")
+                name = "batch_size" if c.hard_batch_size is None else "hard_batch_size"
+                raise OptionError(f"{name} of hard phases must be between {low} (CutMix pairs images) and the "
+                                  f"{per_rank} images each of {self.ranks.world_size} rank(s) gets, got {c.hard_batch}",
+                                  name)
             self.loaders["hard"] = HardLabelLoader(self.store, c.images, **{**common, "batch_size": c.hard_batch})
         self.device = next(iter(self.loaders.values())).device
-        a = self.store.attrs
+        spec = self.store.render_spec
         self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
-            c.val, input_size=a["input_size"], mean=a["mean"], std=a["std"], crop_fraction=c.eval_crop_fraction,
+            c.val, input_size=spec.size, mean=spec.mean, std=spec.std, crop_fraction=c.eval_crop_fraction,
             batch_size=256, class_names=self.store.class_names, backend=c.backend, device=self.device.type,
             workers=c.workers)
         torch.manual_seed(c.seed)
         self.net = resolve_model(c.student, self.store.num_classes).to(self.device)
         with torch.no_grad():
-            width = self.net.eval()(torch.zeros(2, 3, a["input_size"], a["input_size"], device=self.device)).shape[-1]
+            width = self.net.eval()(torch.zeros(2, 3, spec.size, spec.size, device=self.device)).shape[-1]
         if width != self.store.num_classes:
             raise HaldStoreError(
                 f"student {c.student!r} outputs {width} classes but the store has {self.store.num_classes}"
@@ -286,7 +282,8 @@ class Trainer:
         if resume:
             self._resume()
         elif (self.out / CHECKPOINT).exists():
-            raise HaldStoreError(f"{str(self.out)!r} already holds a run; pass --resume or choose another --out")
+            raise HaldStoreError(f"{str(self.out)!r} already holds a run; pass resume=True or choose another out_dir",
+                                 "resume", "out_dir")
         self.ranks.barrier()  # nobody writes before every rank has read the run directory
         if main:
             self.out.mkdir(parents=True, exist_ok=True)

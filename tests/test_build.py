@@ -222,16 +222,25 @@ def test_unknown_teacher_and_bad_checkpoint(small_folder, tmp_path):
 
 def test_bad_numbers(small_folder, tmp_path, resnet20):
     out = tmp_path / "s.zarr"
-    with pytest.raises(HaldStoreError, match="--top-k 11 must be between 1 and the number of classes"):
+    with pytest.raises(HaldStoreError, match="top_k must be between 1 and num_classes=10, got 11"):
         build_store(small_folder, out, resnet20, **{**SMALL, "top_k": 11})
-    with pytest.raises(HaldStoreError, match="exactly one of --crops-per-image and --slc"):
+    with pytest.raises(HaldStoreError, match="exactly one of crops_per_image and slc"):
         build_store(small_folder, out, resnet20, **{**SMALL, "crops_per_image": None})
-    with pytest.raises(HaldStoreError, match="--slc 12 is not a positive multiple of the 8 images per class"):
+    with pytest.raises(HaldStoreError, match="slc=12 is not a positive multiple of the 8 images per class"):
         build_store(small_folder, out, resnet20, **{**SMALL, "crops_per_image": None}, slc=12)
-    with pytest.raises(TeacherOutputError, match=r"expected \(batch, 3\)"):
+    with pytest.raises(TeacherOutputError, match="teacher produced 10 outputs per crop but the label codec expects num_classes=3"):
         build_store(small_folder, out, resnet20, **{**SMALL, "num_classes": None})  # 10-way teacher, 3 folders
     r = run_cli("build", str(small_folder), str(out), "--teacher", "cifar_resnet20", "-s", "2", "--scale", "0.5", "0.1")
     assert r.exit_code == 2 and "scale" in r.output
+    # the CLI names flags where the library names parameters
+    cli = ["build", str(small_folder), str(out), "--teacher", "cifar_resnet20", "--random-init", "--num-classes", "10"]
+    for extra, message in ((["-s", "2", "--slc", "8"], "give exactly one of --crops-per-image and --slc"),
+                           (["-s", "0"], "--crops-per-image must be >= 1, got 0"),
+                           (["-s", "1", "--mix-alpha", "2"], "--mix-alpha needs --mix cutmix or --mix mixup (it has no "
+                                                             "effect with --mix none)"),
+                           (["-s", "1", "--top-k", "11"], "--top-k must be between 1 and --num-classes 10, got 11")):
+        r = run_cli(*cli, *extra)
+        assert r.exit_code == 1 and f"Error: {message}" in r.output, (extra, r.output)
     assert not out.exists()
 
 
@@ -239,7 +248,7 @@ def test_existing_output_needs_resume_or_overwrite(small_folder, tmp_path, resne
     out = tmp_path / "s.zarr"
     build_store(small_folder, out, resnet20, **SMALL)
     before = LabelStore.open(out).read_fields(np.arange(24), 0)
-    with pytest.raises(StoreError, match="already exists; pass --resume"):
+    with pytest.raises(StoreError, match="already exists; pass resume=True"):
         build_store(small_folder, out, resnet20, **SMALL)
     with pytest.raises(SettingsMismatchError, match=r"crops_per_image: 4 -> 5"):
         build_store(small_folder, out, resnet20, resume=True, **{**SMALL, "crops_per_image": 5})
@@ -254,7 +263,7 @@ def test_existing_output_needs_resume_or_overwrite(small_folder, tmp_path, resne
     other = tmp_path / "precious"
     other.mkdir()
     (other / "thesis.tex").write_text("x")
-    with pytest.raises(StoreError, match="refusing to --overwrite"):
+    with pytest.raises(StoreError, match="overwrite=True refuses to replace"):
         build_store(small_folder, other, resnet20, overwrite=True, **SMALL)
     assert (other / "thesis.tex").exists()
 
@@ -326,7 +335,7 @@ def test_convert_reencodes_labels_and_keeps_crops(tmp_path, small_folder, resnet
     assert torch.allclose(a.probs(20.0), b.probs(20.0), atol=1e-3)
     r = CliRunner().invoke(main, ["convert", str(tmp_path / "conv.zarr"), str(tmp_path / "x.zarr"), "--top-k", "5",
                                   "--values", "uint8"])
-    assert r.exit_code == 1 and "top_k 5 exceeds the source store's top_k 4" in r.output
+    assert r.exit_code == 1 and "--top-k 5 exceeds the 4 classes per crop the source store keeps" in r.output
     r = CliRunner().invoke(main, ["convert", str(full), str(direct), "--top-k", "4", "--values", "uint8"])
     assert r.exit_code == 1 and "exists" in r.output and LabelStore.open(direct).complete
 

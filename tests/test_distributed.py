@@ -39,7 +39,7 @@ def test_two_process_build_equals_one_process(tmp_path, small_folder, resnet20):
     assert a.num_blocks == 5 and b.complete
     for name in ("labels/indices", "labels/codes", "labels/scale", "crops/box", "crops/flip", "images/blake2b"):
         assert np.array_equal(a.array(name)[:], b.array(name)[:]), name
-    assert a.settings() == b.settings()
+    assert a.settings == b.settings
 
 
 def test_ranks_with_different_settings_are_refused(tmp_path, small_folder):

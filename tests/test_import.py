@@ -150,7 +150,7 @@ def test_mixup_without_sampler_file(tmp_path, images, resnet56):
     (epoch,), _ = read_reference_epochs(ref)
     src = torch.cat([b.soft_label.float() for b in epoch])
     assert torch.equal(store.soft_labels(np.arange(50), np.zeros(50, dtype=int)).argmax(1), src.argmax(1))
-    with pytest.raises(HaldStoreError, match="has no mix_bbox .a MixUp entry. but --mix cutmix"):
+    with pytest.raises(HaldStoreError, match="has no mix_bbox .a MixUp entry. but mix='cutmix'"):
         import_reference(ref, images, tmp_path / "c.zarr", mix="cutmix", input_size=32, progress=False)
     fewer = copy_subset(images, tmp_path / "fewer", classes=10, per_class=4)
     with pytest.raises(HaldStoreError, match="epoch_0.tar labels 50 images but .* holds 40 images"):
@@ -191,9 +191,9 @@ def test_bad_reference_input(reference, images, tmp_path):
     fewer = copy_subset(images, tmp_path / "fewer", classes=10, per_class=4)
     fails(reference, r"need at least 50 images, but .* holds 40", root=fewer)
     # a CutMix box larger than the crops: wrong --input-size
-    fails(reference, r"mix_bbox .* reaches beyond the 8x8 crops; pass the --input-size", input_size=8)
+    fails(reference, r"mix_bbox .* reaches beyond the 8x8 crops; pass the input_size", input_size=8)
     # the files record a mix
-    fails(reference, r"records a mix .* but --mix none", mix="none")
+    fails(reference, r"records a mix .* but mix='none'", mix="none")
     # a batch entry of the wrong shape
     bad = _copy(reference, tmp_path / "shape")
     entries = torch.load(bad / "epoch_0.tar", weights_only=True)
@@ -226,12 +226,12 @@ def test_numpy_values_as_the_reference_saves_them(reference, tmp_path):
 
 def test_output_handling(reference, images, imported, tmp_path):
     store, _ = imported
-    with pytest.raises(HaldStoreError, match="already exists; pass --overwrite"):
+    with pytest.raises(HaldStoreError, match="already exists; pass overwrite=True"):
         import_reference(reference, images, store.path, input_size=32, progress=False)
     not_a_store = tmp_path / "notes"
     not_a_store.mkdir()
     (not_a_store / "keep.txt").write_text("mine")
-    with pytest.raises(HaldStoreError, match="refusing to --overwrite"):
+    with pytest.raises(HaldStoreError, match="overwrite=True refuses to replace"):
         import_reference(reference, images, not_a_store, input_size=32, overwrite=True, progress=False)
     assert (not_a_store / "keep.txt").read_text() == "mine"
     copy = tmp_path / "copy.zarr"

@@ -53,7 +53,7 @@ def test_round_trip_through_s3(s3, tmp_path, small_folder, resnet20):
     a = next(iter(SoftLabelLoader(local, small_folder, batch_size=8, backend="torchvision")))
     b = next(iter(SoftLabelLoader(remote, small_folder, batch_size=8, backend="torchvision")))
     assert torch.equal(a.images, b.images) and torch.equal(a.soft, b.soft)
-    with pytest.raises(StoreError, match="already exists; pass --resume"):
+    with pytest.raises(StoreError, match="already exists; pass resume=True"):
         build_store(small_folder, url, resnet20, storage_options=s3, **kw)
 
 

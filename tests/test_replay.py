@@ -144,7 +144,7 @@ def test_replay_bad_input(replay_store, tmp_path, small_folder, resnet20):
     (["--mix-alpha", "0.5"], "--mix-alpha needs --mix cutmix or --mix mixup"),
     (["--labelling-batch-size", "8"], "--labelling-batch-size applies to batch-specific labels only"),
     (["--teacher-mode", "train", "--labelling-batch-size", "1"], "too small for BatchNorm batch statistics"),
-    (["--mix", "cutmix", "--mix-alpha", "0"], "--mix-alpha must be > 0"),
+    (["--mix", "cutmix", "--mix-alpha", "0"], "--mix-alpha must be a finite number > 0"),
     (["--mix", "mixup", "--labelling-batch-size", "25"], "labelling batch size must be between 1 and 24 images"),
 ])
 def test_contradicting_labelling_options(args, match, small_folder, tmp_path):

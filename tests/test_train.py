@@ -286,7 +286,7 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
     train(_config(tiny, tmp_path / "run", stop_after=1))
     with pytest.raises(SettingsMismatchError, match=r"lr: 0.001 -> 0.002(.|\n)*batch_size: 8 -> 4|batch_size: 8 -> 4"):
         train(_config(tiny, tmp_path / "run", lr=0.002, batch_size=4), resume=True)
-    with pytest.raises(HaldStoreError, match="already holds a run; pass --resume"):
+    with pytest.raises(HaldStoreError, match="already holds a run; pass resume=True"):
         train(_config(tiny, tmp_path / "run"))
     with pytest.raises(HaldStoreError, match="no checkpoint.pt"):
         train(_config(tiny, tmp_path / "fresh"), resume=True)
@@ -313,7 +313,7 @@ def test_student_and_validation_class_mismatch(tiny, tmp_path):
     with pytest.raises(HaldStoreError, match="student 'tests.test_train:seven_class_net' outputs 7 classes but the store has 10"):
         Trainer(_config(tiny, tmp_path / "a", student="tests.test_train:seven_class_net"))
     val = copy_subset(require_data("cifar10-mini", "test"), tmp_path / "val", classes=9, per_class=1)
-    with pytest.raises(HaldStoreError, match="classes of .* differ .*missing: \\['truck'\\]"):
+    with pytest.raises(HaldStoreError, match="classes of .* differ .*missing: 'truck'"):
         Trainer(_config(tiny, tmp_path / "b", val=str(val)))
 
 
