@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .distributed import DistContext
-from .errors import ImageError, ManifestMismatchError
+from .errors import ImageError, ManifestMismatchError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_FORMAT = "hald-store-manifest-1"
@@ -128,7 +128,7 @@ def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     empty = [name for name, group in zip(classes, per_class) if not group]
     if empty:
         raise ImageError(
-            f"image folder {str(root)!r}: class folder(s) {', '.join(map(repr, empty[:5]))} hold no images with "
+            f"image folder {str(root)!r}: class folder(s) {preview(map(repr, empty))} hold no images with "
             f"extensions {', '.join(IMAGE_EXTENSIONS)}; an empty folder would still take a class index (remove it, "
             "or add its images)"
         )
@@ -197,7 +197,7 @@ def scan_image_folder(
         if isinstance(res, str):
             path = str(root / files[i][0])
             if not skip_bad:
-                raise ImageError(f"cannot read image {path!r}: {res} (pass --skip-bad to skip it)")
+                raise ImageError(f"cannot read image {path!r}: {res} (pass skip_bad=True to skip it)", "skip_bad")
             skipped.append({"path": files[i][0], "error": res})
         else:
             keep.append(i)
@@ -243,7 +243,7 @@ def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashe
         parts = []
         for label, items in (("missing", missing), ("changed", changed)):
             if items:
-                parts.append(f"{len(items)} {label} ({', '.join(items[:5])}{' ...' if len(items) > 5 else ''})")
+                parts.append(f"{len(items)} {label} ({preview(items)})")
         raise ManifestMismatchError(
             f"image root {str(root)!r} does not match the store's manifest: {'; '.join(parts)}"
         )

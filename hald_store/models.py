@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from .errors import ModelError, preview
 
 __all__ = [
     "cifar_resnet20",
@@ -213,7 +213,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> str:
         parts = []
         for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
-                parts.append(f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}")
+                parts.append(f"{label} ({len(items)}): {preview(items)}")
         raise ModelError(f"checkpoint {path!r} does not fit the model: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return file_sha256(path)

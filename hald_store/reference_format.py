@@ -57,7 +57,7 @@ from torch import nn
 
 from .batch_plan import BatchPlan
 from .crop_plan import CropPolicy, plan_crops
-from .errors import HaldStoreError
+from .errors import HaldStoreError, preview
 from .images import scan_image_folder
 from .mixing import MIXES, apply_mix
 from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
@@ -253,7 +253,7 @@ class ReferenceLabels:
         sizes = [x.size for x in batches]
         if any(s != sizes[0] for s in sizes[:-1]) or sizes[-1] > sizes[0]:
             raise HaldStoreError(f"{str(path)!r}: batches must all have the same size except a shorter last one, "
-                                 f"got sizes {sizes[:8]}{' ...' if len(sizes) > 8 else ''}")
+                                 f"got sizes {preview(sizes, 8)}")
         if self.sampler_indices is not None and sum(sizes) != len(self.sampler_indices[epoch]):
             raise HaldStoreError(f"{str(path)!r} labels {sum(sizes)} images but {SAMPLER_FILE} lists "
                                  f"{len(self.sampler_indices[epoch])} for epoch {epoch}")
@@ -285,14 +285,13 @@ def _load_sampler(path: Path, epochs: int, files: list[Path]) -> dict[int, np.nd
         out[e] = idx.astype(np.int64)
     lacking = [e for e in range(epochs) if e not in out]
     if lacking:
-        raise HaldStoreError(f"{str(path)!r} has no image order for epoch(s) {lacking[:5]} "
-                             f"(it covers {sorted(out)[:5]}{' ...' if len(out) > 5 else ''})")
+        raise HaldStoreError(f"{str(path)!r} has no image order for epoch(s) {preview(lacking)} "
+                             f"(it covers {preview(sorted(out))})")
     beyond = sorted(e for e in out if e >= epochs)
     if beyond:
-        missing = ", ".join(f"epoch_{e}.tar" for e in beyond[:3])
         raise HaldStoreError(
             f"{str(path)!r} lists image orders for epochs up to {beyond[-1]} but the directory holds only "
-            f"epoch_0.tar .. {files[-1].name}: missing {missing}{' ...' if len(beyond) > 3 else ''}"
+            f"epoch_0.tar .. {files[-1].name}: missing {preview((f'epoch_{e}.tar' for e in beyond), 3)}"
         )
     return out
 
@@ -319,9 +318,8 @@ def open_reference(labels_dir: str | os.PathLike, *, num_classes: int | None = N
     last = max(found)
     missing = [e for e in range(last + 1) if e not in found]
     if missing:
-        names = ", ".join(f"epoch_{e}.tar" for e in missing[:5])
         raise HaldStoreError(
-            f"{str(root)!r}: missing {names}{' ...' if len(missing) > 5 else ''} (found {len(found)} epoch files "
+            f"{str(root)!r}: missing {preview(f'epoch_{e}.tar' for e in missing)} (found {len(found)} epoch files "
             f"numbered up to epoch_{last}.tar; epochs must be numbered 0..{last} without gaps)"
         )
     files = [found[e] for e in range(last + 1)]

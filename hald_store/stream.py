@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import HaldStoreError, ImageError
+from .errors import HaldStoreError, ImageError, preview
 from .pipeline import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
                        read_files, thin_boxes)
 
@@ -146,8 +146,8 @@ class DaliStream(CropStream):
             found = self.culprit(requests[done])
             if found is not None:
                 raise found from exc
-            names = ", ".join(self.files[i] for i in requests[done][0][:4])
-            raise HaldStoreError(f"the DALI pipeline failed on a batch of {names} ...: {exc}") from exc
+            names = preview(self.files[i] for i in requests[done][0])
+            raise HaldStoreError(f"the DALI pipeline failed on a batch of {names}: {exc}") from exc
 
     def _run(self, requests: list[Request]) -> Iterator[torch.Tensor]:
         largest = max((len(r[0]) for r in requests), default=0)
