@@ -59,7 +59,7 @@ def real_logits(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
                     crops_per_image=args.crops_per_image, top_k=1, input_size=32, progress=False)
         store = LabelStore.open(Path(tmp, "s.zarr"))
         ids, seeds = np.divmod(np.arange(store.num_crops), store.crops_per_image)
-        return teacher_logits(store, args.images, teacher, ids, seeds), store.attrs["renderer"]["backend"]
+        return teacher_logits(store, args.images, teacher, ids, seeds), store.render_spec.backend
 
 
 def main() -> None:

@@ -56,7 +56,8 @@ def reference_build(store: LabelStore, images_root: str | os.PathLike, teacher: 
     """
     m = store.manifest()
     files = [Path(images_root, p) for p in m.paths]
-    size, mean, std = store.attrs["input_size"], torch.tensor(store.attrs["mean"]).view(3, 1, 1), torch.tensor(store.attrs["std"]).view(3, 1, 1)
+    spec = store.render_spec
+    size, mean, std = spec.size, torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
     ids, seeds = np.divmod(np.arange(store.num_crops), store.crops_per_image)
     boxes, flips = store.boxes(ids, seeds)
     hw = np.stack([m.heights[ids], m.widths[ids], m.heights[ids], m.widths[ids]], 1)

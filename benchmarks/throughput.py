@@ -87,8 +87,8 @@ def bare_dali(store: LabelStore, root: Path, batch: int, threads: int):
     order = order[: len(order) // batch * batch]
     _, boxes, flips = store.read_one_crop_per_image(loader.crop_seeds(0))
     paths = store.manifest().paths
-    size, gpu = store.attrs["input_size"], loader.renderer.device == "gpu"
-    mean, std = [255 * m for m in store.attrs["mean"]], [255 * s for s in store.attrs["std"]]
+    spec, gpu = store.render_spec, loader.renderer.device == "gpu"
+    size, mean, std = spec.size, [255 * m for m in spec.mean], [255 * s for s in spec.std]
 
     def windows(info):
         ids = order[info.iteration * batch : (info.iteration + 1) * batch]
@@ -129,9 +129,9 @@ def loader_epochs(loader) -> callable:
 
 
 def reference_epochs(epoch_file: Path, store: LabelStore, root: Path, workers: int) -> callable:
-    a = store.attrs
+    spec = store.render_spec
     def epoch(e: int) -> int:
-        ds = ReferenceEpoch(epoch_file, root, store.manifest().paths, a["input_size"], a["mean"], a["std"])
+        ds = ReferenceEpoch(epoch_file, root, store.manifest().paths, spec.size, spec.mean, spec.std)
         it = ds if workers == 0 else torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
         return sum(len(x) for x, _ in it)
     return epoch
@@ -184,7 +184,7 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
     b = min(args.batch_size, store.num_images)
     rows = [{"workload": name, "what": "build", "crops_per_s": summary.crops_per_second,
              "outside_teacher": summary.outside_teacher_fraction, "crops": store.num_crops}]
-    print(f"\n{name}: {store.num_images} images, input {store.attrs['input_size']} px, batch {b}; build "
+    print(f"\n{name}: {store.num_images} images, input {store.render_spec.size} px, batch {b}; build "
           f"{summary.crops_per_second:,.0f} crops/s, {100 * summary.outside_teacher_fraction:.1f}% outside the teacher")
     epoch_file = work / f"{name}-epoch.pt"
     write_epoch_file(store, root, epoch_file, epoch=0, batch_size=b)
