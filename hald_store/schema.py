@@ -10,6 +10,7 @@ the attribute JSON that ``zarr.json`` holds and ``from_dict`` reads it back, the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,8 @@ from .pipeline import CropRenderer, dali_available, make_renderer, threads_optio
 __all__ = ["TEACHER_MODES", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
 
 TEACHER_MODES = ("eval", "train")  # train: BatchNorm on each labelling batch's statistics
+# Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
+NOT_SETTINGS = ("format", "format_version", "integrity")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -104,8 +107,6 @@ class RenderSpec:
         if backend == "auto":
             backend = self.backend
             if backend == "dali" and not dali_available():
-                import warnings
-
                 warnings.warn("this store was labelled with DALI-rendered crops but DALI is not installed; using "
                               "the torchvision renderer, whose pixels differ slightly (see the README's tolerance "
                               "table)", stacklevel=3)
@@ -212,7 +213,3 @@ class StoreSettings:
     def reencoded(self, codec: LabelCodec) -> "StoreSettings":
         """These settings with the labels re-encoded as ``codec``."""
         return replace(self, codec=codec, reencoded_from=self.codec, library_version=__version__)
-
-
-# Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
-NOT_SETTINGS = ("format", "format_version", "integrity")

@@ -264,7 +264,10 @@ class LabelStore:
         self.path = path
         self.storage_options = storage_options
         self.attrs: dict[str, Any] = dict(group.attrs[ATTR_KEY])  # the raw JSON
-        self.settings = StoreSettings.from_dict(self.attrs)
+        try:
+            self.settings = StoreSettings.from_dict(self.attrs)
+        except StoreError as e:
+            raise StoreError(f"store {path!r}: {e}") from e
         self.codec = self.settings.codec
         self.crop_policy = self.settings.crop_policy
         self._done_cache: np.ndarray | None = None
