@@ -28,7 +28,7 @@ from .errors import HaldStoreError, TeacherOutputError, check_positive_finite
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES
 from .models import weights_sha256
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
+from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .store import LabelStore
 from .stream import CropStream, open_stream
 from .writer import BlockAssembler, StoreWriter

@@ -24,7 +24,7 @@ from torch import nn
 from .build import batch_stats_teacher, resolve_device
 from .errors import HaldStoreError, StoreError, check_positive_finite
 from .batch_plan import batch_members, mix_recorded
-from .pipeline import make_renderer, read_files
+from .render import make_renderer, read_files
 from .store import LabelStore
 
 
