@@ -27,5 +27,6 @@ setup(
         "s3": ["s3fs"],
         "test": ["pytest>=7.0", "s3fs", "moto[server]>=5"],
     },
-    entry_points={"console_scripts": ["hald-store=hald_store.cli:main", "hald-train=hald_train.cli:main"]},
+    entry_points={"console_scripts": ["hald-store=hald_store.cli:main", "hald-train=hald_train.cli:main",
+                                      "hald-demo=hald_train.cli:demo"]},
 )

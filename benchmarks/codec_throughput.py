@@ -21,8 +21,8 @@ import torch
 import zarr
 
 from hald_store import LabelCodec, LabelStore, build_store, load_teacher
-from hald_store.codec import VALUE_CODECS, reference_fp16_probs
-from hald_store.reference_data import shared_data_path
+from hald_store.codec import VALUE_CODECS, dense_fp16_probs
+from hald_store.testing import shared_data_path
 from hald_store.store import default_compressor
 from hald_store.verify import teacher_logits
 
@@ -86,14 +86,14 @@ def main() -> None:
     truth_top1 = logits.argmax(dim=1)
     results = []
 
-    ref = reference_fp16_probs(logits, t)
-    ref_tiled = reference_fp16_probs(tiled, t)
+    ref = dense_fp16_probs(logits, t)
+    ref_tiled = dense_fp16_probs(tiled, t)
     ref_log = torch.log(torch.from_numpy(ref).float().clamp_min(1e-30))
     results.append({
         "layout": "reference fp16 probs", "values": "fp16-probs", "top_k": c,
         "raw_bytes_per_crop": ref.itemsize * c,
         "bytes_per_crop": compressed_bytes({"probs": ref}, 1024) / n,
-        "encode_labels_per_s": best_rate(lambda: reference_fp16_probs(tiled, t), len(tiled), args.repeat),
+        "encode_labels_per_s": best_rate(lambda: dense_fp16_probs(tiled, t), len(tiled), args.repeat),
         "decode_labels_per_s": best_rate(lambda: torch.from_numpy(ref_tiled).float(), len(tiled), args.repeat),
         "mean_kl": float(kl(truth_log, ref_log).mean()),
         "top1_agreement": float((torch.from_numpy(ref).float().argmax(1) == truth_top1).double().mean()),

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from hald_store import LabelStore, SoftLabelLoader
-from hald_store.codec import reference_fp16_probs
+from hald_store.codec import dense_fp16_probs
 
 
 def write_epoch_file(store: LabelStore, images_root: str | os.PathLike, path: Path, epoch: int,
@@ -31,7 +31,7 @@ def write_epoch_file(store: LabelStore, images_root: str | os.PathLike, path: Pa
         ids = order[b0 : b0 + batch_size]
         boxes, flips = store.boxes(ids, seeds[ids])
         hw = np.stack([m.heights[ids], m.widths[ids], m.heights[ids], m.widths[ids]], 1)
-        probs = reference_fp16_probs(store.read(ids, seeds[ids]).dense_logits(), store.temperature)
+        probs = dense_fp16_probs(store.read(ids, seeds[ids]).dense_logits(), store.temperature)
         batches.append([torch.from_numpy(boxes / hw).float(), torch.from_numpy(flips), torch.from_numpy(probs),
                         torch.from_numpy(ids)])
     torch.save(batches, path)

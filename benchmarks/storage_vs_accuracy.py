@@ -25,8 +25,8 @@ import torch
 import zarr
 
 from hald_store import LabelStore, build_store, load_teacher, reencode_store
-from hald_store.codec import reference_fp16_probs
-from hald_store.reference_data import shared_data_path
+from hald_store.codec import dense_fp16_probs
+from hald_store.testing import shared_data_path
 from hald_store.store import default_compressor
 from hald_train import TrainConfig, train
 
@@ -47,7 +47,7 @@ def fidelity(exact: torch.Tensor, store: LabelStore, t: float) -> dict:
 
 def reference_layout(exact: torch.Tensor, t: float, tmp: Path) -> dict:
     """Bytes and fidelity of the full fp16 probability vector per crop, compressed like a store."""
-    probs = reference_fp16_probs(exact, t)
+    probs = dense_fp16_probs(exact, t)
     arr = zarr.create_array(str(tmp), shape=probs.shape, dtype=probs.dtype, chunks=(min(1024 * 8, len(probs)), probs.shape[1]),
                             compressors=default_compressor(), overwrite=True)
     arr[...] = probs

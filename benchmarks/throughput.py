@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 
 from hald_store import LabelStore, SoftLabelLoader, build_store, load_teacher, resolve_model
-from hald_store.pipeline import cuda_available, default_threads
-from hald_store.reference_data import shared_data_path
+from hald_store.render import cuda_available, default_threads
+from hald_store.testing import shared_data_path
 
 from common import busy_cpu_seconds
 from reference_baseline import ReferenceEpoch, write_epoch_file

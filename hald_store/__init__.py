@@ -17,7 +17,7 @@ from .importer import ImportSummary, import_reference  # noqa: E402
 from .loader import CropLoader, EvalLoader, HardLabelLoader, SoftLabelLoader  # noqa: E402
 from .order import epoch_crop_seeds  # noqa: E402
 from .models import load_checkpoint, load_teacher, resolve_model  # noqa: E402
-from .pipeline import make_renderer  # noqa: E402
+from .render import make_renderer  # noqa: E402
 from .schema import RenderSpec, StoreSettings  # noqa: E402
 from .store import LabelStore  # noqa: E402
 from .verify import VerifyReport, teacher_logits, verify_store  # noqa: E402

@@ -30,7 +30,7 @@ from .errors import HaldStoreError, OptionError, check_at_least, check_positive_
 from .images import Manifest, check_image_root, scan_image_folder
 from .mixing import MIXES
 from .models import weights_sha256
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
+from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
 from .stream import CropStream, open_stream

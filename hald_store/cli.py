@@ -19,7 +19,7 @@ from .images import class_names, scan_image_folder
 from .importer import import_reference
 from .mixing import MIXES
 from .models import load_teacher
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD
+from .render import IMAGENET_MEAN, IMAGENET_STD
 from .schema import TEACHER_MODES
 from .store import LabelStore
 from .verify import check_integrity, verify_store
@@ -248,18 +248,6 @@ def convert(src, dst, top_k, values, overwrite, quiet) -> None:
     after = out.bytes_on_disk("labels")
     click.echo(f"label bytes {before:,} -> {after:,} ({after / max(before, 1):.2f}x), "
                f"{after / out.num_crops:.2f} B/crop")
-
-
-@main.command()
-@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False),
-              help="Where data, teacher, store, runs and the plot go (finished steps are reused).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@_friendly_errors
-def demo(out, quiet) -> None:
-    """End to end on generated scenes: teacher, store, students with shs and soft-only."""
-    from hald_train.demo import format_table, run_demo  # the trainer is only needed here
-
-    click.echo(format_table(run_demo(out, progress=not quiet)))
 
 
 @main.command("import")

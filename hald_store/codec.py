@@ -73,8 +73,8 @@ __all__ = [
     "VALUE_CODECS",
     "LabelCodec",
     "TopKLabels",
-    "reference_fp16_probs",
-    "reference_bytes_per_crop",
+    "dense_fp16_probs",
+    "dense_fp16_bytes_per_crop",
 ]
 
 VALUE_CODECS = ("fp32", "fp16", "uint8", "uint4")
@@ -462,10 +462,10 @@ class TopKLabels:
         return self.indices, torch.exp(a - lse[:, None]), p_rest
 
 
-def reference_fp16_probs(logits: Any, temperature: float) -> np.ndarray:
+def dense_fp16_probs(logits: Any, temperature: float) -> np.ndarray:
     """The layout public pipelines store: the full softmax(z / T) vector as float16, (N, C).
 
-    2 * C bytes per crop (see :func:`reference_bytes_per_crop`); used as the benchmark baseline.
+    2 * C bytes per crop (see :func:`dense_fp16_bytes_per_crop`); used as the benchmark baseline.
     """
     t = float(temperature)
     if not (math.isfinite(t) and t > 0):
@@ -482,6 +482,6 @@ def reference_fp16_probs(logits: Any, temperature: float) -> np.ndarray:
     return out
 
 
-def reference_bytes_per_crop(num_classes: int) -> int:
-    """Raw bytes per crop of :func:`reference_fp16_probs`."""
+def dense_fp16_bytes_per_crop(num_classes: int) -> int:
+    """Raw bytes per crop of :func:`dense_fp16_probs`."""
     return 2 * int(num_classes)

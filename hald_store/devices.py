@@ -31,7 +31,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def renderer_device(device: str | torch.device) -> str:
     """The renderer device (``auto``, ``cpu`` or ``gpu``) for a user device name or a torch
     device; ``gpu`` is accepted as another name for ``cuda``. Availability is the renderer's
-    to check (:func:`~hald_store.pipeline.make_renderer`)."""
+    to check (:func:`~hald_store.render.make_renderer`)."""
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     mapping = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
     if kind not in mapping:

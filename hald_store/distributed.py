@@ -92,6 +92,14 @@ class DistContext:
                 raise HaldStoreError(f"ranks were launched with different {what}:\n  " + "\n  ".join(diff))
 
 
+def default_threads() -> int:
+    """Worker threads for this process: the cores it may use (``os.sched_getaffinity``),
+    divided among the local ranks under torchrun (``LOCAL_WORLD_SIZE``), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local)
+
+
 def context() -> DistContext:
     """This process's rank, joining the process group (gloo on CPU, NCCL with CUDA) when
     launched by torchrun with more than one process."""

@@ -15,13 +15,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .distributed import DistContext
-from .errors import ImageError, ManifestMismatchError, preview
+from .distributed import DistContext, default_threads
+from .errors import HaldStoreError, ImageError, ManifestMismatchError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_FORMAT = "hald-store-manifest-1"
@@ -150,8 +151,6 @@ def _inspect(path: Path) -> tuple[int, bytes, int, int]:
 
 def _header(path: Path) -> tuple[int, bytes, int, int]:
     """Read one file's header only: (nbytes, zero digest, height, width)."""
-    from .pipeline import image_size
-
     data = np.fromfile(path, dtype=np.uint8)
     height, width = image_size(data)
     return len(data), bytes(DIGEST_SIZE), height, width
@@ -171,8 +170,6 @@ def scan_image_folder(
     ``verify=False`` reads only each file's header (sizes; ``digests`` are zero): enough to
     evaluate on a folder, much faster than hashing and decoding it.
     """
-    from .pipeline import default_threads
-
     root = Path(root)
     classes, files = _list_class_folders(root)
     ranks = ranks or DistContext()
@@ -252,3 +249,89 @@ def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashe
 def class_names(root: str | os.PathLike) -> list[str]:
     """Sorted class folder names of an image folder (no files are read)."""
     return _list_class_folders(Path(root))[0]
+
+
+# ------------------------------------------------------------------------- headers
+def as_encoded(sample: Any, index: int) -> np.ndarray:
+    """One encoded file as a contiguous, 1-D uint8 array."""
+    if isinstance(sample, (bytes, bytearray, memoryview)):
+        arr = np.frombuffer(sample, dtype=np.uint8)
+    elif isinstance(sample, np.ndarray):
+        arr = sample
+    else:
+        raise HaldStoreError(
+            f"sample {index}: encoded image must be a 1-D uint8 numpy array (raw file bytes, "
+            f"see read_files), got {type(sample).__name__}"
+        )
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise HaldStoreError(
+            f"sample {index}: encoded image must be a 1-D uint8 array of raw file bytes, got "
+            f"dtype={arr.dtype} shape={arr.shape}; read files with hald_store.render.read_files"
+        )
+    if arr.size == 0:
+        raise ImageError(f"sample {index}: encoded image is empty (0 bytes)")
+    return np.ascontiguousarray(arr)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# SOF0..SOF15 minus DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
+
+
+def _header_size(buf: memoryview) -> tuple[int, int] | None:
+    """(height, width) from a PNG IHDR or a JPEG SOF header, or None if not found."""
+    n = len(buf)
+    if n >= 24 and bytes(buf[:8]) == _PNG_SIGNATURE and bytes(buf[12:16]) == b"IHDR":
+        w = int.from_bytes(buf[16:20], "big")
+        h = int.from_bytes(buf[20:24], "big")
+        return (h, w) if h > 0 and w > 0 else None
+    if n >= 4 and buf[0] == 0xFF and buf[1] == 0xD8:
+        pos = 2
+        while pos + 4 <= n:
+            if buf[pos] != 0xFF:
+                return None
+            marker = buf[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if marker in _JPEG_STANDALONE:
+                pos += 2
+                continue
+            if marker in (0xD9, 0xDA):  # EOI / SOS before any SOF
+                return None
+            seg_len = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            if marker in _JPEG_SOF:
+                if pos + 9 > n:
+                    return None
+                h = int.from_bytes(buf[pos + 5 : pos + 7], "big")
+                w = int.from_bytes(buf[pos + 7 : pos + 9], "big")
+                return (h, w) if h > 0 and w > 0 else None
+            if seg_len < 2:
+                return None
+            pos += 2 + seg_len
+    return None
+
+
+def image_size(encoded: np.ndarray | bytes, index: int = 0) -> tuple[int, int]:
+    """(height, width) of an encoded image, read from its header without decoding pixels.
+
+    PNG and JPEG headers are parsed directly; anything else goes through PIL. The size is
+    that of the stored pixel grid (EXIF orientation is ignored, as the renderers do).
+    Raises :class:`ImageError` naming ``index`` when the header cannot be read.
+    """
+    arr = as_encoded(encoded, index)
+    size = _header_size(memoryview(arr))
+    if size is not None:
+        return size
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(arr.tobytes())) as im:
+            w, h = im.size
+    except Exception as exc:
+        raise ImageError(
+            f"sample {index}: not a readable image ({len(arr)} bytes, starting "
+            f"{arr[:8].tobytes()!r}): {exc}"
+        ) from exc
+    return int(h), int(w)

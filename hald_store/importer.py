@@ -1,5 +1,5 @@
 """Import reference soft labels (SRe2L / LPLD / HALD ``epoch_<e>.tar`` files, see
-:mod:`hald_store.reference_format`) into a batch-mode label store.
+:mod:`hald_store.relabel_files`) into a batch-mode label store.
 
 Each reference epoch becomes one labelling epoch (crop seed) of the store:
 
@@ -35,8 +35,8 @@ from .crop_plan import CropPolicy
 from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, make_renderer
-from .reference_format import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
+from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer
+from .relabel_files import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
 from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
 from .writer import StoreWriter

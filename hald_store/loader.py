@@ -28,7 +28,7 @@ from .devices import renderer_device
 from .errors import HaldStoreError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
-from .pipeline import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
+from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, FreshCrops, HardBatch, RecordedBatches, SoftBatch,
                       StoredCrops)
 from .store import LabelStore

@@ -20,7 +20,7 @@ from .codec import LabelCodec
 from .crop_plan import CropPolicy
 from .devices import renderer_device
 from .errors import OptionError, StoreError, preview
-from .pipeline import CropRenderer, dali_available, make_renderer, threads_option
+from .render import CropRenderer, dali_available, make_renderer, threads_option
 
 __all__ = ["TEACHER_MODES", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
 
@@ -103,7 +103,7 @@ class RenderSpec:
         """A renderer that reproduces these pixels. ``backend="auto"`` is the recorded backend
         (torchvision, with a warning, where a DALI store meets a machine without DALI);
         ``device`` is a user device name (auto, cpu, cuda, cuda:N); ``workers`` DALI threads;
-        ``kw`` goes to :func:`~hald_store.pipeline.make_renderer`."""
+        ``kw`` goes to :func:`~hald_store.render.make_renderer`."""
         if backend == "auto":
             backend = self.backend
             if backend == "dali" and not dali_available():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import HaldStoreError, ImageError, preview
-from .pipeline import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
+from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
                        read_files, thin_boxes)
 
 __all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default"]

@@ -25,7 +25,7 @@ from .batch_plan import batch_members, mix_recorded
 from .build import batch_stats_teacher
 from .devices import resolve_device
 from .errors import OptionError, StoreError, check_at_least, check_positive_finite
-from .pipeline import read_files
+from .render import read_files
 from .store import LabelStore
 
 

@@ -70,5 +70,18 @@ def main(resume: bool, quiet: bool, **options) -> None:
         click.echo(json.dumps(last, indent=2))
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--out", default="demo-output", type=click.Path(file_okay=False),
+              help="Where data, teacher, store, runs and the plot go (finished steps are reused).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def demo(out: str, quiet: bool) -> None:
+    """End to end on generated scenes: teacher, store, students with shs and soft-only."""
+    from .demo import format_table, run_demo
+
+    click.echo(format_table(run_demo(out, progress=not quiet)))
+
+
+
 if __name__ == "__main__":
     main()

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hald_store import CropPolicy, EvalLoader, HardLabelLoader, LabelStore, build_store, resolve_model
-from hald_store.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from hald_store.synthetic import make_shapes_dataset
+from hald_store.render import IMAGENET_MEAN, IMAGENET_STD
+from hald_train.scenes import make_shapes_dataset
 
 from .optim import lr_factor
 from .trainer import TrainConfig, evaluate, train

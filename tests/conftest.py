@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hald_store.models import load_teacher
-from hald_store.reference_data import shared_data_dir, shared_data_path
+from hald_store.testing import shared_data_dir, shared_data_path
 
 
 def require_data(*parts: str) -> Path:

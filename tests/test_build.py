@@ -19,7 +19,7 @@ from hald_store.cli import main
 from hald_store.errors import (HaldStoreError, ImageError, ManifestMismatchError, ModelError, SettingsMismatchError,
                                StoreError, TeacherOutputError)
 from hald_store.models import load_checkpoint, resolve_model
-from hald_store.pipeline import make_renderer, read_files
+from hald_store.render import make_renderer, read_files
 
 from .conftest import require_data
 

@@ -26,8 +26,8 @@ from hald_store.codec import (
     VALUE_CODECS,
     LabelCodec,
     TopKLabels,
-    reference_bytes_per_crop,
-    reference_fp16_probs,
+    dense_fp16_bytes_per_crop,
+    dense_fp16_probs,
 )
 from hald_store.errors import HaldStoreError, StoreError, TeacherOutputError
 
@@ -141,7 +141,7 @@ def test_bytes_per_crop_table():
     for (c, k), table in expected.items():
         for values, nbytes in table.items():
             assert LabelCodec(values, k, c, 1.0).bytes_per_crop() == nbytes, (c, k, values)
-    assert reference_bytes_per_crop(1000) == 2000
+    assert dense_fp16_bytes_per_crop(1000) == 2000
 
 
 @pytest.mark.parametrize("c,dt", [(2, np.uint8), (256, np.uint8), (257, np.uint16),
@@ -478,16 +478,16 @@ def test_codec_dict_roundtrip():
         LabelCodec.from_dict({"values": "fp16", "num_classes": 2, "temperature": 1.0})
 
 
-def test_reference_fp16_probs():
+def test_dense_fp16_probs():
     z = realistic_logits(30, 1000, seed=15)
-    ref = reference_fp16_probs(z, 2.0)
+    ref = dense_fp16_probs(z, 2.0)
     assert ref.dtype == np.float16 and ref.shape == (30, 1000)
-    assert ref.nbytes // 30 == reference_bytes_per_crop(1000)
+    assert ref.nbytes // 30 == dense_fp16_bytes_per_crop(1000)
     exact = np.exp(log_softmax(z.astype(np.float64), 2.0))
     assert np.all(np.abs(ref - exact) <= exact * 2.0**-11 + 2.0**-25)
-    assert np.array_equal(reference_fp16_probs(torch.from_numpy(z), 2.0), ref)
+    assert np.array_equal(dense_fp16_probs(torch.from_numpy(z), 2.0), ref)
     with pytest.raises(TeacherOutputError):
-        reference_fp16_probs(np.full((2, 3), np.nan), 1.0)
+        dense_fp16_probs(np.full((2, 3), np.nan), 1.0)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -529,7 +529,7 @@ def test_bad_codec_parameters():
         with pytest.raises(ValueError, match="temperature"):
             LabelCodec("fp16", 1, 10, t)
     with pytest.raises(ValueError, match="temperature"):
-        reference_fp16_probs(np.zeros((1, 3)), 0.0)
+        dense_fp16_probs(np.zeros((1, 3)), 0.0)
     codec = LabelCodec("uint8", np.int64(3), np.int64(10), 2)
     assert type(codec.top_k) is int and type(codec.temperature) is float
 

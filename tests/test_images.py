@@ -13,7 +13,7 @@ from PIL import Image
 
 from hald_store import LabelStore, build_store, scan_image_folder
 from hald_store.errors import ImageError
-from hald_store.pipeline import dali_available, make_renderer
+from hald_store.render import dali_available, make_renderer
 
 from .test_build import SMALL
 

@@ -21,7 +21,8 @@ from hald_store.crop_plan import plan_crops
 from hald_store.errors import HaldStoreError
 from hald_store.images import scan_image_folder
 from hald_store.loader import replay_epoch
-from hald_store.reference_format import SAMPLER_FILE, read_reference_epochs, write_reference_epochs
+from hald_store.relabel_files import SAMPLER_FILE, read_reference_epochs
+from hald_store.testing import write_reference_epochs
 
 from .conftest import agreeing, copy_subset, require_data
 

@@ -18,7 +18,7 @@ from hald_store.errors import HaldStoreError, ManifestMismatchError
 from hald_store.images import scan_image_folder
 from hald_store.loader import HARD_CROP_STREAM
 from hald_store.crop_plan import plan_crops
-from hald_store.pipeline import default_threads, read_files
+from hald_store.render import default_threads, read_files
 
 from .conftest import agreeing, copy_subset, require_data
 
@@ -279,12 +279,12 @@ def test_gpu_requested_without_cuda(small_store):
 
 
 def test_dali_store_without_dali_falls_back_with_warning(small_store, monkeypatch):
-    import hald_store.pipeline as pipeline_mod
+    import hald_store.render as render_mod
     import hald_store.schema as schema_mod
 
     store, root = small_store
     assert store.attrs["renderer"]["backend"] == "dali"
-    monkeypatch.setattr(pipeline_mod, "_dali_import_error", lambda: "No module named 'nvidia.dali'")
+    monkeypatch.setattr(render_mod, "_dali_import_error", lambda: "No module named 'nvidia.dali'")
     monkeypatch.setattr(schema_mod, "dali_available", lambda: False)
     with pytest.warns(UserWarning, match="DALI is not installed; using the torchvision renderer"):
         auto = SoftLabelLoader(store, root, batch_size=4)

@@ -12,7 +12,7 @@ import torch
 from hald_store.crop_plan import CropPolicy, plan_crops
 from hald_store.errors import HaldStoreError, ImageError
 from hald_store.images import scan_image_folder
-from hald_store.pipeline import dali_available, make_renderer, read_files
+from hald_store.render import dali_available, make_renderer, read_files
 from hald_store.stream import DaliStream, WorkerStream, open_stream
 
 from .conftest import copy_subset, require_data
@@ -76,7 +76,7 @@ def test_one_pixel_wide_columns_of_a_420_jpeg(tmp_path):
     gets wrong at left == 0 of a 4:2:0 JPEG) are re-rendered exactly."""
     from PIL import Image
 
-    from .test_pipeline import _photo
+    from .test_render import _photo
 
     h, w = 19, 23
     (tmp_path / "c").mkdir()

@@ -1,4 +1,4 @@
-"""Tests for hald_store.pipeline: exact-window crop rendering with DALI and torchvision.
+"""Tests for hald_store.render: exact-window crop rendering with DALI and torchvision.
 
 Real images (``$HALD_DATA``, default ``<repo>/../shared/data``), synthetic images written
 with PIL, real DALI CPU pipelines; nothing is mocked.
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from hald_store.errors import HaldStoreError, ImageError
-from hald_store.pipeline import (
+from hald_store.render import (
     BACKENDS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -445,7 +445,7 @@ def test_auto_works_here(cifar):
 
 def test_without_dali(monkeypatch, cifar):
     """With DALI not importable: explicit 'dali' fails clearly, 'auto' falls back to torchvision."""
-    from hald_store import pipeline
+    from hald_store import render as pipeline
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` raise ImportError
     pipeline._dali_import_error.cache_clear()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from hald_store.errors import HaldStoreError
 from hald_store.images import scan_image_folder
-from hald_store.synthetic import SHAPES, make_shapes_dataset
+from hald_train.scenes import SHAPES, make_shapes_dataset
 
 SMALL = dict(num_classes=3, train_per_class=4, test_per_class=2, size=32)
 

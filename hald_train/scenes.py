@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .errors import HaldStoreError
+from hald_store.errors import HaldStoreError
 
 FORMAT_VERSION = 1
 _SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down (anti-aliasing)

@@ -24,7 +24,7 @@ Both are deterministic run to run and independent of how a request is split into
 They decode identically (Pillow and DALI gave the same pixels for every JPEG and
 PNG); their resize kernels differ slightly, so a store should record
 :meth:`CropRenderer.describe` and replay with the same backend and device for bit-exact
-crops (see ``tests/test_pipeline.py`` for the measured differences).
+crops (see ``tests/test_render.py`` for the measured differences).
 
 EXIF orientation is ignored by both backends (boxes refer to the stored pixel grid).
 """
@@ -41,7 +41,9 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .distributed import default_threads
 from .errors import HaldStoreError, ImageError
+from .images import as_encoded, image_size
 
 __all__ = [
     "BACKENDS",
@@ -109,95 +111,10 @@ def read_files(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
     return out
 
 
-def _as_u8(sample: Any, index: int) -> np.ndarray:
-    """One encoded file as a contiguous, 1-D uint8 array."""
-    if isinstance(sample, (bytes, bytearray, memoryview)):
-        arr = np.frombuffer(sample, dtype=np.uint8)
-    elif isinstance(sample, np.ndarray):
-        arr = sample
-    else:
-        raise HaldStoreError(
-            f"sample {index}: encoded image must be a 1-D uint8 numpy array (raw file bytes, "
-            f"see read_files), got {type(sample).__name__}"
-        )
-    if arr.dtype != np.uint8 or arr.ndim != 1:
-        raise HaldStoreError(
-            f"sample {index}: encoded image must be a 1-D uint8 array of raw file bytes, got "
-            f"dtype={arr.dtype} shape={arr.shape}; read files with hald_store.pipeline.read_files"
-        )
-    if arr.size == 0:
-        raise ImageError(f"sample {index}: encoded image is empty (0 bytes)")
-    return np.ascontiguousarray(arr)
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# SOF0..SOF15 minus DHT (C4), JPG (C8) and DAC (CC)
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
-
-
-def _header_size(buf: memoryview) -> tuple[int, int] | None:
-    """(height, width) from a PNG IHDR or a JPEG SOF header, or None if not found."""
-    n = len(buf)
-    if n >= 24 and bytes(buf[:8]) == _PNG_SIGNATURE and bytes(buf[12:16]) == b"IHDR":
-        w = int.from_bytes(buf[16:20], "big")
-        h = int.from_bytes(buf[20:24], "big")
-        return (h, w) if h > 0 and w > 0 else None
-    if n >= 4 and buf[0] == 0xFF and buf[1] == 0xD8:
-        pos = 2
-        while pos + 4 <= n:
-            if buf[pos] != 0xFF:
-                return None
-            marker = buf[pos + 1]
-            if marker == 0xFF:  # fill byte
-                pos += 1
-                continue
-            if marker in _JPEG_STANDALONE:
-                pos += 2
-                continue
-            if marker in (0xD9, 0xDA):  # EOI / SOS before any SOF
-                return None
-            seg_len = int.from_bytes(buf[pos + 2 : pos + 4], "big")
-            if marker in _JPEG_SOF:
-                if pos + 9 > n:
-                    return None
-                h = int.from_bytes(buf[pos + 5 : pos + 7], "big")
-                w = int.from_bytes(buf[pos + 7 : pos + 9], "big")
-                return (h, w) if h > 0 and w > 0 else None
-            if seg_len < 2:
-                return None
-            pos += 2 + seg_len
-    return None
-
-
-def image_size(encoded: np.ndarray | bytes, index: int = 0) -> tuple[int, int]:
-    """(height, width) of an encoded image, read from its header without decoding pixels.
-
-    PNG and JPEG headers are parsed directly; anything else goes through PIL. The size is
-    that of the stored pixel grid (EXIF orientation is ignored, as the renderers do).
-    Raises :class:`ImageError` naming ``index`` when the header cannot be read.
-    """
-    arr = _as_u8(encoded, index)
-    size = _header_size(memoryview(arr))
-    if size is not None:
-        return size
-    try:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(arr.tobytes())) as im:
-            w, h = im.size
-    except Exception as exc:
-        raise ImageError(
-            f"sample {index}: not a readable image ({len(arr)} bytes, starting "
-            f"{arr[:8].tobytes()!r}): {exc}"
-        ) from exc
-    return int(h), int(w)
-
-
 def _check_inputs(encoded: Sequence[Any], boxes: Any, flips: Any) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     if isinstance(encoded, np.ndarray) and encoded.dtype == np.uint8 and encoded.ndim == 1:
         raise HaldStoreError("encoded must be a list of per-image uint8 arrays, got a single array")
-    encoded = [_as_u8(e, i) for i, e in enumerate(encoded)]
+    encoded = [as_encoded(e, i) for i, e in enumerate(encoded)]
     n = len(encoded)
     boxes_arr = np.asarray(boxes)
     if boxes_arr.size == 0 and n == 0:
@@ -237,14 +154,6 @@ def check_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, firs
         f"0 <= left, height >= 1, width >= 1, top + height <= {H}, left + width <= {W} "
         f"(was the store built from different image files?)"
     )
-
-
-def default_threads() -> int:
-    """Worker threads for this process: the cores it may use (``os.sched_getaffinity``),
-    divided among the local ranks under torchrun (``LOCAL_WORLD_SIZE``), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(1, cores // local)
 
 
 def _check_device(device: str) -> None:
