@@ -377,3 +377,13 @@ def test_demo_end_to_end_small(tmp_path):
 def test_non_finite_temperature_is_refused(value):
     with pytest.raises(HaldStoreError, match="temperature must be a finite number > 0"):
         TrainConfig(store="s.zarr", images="img", out_dir="run", temperature=value).check()
+
+
+def test_config_errors_name_parameters_and_the_cli_names_flags(tmp_path):
+    with pytest.raises(HaldStoreError, match="label_smoothing must be in"):
+        TrainConfig(store="s", images="i", out_dir=str(tmp_path), label_smoothing=1.0).check()
+    for extra, message in ((["--batch-size", "0"], "--batch-size must be > 0, got 0"),
+                           (["--workers", "-1"], "--workers must be >= 0, got -1"),
+                           (["--stop-after", "0"], "--stop-after must be >= 1, got 0")):
+        r = CliRunner().invoke(train_cli, ["nostore", str(tmp_path), "--out", str(tmp_path / "x"), *extra])
+        assert r.exit_code == 1 and f"Error: {message}" in r.output, r.output
