@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hald_store import CropPolicy, LabelCodec, LabelStore, Manifest, __version__, build_store
+from hald_store.schema import RenderSpec, StoreSettings, TeacherInfo
 from hald_store.writer import BlockAssembler, StoreWriter
 from hald_store.crop_plan import plan_image_crops
 from hald_store.order import epoch_crop_seeds
@@ -91,25 +92,16 @@ def synthetic_logits(labels: np.ndarray, num_classes: int, seed: int, key: int) 
     return z
 
 
-def store_attrs(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropPolicy, seed: int) -> dict[str, Any]:
-    """The attributes a real build writes, with plausible values for a synthetic teacher."""
-    return {
-        "library_version": __version__,
-        "num_images": len(manifest),
-        "crops_per_image": crops,
-        "num_classes": codec.num_classes,
-        "class_names": manifest.class_names,
-        "plan_seed": seed,
-        "crop_policy": policy.to_dict(),
-        "input_size": BUILD_DEFAULTS["input_size"],
-        "mean": [float(m) for m in BUILD_DEFAULTS["mean"]],
-        "std": [float(s) for s in BUILD_DEFAULTS["std"]],
-        "renderer": {"backend": "synthetic", "size": BUILD_DEFAULTS["input_size"]},
-        "teacher": {"name": "synthetic-logits", "weights_sha256": None, "mode": "eval", "synthetic": True},
-        "codec": codec.to_dict(),
-        "manifest_blake2b": manifest.fingerprint(),
-        "skipped": manifest.skipped,
-    }
+def store_settings(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropPolicy, seed: int) -> StoreSettings:
+    """The settings a real build writes, with plausible values for a synthetic teacher."""
+    size = BUILD_DEFAULTS["input_size"]
+    return StoreSettings(
+        num_images=len(manifest), crops_per_image=crops, num_classes=codec.num_classes,
+        class_names=tuple(manifest.class_names), plan_seed=seed, crop_policy=policy,
+        render_spec=RenderSpec("synthetic", size, tuple(BUILD_DEFAULTS["mean"]), tuple(BUILD_DEFAULTS["std"])),
+        teacher=TeacherInfo("synthetic-logits", None, "eval", {"synthetic": True}), codec=codec,
+        manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
+    )
 
 
 # ------------------------------------------------------------------ write phase
@@ -125,14 +117,14 @@ def write_phase(path: str, args: argparse.Namespace, chunk_images: int, resume: 
                        temperature=float(BUILD_DEFAULTS["temperature"]))
     manifest = synthetic_manifest(args.num_images, args.num_classes, args.seed)
     policy, s = CropPolicy(), args.crops_per_image
-    attrs = store_attrs(manifest, s, codec, policy, args.seed)
+    settings = store_settings(manifest, s, codec, policy, args.seed)
     t0 = time.perf_counter()
     secs = {"logits": 0.0, "encode_write": 0.0}
     written = 0
     with StoreWriter(path, resume=resume) as writer:
         store = writer.open(manifest, lambda a, b: plan_image_crops(args.seed, a, b, s, manifest.heights,
                                                                    manifest.widths, policy),
-                            attrs, codec, chunk_images)
+                            settings, chunk_images)
         create_s = time.perf_counter() - t0
         rss_create = peak_rss_mib()
         blocks = BlockAssembler(store)

@@ -268,7 +268,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
             _check_logits(teacher(probe.to(dev)).float().cpu(), np.zeros(1, np.int64), manifest, num_classes)
 
         ranks.check_same(settings.to_dict(), "build settings")
-        store = writer.open(manifest, crops, settings, codec, c.chunk_images,
+        store = writer.open(manifest, crops, settings, c.chunk_images,
                             batches=None if plan is None else plan.arrays(), source=f"the images in {str(root)!r}")
         todo = writer.todo()
         stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,

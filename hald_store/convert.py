@@ -46,7 +46,7 @@ def reencode_store(
     batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
     with StoreWriter(dst, overwrite=overwrite, storage_options=so, resumable=False) as writer:
         out = writer.open(src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
-                          src.settings.reencoded(codec), codec, src.chunk_images, batches=batches)
+                          src.settings.reencoded(codec), src.chunk_images, batches=batches)
         for block in tqdm(writer.todo(), desc="re-encode", unit="block", disable=not progress):
             sel = (slice(None), block) if out.batch_mode else slice(*out.block_range(block))
             fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}

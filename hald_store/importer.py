@@ -310,7 +310,7 @@ def import_reference(
                            "sampler_indices": ref.sampler_indices is not None})
         batch_arrays = {k: np.stack(v) for k, v in plan.items()}
 
-        store = writer.open(manifest, lambda a, b: (boxes[a:b], flips[a:b]), settings, codec, chunk_images,
+        store = writer.open(manifest, lambda a, b: (boxes[a:b], flips[a:b]), settings, chunk_images,
                             batches=batch_arrays)
         for e in writer.todo():
             store.write_block(e, fields_per_epoch[e])

@@ -5,7 +5,7 @@
 from (a teacher over rendered crops, reference label files, another store, synthetic logits)::
 
     with StoreWriter(out, resume=resume, overwrite=overwrite) as writer:
-        store = writer.open(manifest, crops, settings, codec, chunk_images)
+        store = writer.open(manifest, crops, settings, chunk_images)
         for block in writer.todo():
             store.write_block(block, fields_of(block))
 
@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 
-from .codec import LabelCodec
 from .distributed import DistContext
 from .errors import ManifestMismatchError, SettingsMismatchError
 from .images import Manifest
@@ -56,14 +55,10 @@ class StoreWriter:
         return self
 
     def open(self, manifest: Manifest, crops: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
-             settings: StoreSettings | dict, codec: LabelCodec, chunk_images: int, *,
+             settings: StoreSettings, chunk_images: int, *,
              batches: dict[str, np.ndarray] | None = None, source: str = "the images") -> LabelStore:
         """Create the store (see :meth:`LabelStore.create` for ``crops`` and ``batches``), or
-        check the one being resumed against ``settings`` (or their attribute dict), whose codec
-        is ``codec``; ``source`` names the images in errors."""
-        settings = settings if isinstance(settings, StoreSettings) else StoreSettings.from_dict(settings)
-        if settings.codec != codec:
-            raise ValueError(f"codec {codec} differs from the settings' codec {settings.codec}")
+        check the one being resumed against ``settings``; ``source`` names the images in errors."""
         self.target = self.ranks.on_main(
             lambda: self._open_or_create(manifest, crops, settings, chunk_images, batches, source))
         self.store = LabelStore.open(self.target, mode="r+", allow_incomplete=True,
