@@ -252,28 +252,23 @@ class HardLabelLoader(CropLoader):
         crop_policy: CropPolicy = CropPolicy(),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        batch_size: int = 256,
-        shuffle: bool = True,
         seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
         backend: str = "auto",
         device: str = "auto",
-        prefetch: int = 2,
         workers: int | None = None,
-        cache_decoded: bool | str = "auto",
         progress: bool = False,
+        **loader_kw,
     ) -> "HardLabelLoader":
-        """A hard-label loader over an image folder (scanned now), without a store."""
+        """A hard-label loader over an image folder (scanned now), without a store.
+        ``loader_kw`` are :class:`CropLoader`'s (``batch_size=256``, ``shuffle=True``,
+        ``drop_last``, ``rank``, ``world_size``, ``prefetch``, ``cache_decoded``)."""
         self = cls.__new__(cls)
         renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
                                  **threads_option(backend, workers))
+        options = {"batch_size": 256, "shuffle": True, "drop_last": False, "rank": 0, "world_size": 1, **loader_kw}
         CropLoader.__init__(self, FreshCrops(crop_policy, seed), images_root,
-                            scan_image_folder(images_root, progress=progress, verify=False), renderer,
-                            batch_size=batch_size,
-                            shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
-                            prefetch=prefetch, workers=workers, cache_decoded=cache_decoded)
+                            scan_image_folder(images_root, progress=progress, verify=False), renderer, seed=seed,
+                            workers=workers, **options)
         return self
 
 
