@@ -1,15 +1,27 @@
-"""Storage against accuracy: sweep crops per image, top-k, value codec and schedule on a real
-data set with a real teacher; for each point report label bytes, label fidelity against the
-full-precision teacher outputs, and the student's top-1 on held-out images. The reference
-layout (full fp16 probability vector per crop) is measured on the same crops.
+"""Storage against accuracy on real CIFAR-10: crops per image x label codec x schedule x seed,
+with the reference layout (a dense fp16 probability vector per crop) trained as the baseline.
 
-    python benchmarks/storage_vs_accuracy.py --quick     # ~10 min on 2 CPU cores
-    python benchmarks/storage_vs_accuracy.py             # the full sweep (meant for a GPU)
+    python benchmarks/storage_vs_accuracy.py --dataset ipc10           # CIFAR-10, 10 images/class
+    python benchmarks/storage_vs_accuracy.py --dataset ipc50           # 50 images/class
+    python benchmarks/storage_vs_accuracy.py --dataset dc-ipc50        # distilled images (DC, IPC 50)
+    python benchmarks/storage_vs_accuracy.py --dataset ipc10 --report  # tables and plot only
 
-Per crops-per-image value one full-precision store (top-k = all classes, fp32) is built with
-the teacher; every codec point is re-encoded from it (``hald_store.reencode_store``), so all
-points share the crops and the exact teacher outputs are the fidelity reference. Finished
-points are kept in ``points.jsonl`` and not re-run.
+Data: the IPC subsets are drawn (fixed seed) from ``cifar10/cifar10-jpg.tar.gz`` among the
+train images the tests do not use (cifar10-mini holds the first 50 per class by name);
+every student is evaluated on the full 10,000-image test set. Both are extracted once under
+``benchmarks/results/data/``. Teacher: the pretrained CIFAR ResNet-56; student: ResNet-20,
+trained with ``--preset hald-reference`` settings (AdamW 1e-3, eta 2, batch 16/16, T = 20,
+CutMix 1, smoothing 0.8) for ``--epochs``.
+
+Per crops-per-image value S one full-precision store (all classes, fp32 gaps) is built; each
+codec point is re-encoded from it, so every point trains on the same crops. The baseline
+reads, per crop, ``softmax(logits / 20)`` as float16 and feeds it to the KL loss as it is (the
+reference's ``epoch_N.tar`` path); that reading path lives here, not in the library.
+
+Every finished run is a line of ``runs.jsonl`` and is skipped when the script is run again;
+an interrupted run resumes from its last epoch's checkpoint. Outputs in
+``benchmarks/results/storage-<dataset>-e<epochs>/``: ``runs.jsonl``, ``results.csv`` and
+``results.json`` (mean +- std per point), ``storage_vs_accuracy.png`` and ``conclusions.txt``.
 """
 
 from __future__ import annotations
@@ -17,6 +29,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import tarfile
 import time
 from pathlib import Path
 
@@ -27,137 +41,351 @@ import zarr
 from hald_store import LabelStore, build_store, load_teacher, reencode_store
 from hald_store.codec import dense_fp16_probs
 from hald_store.testing import shared_data_path
+from hald_store.sources import EpochCrops, StoredCrops
 from hald_store.store import default_compressor
-from hald_train import TrainConfig, train
+from hald_train import TrainConfig
+from hald_train.trainer import FINAL, Trainer
 
-QUICK = dict(crops=[2, 8], codecs=["2:uint4", "5:uint8", "10:fp16"], schedules=["shs", "soft-only"], epochs=20)
-FULL = dict(crops=[1, 2, 4, 8, 16, 32], codecs=["1:uint8", "2:uint4", "2:uint8", "5:uint4", "5:uint8", "5:fp16",
-                                               "10:uint8", "10:fp16"],
-            schedules=["shs", "soft-only"], epochs=300)
+RESULTS = Path("benchmarks/results")
+DATA = RESULTS / "data"
+MINI_PER_CLASS = 50  # cifar10-mini's train images: the first 50 per class by name
+SUBSET_SEED = 2026
+BASELINE = "fp16-probs"  # the codec name of the reference layout
+# Grids per data set, sized for one niced CPU core (~95 s per 300-epoch IPC-10 student): IPC 10
+# is 2 S x (baseline + 4 codecs) x 2 schedules x 3 seeds = 60 runs, about 95 min.
+GRIDS = {
+    "ipc10": dict(crops=[1, 16], codecs=["1:uint8", "2:uint4", "5:uint8", "10:fp16"]),
+    "ipc50": dict(crops=[1, 4], codecs=["1:uint8", "5:uint8"]),
+    "dc-ipc50": dict(crops=[1, 4], codecs=["1:uint8", "5:uint8"]),
+}
+SCHEDULES = ["shs", "soft-only"]
 
 
-def fidelity(exact: torch.Tensor, store: LabelStore, t: float) -> dict:
-    """Mean KL(exact || stored) at T and top-1 agreement over every crop."""
-    ids, seeds = np.divmod(np.arange(store.num_crops), store.crops_per_image)
-    stored = store.read(ids, seeds)
-    p_log = torch.log_softmax(exact / t, 1)
-    kl = (p_log.exp() * (p_log - stored.log_probs(t))).sum(1)
-    return {"mean_kl": float(kl.mean()), "top1_agreement": float((stored.indices[:, 0] == exact.argmax(1)).double().mean())}
+# ---------------------------------------------------------------------------------- data
+def _extract(tar_path: Path, members: dict[str, str], root: Path) -> None:
+    """Write tar members (name in the tar -> path under ``root``) into ``root`` atomically."""
+    tmp = root.with_name(root.name + ".tmp")
+    with tarfile.open(tar_path) as tar:
+        for m in tar.getmembers():
+            if m.name in members:
+                dst = tmp / members[m.name]
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(tar.extractfile(m).read())
+    tmp.rename(root)
 
 
-def reference_layout(exact: torch.Tensor, t: float, tmp: Path) -> dict:
-    """Bytes and fidelity of the full fp16 probability vector per crop, compressed like a store."""
-    probs = dense_fp16_probs(exact, t)
-    arr = zarr.create_array(str(tmp), shape=probs.shape, dtype=probs.dtype, chunks=(min(1024 * 8, len(probs)), probs.shape[1]),
+def cifar_folders(ipc: int) -> tuple[Path, Path]:
+    """ImageFolder roots of an IPC subset of the CIFAR-10 train images the tests do not use,
+    drawn with a fixed seed (IPC 10 is a subset of IPC 50), and of the full test set."""
+    tar_path = shared_data_path("cifar10", "cifar10-jpg.tar.gz")
+    if tar_path is None:
+        raise SystemExit("needs ../shared/data/cifar10/cifar10-jpg.tar.gz (or $HALD_DATA)")
+    train, test = DATA / f"cifar10-ipc{ipc}", DATA / "cifar10-test"
+    if train.exists() and test.exists():
+        return train, test
+    with tarfile.open(tar_path) as tar:
+        names = [m.name for m in tar.getmembers() if m.isfile()]
+    if not test.exists():
+        _extract(tar_path, {n: n.split("/", 1)[1] for n in names if n.startswith("test/")}, test)
+    if not train.exists():
+        rng = np.random.default_rng(SUBSET_SEED)
+        pick = {}
+        for cls in sorted({n.split("/")[1] for n in names if n.startswith("train/")}):
+            rest = sorted(n for n in names if n.startswith(f"train/{cls}/"))[MINI_PER_CLASS:]
+            pick.update({n: n.split("/", 1)[1] for n in np.asarray(rest)[rng.permutation(len(rest))[:ipc]]})
+        _extract(tar_path, pick, train)
+    return train, test
+
+
+def dataset_folders(name: str) -> tuple[Path, Path]:
+    """(train images, test images) of a sweep's data set."""
+    if name == "dc-ipc50":
+        images = shared_data_path("cifar10-dc-ipc50")
+        if images is None:
+            raise SystemExit("needs ../shared/data/cifar10-dc-ipc50 (or $HALD_DATA)")
+        return images, cifar_folders(10)[1]
+    return cifar_folders(int(name.removeprefix("ipc")))
+
+
+# ---------------------------------------------------------------------------------- baseline
+class ReferenceProbs(StoredCrops):
+    """The reference's soft labels: a stored fp16 ``softmax(z / T)`` vector per crop, used as
+    the KL target unchanged (no re-tempering, no top-k)."""
+
+    def __init__(self, store: LabelStore, probs: np.ndarray, seed: int) -> None:
+        super().__init__(store, store.temperature, True, seed)
+        self.probs = probs  # (N, S, C) float16
+
+    def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.probs[ids, crops.extra["seeds"][ids]]).to(dev).float()
+
+
+def chunk_bytes(path: Path) -> int:
+    """Compressed chunk bytes under ``path`` (the JSON metadata, ~0.7 KB per array whatever
+    the size, is left out: at a few hundred crops it would dominate)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def reference_layout_bytes(probs: np.ndarray, path: Path) -> int:
+    """Chunk bytes of the (N, S, C) fp16 vectors, chunked and compressed like a store."""
+    arr = zarr.create_array(str(path), shape=probs.shape, dtype=probs.dtype, chunks=(min(1024, len(probs)),) + probs.shape[1:],
                             compressors=default_compressor(), overwrite=True)
     arr[...] = probs
-    nbytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and f.name != "zarr.json")
+    return chunk_bytes(path)
+
+
+def fidelity(exact: torch.Tensor, q_log: torch.Tensor, q_top1: torch.Tensor, t: float) -> dict:
+    """Mean KL(exact || stored) at T and top-1 agreement over every crop."""
     p_log = torch.log_softmax(exact / t, 1)
-    q_log = torch.log(torch.from_numpy(probs).float().clamp_min(1e-30))
-    return {"label_bytes": nbytes, "bytes_per_crop": nbytes / len(probs),
-            "mean_kl": float((p_log.exp() * (p_log - q_log)).sum(1).mean()),
-            "top1_agreement": float((torch.from_numpy(probs).float().argmax(1) == exact.argmax(1)).double().mean())}
+    return {"mean_kl": float((p_log.exp() * (p_log - q_log)).sum(1).mean()),
+            "top1_agreement": float((q_top1 == exact.argmax(1)).double().mean())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sweep for a CPU (~10 min)")
-    ap.add_argument("--images", default=str(shared_data_path("cifar10-dc-ipc50")))
-    ap.add_argument("--val", default=str(shared_data_path("cifar10-mini", "test")))
-    ap.add_argument("--teacher", default="cifar_resnet56")
-    ap.add_argument("--checkpoint", default=str(shared_data_path("teachers", "cifar10-resnet56.th")))
-    ap.add_argument("--student", default="cifar_resnet20")
-    ap.add_argument("--input-size", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=None, help="student epochs [quick: 20, full: 300]")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--work", default=None, help="[benchmarks/results/storage-quick or -full]")
-    args = ap.parse_args()
-    sweep = QUICK if args.quick else FULL
-    epochs = args.epochs or sweep["epochs"]
-    work = Path(args.work or f"benchmarks/results/storage-{'quick' if args.quick else 'full'}")
-    work.mkdir(parents=True, exist_ok=True)
-    points_file = work / "points.jsonl"
-    done = {p["key"]: p for p in map(json.loads, points_file.read_text().splitlines())} if points_file.exists() else {}
-    teacher = load_teacher(args.teacher, args.checkpoint, 10)
-    t0 = time.perf_counter()
+# ---------------------------------------------------------------------------------- sweep
+class Sweep:
+    """The stores of one data set and the runs on them (see the module docstring)."""
 
-    def record(point: dict) -> None:
-        done[point["key"]] = point
-        with open(points_file, "a") as f:
-            f.write(json.dumps(point) + "\n")
-        print(json.dumps({k: v for k, v in point.items() if k != "key"}))
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.images, self.test = dataset_folders(args.dataset)
+        self.work = Path(args.out or RESULTS / f"storage-{args.dataset}-e{args.epochs}")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.runs_file = self.work / "runs.jsonl"
+        self.done = {r["key"]: r for r in map(json.loads, self.runs_file.read_text().splitlines())} \
+            if self.runs_file.exists() else {}
+        self._teacher = None
+        self.stores: dict[tuple[int, str], dict] = {}  # (S, codec) -> store path and label stats
 
-    for s in sweep["crops"]:
-        full = work / f"full-s{s}.zarr"
+    def teacher(self) -> torch.nn.Module:
+        if self._teacher is None:
+            self._teacher = load_teacher("cifar_resnet56", shared_data_path("teachers", "cifar10-resnet56.th"), 10)
+        return self._teacher
+
+    def prepare(self, s: int) -> None:
+        """Build the full-precision store for ``s`` crops per image and every codec's store."""
+        full = self.work / "stores" / f"s{s}-full.zarr"
         if not (full.exists() and LabelStore.open(full, allow_incomplete=True).complete):
-            build_store(args.images, full, teacher, teacher_name=args.teacher, crops_per_image=s,
-                        top_k=10, values="fp32", input_size=args.input_size, device=args.device,
-                        resume=full.exists(), progress=False)
-        full_store = LabelStore.open(full)
-        t = full_store.temperature
-        ids, seeds = np.divmod(np.arange(full_store.num_crops), s)
-        exact = full_store.read(ids, seeds).dense_logits()
-        key = f"reference/s{s}"
-        if key not in done:
-            record({"key": key, "layout": "reference fp16 probs", "crops_per_image": s, "top_k": 10,
-                    "values": "fp16-probs", "num_crops": full_store.num_crops, **reference_layout(exact, t, work / "ref.zarr")})
-        for codec in sweep["codecs"]:
+            build_store(self.images, full, self.teacher(), teacher_name="cifar_resnet56", crops_per_image=s, top_k=10,
+                        values="fp32", input_size=32, device=self.args.device, workers=1, resume=full.exists(),
+                        progress=False)
+        store = LabelStore.open(full)
+        t, n = store.temperature, store.num_crops
+        exact = store.read(*np.divmod(np.arange(n), s)).dense_logits()
+        probs = dense_fp16_probs(exact, t)
+        q = torch.from_numpy(probs).float()
+        nbytes = reference_layout_bytes(probs.reshape(store.num_images, s, -1), self.work / "stores" / f"s{s}-ref.zarr")
+        self.stores[s, BASELINE] = {"path": full, "probs": probs.reshape(store.num_images, s, -1), "label_bytes": nbytes,
+                                    "raw_bytes_per_crop": 2 * store.num_classes,
+                                    **fidelity(exact, q.clamp_min(1e-30).log(), q.argmax(1), t)}
+        for codec in self.args.codecs:
             k, values = codec.split(":")
-            path = work / f"s{s}-k{k}-{values}.zarr"
+            path = self.work / "stores" / f"s{s}-k{k}-{values}.zarr"
             if not (path.exists() and LabelStore.open(path, allow_incomplete=True).complete):
-                reencode_store(full_store, path, top_k=int(k), values=values, overwrite=True, progress=False)
-            store = LabelStore.open(path)
-            label_bytes = store.bytes_on_disk("labels")
-            for schedule in sweep["schedules"]:
-                key = f"s{s}/k{k}/{values}/{schedule}/e{epochs}"
-                if key in done:
-                    continue
-                run = work / "runs" / key.replace("/", "-")
-                config = TrainConfig(store=str(path), images=args.images, val=args.val, out_dir=str(run),
-                                     student=args.student, schedule=schedule, epochs=epochs, batch_size=args.batch_size,
-                                     device=args.device, progress=False)
-                final = train(config, resume=(run / "checkpoint.pt").exists())
-                if not final:  # the run had finished before: read its result
-                    final = json.loads((run / "final.json").read_text())
-                record({"key": key, "layout": "hald-store", "crops_per_image": s, "top_k": int(k), "values": values,
-                        "schedule": schedule, "epochs": epochs, "num_crops": store.num_crops,
-                        "label_bytes": label_bytes, "bytes_per_crop": label_bytes / store.num_crops,
-                        **fidelity(exact, store, t), "student_top1": final["val_top1"], "student_top5": final["val_top5"]})
-    write_outputs(work, list(done.values()))
-    print(f"sweep took {time.perf_counter() - t0:.0f} s; results in {work}")
+                reencode_store(store, path, top_k=int(k), values=values, overwrite=True, progress=False)
+            enc = LabelStore.open(path)
+            stored = enc.read(*np.divmod(np.arange(n), s))
+            self.stores[s, codec] = {"path": path, "label_bytes": chunk_bytes(path / "labels"),
+                                     "raw_bytes_per_crop": enc.codec.bytes_per_crop(),
+                                     **fidelity(exact, stored.log_probs(t), stored.indices[:, 0], t)}
+
+    def run(self, s: int, codec: str, schedule: str, seed: int) -> None:
+        """Train one student (or resume it) unless ``runs.jsonl`` has it."""
+        key = f"s{s}/{codec}/{schedule}/seed{seed}"
+        if key in self.done:
+            return
+        info = self.stores[s, codec]
+        out = self.work / "runs" / key.replace("/", "-").replace(":", "")
+        config = TrainConfig.from_preset(
+            "hald-reference", store=str(info["path"]), images=str(self.images), val=str(self.test), out_dir=str(out),
+            student="cifar_resnet20", schedule=schedule, epochs=self.args.epochs, seed=seed, device=self.args.device,
+            workers=1, progress=False)
+        if not (out / FINAL).exists():
+            t0 = time.perf_counter()
+            trainer = Trainer(config)
+            if codec == BASELINE:
+                soft = trainer.loaders["soft"]
+                soft.source = ReferenceProbs(trainer.store, info["probs"], soft.seed)
+            trainer.run(resume=(out / "checkpoint.pt").exists())
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = None
+        final = json.loads((out / FINAL).read_text())
+        n = LabelStore.open(info["path"]).num_crops
+        row = {"key": key, "dataset": self.args.dataset, "crops_per_image": s, "codec": codec, "schedule": schedule,
+               "seed": seed, "epochs": self.args.epochs, "num_crops": n, "label_bytes": info["label_bytes"],
+               "bytes_per_crop": info["label_bytes"] / n, "raw_bytes_per_crop": info["raw_bytes_per_crop"],
+               "mean_kl": info["mean_kl"], "top1_agreement": info["top1_agreement"],
+               "test_top1": final["val_top1"], "test_top5": final["val_top5"], "train_seconds": seconds}
+        self.done[key] = row
+        with open(self.runs_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{time.strftime('%H:%M:%S')} {key}: top-1 {100 * row['test_top1']:.2f}%"
+              + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
+
+    def all(self) -> None:
+        """Seed-major, so that a partial sweep has every point at the first seeds."""
+        for s in self.args.crops:
+            self.prepare(s)
+        for seed in range(self.args.seeds):
+            for s in self.args.crops:
+                for codec in [BASELINE, *self.args.codecs]:
+                    for schedule in self.args.schedules:
+                        self.run(s, codec, schedule, seed)
+                report(self.work, list(self.done.values()))
 
 
-def write_outputs(work: Path, points: list[dict]) -> None:
+# ---------------------------------------------------------------------------------- report
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else math.nan
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (S, codec, schedule): test top-1 mean and std (percent) over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["crops_per_image"], r["codec"], r["schedule"]), []).append(r)
+    rows = []
+    for (s, codec, schedule), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["bytes_per_crop"], kv[0][2])):
+        mean, std = _mean_std([100 * r["test_top1"] for r in rs])
+        first = rs[0]
+        rows.append({k: first[k] for k in ("dataset", "crops_per_image", "codec", "schedule", "epochs", "num_crops",
+                                           "label_bytes", "bytes_per_crop", "raw_bytes_per_crop", "mean_kl",
+                                           "top1_agreement")}
+                    | {"seeds": len(rs), "top1_mean": mean, "top1_std": std,
+                       "top1_per_seed": [round(100 * r["test_top1"], 2) for r in sorted(rs, key=lambda r: r["seed"])]})
+    return rows
+
+
+def paired(runs: list[dict], select) -> tuple[float, float, int]:
+    """Mean, std and count of (shs - soft-only) test top-1 (points) over runs paired by
+    (S, codec, seed), among the pairs ``select(S, codec)`` accepts."""
+    by = {(r["crops_per_image"], r["codec"], r["seed"], r["schedule"]): r["test_top1"] for r in runs}
+    diffs = [100 * (v - by[s, c, seed, "soft-only"]) for (s, c, seed, sch), v in by.items()
+             if sch == "shs" and (s, c, seed, "soft-only") in by and select(s, c)]
+    if not diffs:
+        return math.nan, math.nan, 0
+    return *_mean_std(diffs), len(diffs)
+
+
+def verdict(mean: float, std: float, n: int) -> str:
+    """Plain words for a paired difference: beyond noise when |mean| > 2 standard errors."""
+    if n < 2 or math.isnan(std):
+        return f"shs - soft-only = {mean:+.2f} points (n={n}: too few pairs to judge)"
+    sem = std / math.sqrt(n)
+    word = "within noise" if abs(mean) <= 2 * sem else ("shs better" if mean > 0 else "soft-only better")
+    return f"shs - soft-only = {mean:+.2f} +- {std:.2f} points (std over n={n} pairs; s.e. {sem:.2f}): {word}"
+
+
+def conclusions(rows: list[dict], runs: list[dict]) -> str:
+    """Per S and schedule the smallest bytes/crop within 0.5 point of the fp16 baseline; the
+    shs vs soft-only verdicts."""
+    out = []
+    for s in sorted({r["crops_per_image"] for r in rows}):
+        for schedule in SCHEDULES:
+            pts = [r for r in rows if r["crops_per_image"] == s and r["schedule"] == schedule]
+            base = next((r for r in pts if r["codec"] == BASELINE), None)
+            if base is None:
+                continue
+            ok = [r for r in pts if r["codec"] != BASELINE and r["top1_mean"] >= base["top1_mean"] - 0.5]
+            best = min(ok, key=lambda r: r["bytes_per_crop"], default=None)
+            head = (f"S={s} {schedule}: baseline fp16 probs {base['top1_mean']:.2f} +- {base['top1_std']:.2f}% "
+                    f"({base['bytes_per_crop']:.1f} B/crop, {base['seeds']} seeds)")
+            out.append(head + (f"; smallest within 0.5 point: {best['codec']} at {best['bytes_per_crop']:.1f} B/crop "
+                               f"({best['top1_mean']:.2f} +- {best['top1_std']:.2f}%)" if best
+                               else "; no codec point within 0.5 point"))
+        out.append(f"S={s}: " + verdict(*paired(runs, lambda s_, c: s_ == s)))
+    for codec in sorted({r["codec"] for r in rows}):
+        out.append(f"{codec} (all S): " + verdict(*paired(runs, lambda s_, c: c == codec)))
+    out.append("all points: " + verdict(*paired(runs, lambda s_, c: True)))
+    return "\n".join(out)
+
+
+def table(rows: list[dict]) -> str:
+    """The per-point table in Markdown."""
+    lines = ["| S | codec | B/crop | mean KL | schedule | top-1 % (mean +- std) | seeds |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['crops_per_image']} | {r['codec']} | {r['bytes_per_crop']:.1f} | {r['mean_kl']:.1e} | "
+                     f"{r['schedule']} | {r['top1_mean']:.2f} +- {r['top1_std']:.2f} | {r['seeds']} |")
+    return "\n".join(lines)
+
+
+def report(work: Path, runs: list[dict]) -> str:
+    """Write results.csv/json, the plot and conclusions.txt; return the printed text."""
+    if not runs:
+        return ""
+    rows = aggregate(runs)
+    cols = [k for k in rows[0] if k != "top1_per_seed"] + ["top1_per_seed"]
+    with open(work / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows({**r, "top1_per_seed": " ".join(map(str, r["top1_per_seed"]))} for r in rows)
+    (work / "results.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, work / "storage_vs_accuracy.png")
+    text = table(rows) + "\n\n" + conclusions(rows, runs)
+    (work / "conclusions.txt").write_text(text + "\n")
+    return text
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Accuracy against bytes/crop (log), one panel per S, one line per schedule (codec
+    points), the fp16 baseline as an open marker with a +-0.5-point band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = ["layout", "crops_per_image", "top_k", "values", "schedule", "epochs", "num_crops", "label_bytes",
-            "bytes_per_crop", "mean_kl", "top1_agreement", "student_top1", "student_top5"]
-    with open(work / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(points)
-    (work / "results.json").write_text(json.dumps(points, indent=2))
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for schedule in sorted({p["schedule"] for p in points if "schedule" in p}):
-        pts = sorted((p for p in points if p.get("schedule") == schedule), key=lambda p: p["label_bytes"])
-        ax.plot([p["label_bytes"] / 1024 for p in pts], [100 * p["student_top1"] for p in pts], "o-", label=schedule)
-    for p in points:
-        if p["layout"].startswith("reference"):
-            ax.axvline(p["label_bytes"] / 1024, color="gray", ls=":", lw=1)
-            ax.text(p["label_bytes"] / 1024, ax.get_ylim()[0], f" fp16 ref S={p['crops_per_image']}", rotation=90,
-                    va="bottom", fontsize=7, color="gray")
-    ax.set_xscale("log")
-    ax.set_xlabel("label storage on disk (KiB, log)")
-    ax.set_ylabel("student top-1 on held-out images (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    crops = sorted({r["crops_per_image"] for r in rows})
+    fig, axes = plt.subplots(1, len(crops), figsize=(4.2 * len(crops), 3.8), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], crops):
+        for i, schedule in enumerate(SCHEDULES):
+            pts = [r for r in rows if r["crops_per_image"] == s and r["schedule"] == schedule]
+            color = f"C{i}"
+            line = [r for r in pts if r["codec"] != BASELINE]
+            ax.errorbar([r["bytes_per_crop"] for r in line], [r["top1_mean"] for r in line],
+                        yerr=[np.nan_to_num(r["top1_std"]) for r in line], fmt="o-", color=color, capsize=3,
+                        label=f"{schedule} (top-k codecs)")
+            for r in line:
+                ax.annotate(r["codec"], (r["bytes_per_crop"], r["top1_mean"]), fontsize=6, xytext=(3, -9),
+                            textcoords="offset points", color=color)
+            for r in pts:
+                if r["codec"] == BASELINE:
+                    ax.errorbar([r["bytes_per_crop"]], [r["top1_mean"]], yerr=[np.nan_to_num(r["top1_std"])], fmt="s",
+                                mfc="white", color=color, capsize=3, label=f"{schedule} fp16 probs (reference)")
+                    ax.axhspan(r["top1_mean"] - 0.5, r["top1_mean"] + 0.5, color=color, alpha=0.1)
+        ax.set_xscale("log")
+        ax.set_title(f"{rows[0]['dataset']}, S={s} crops/image, {rows[0]['epochs']} epochs", fontsize=9)
+        ax.set_xlabel("label bytes per crop, compressed (log)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("ResNet-20 test top-1 (%), mean +- std over seeds")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(work / "storage_vs_accuracy.png", dpi=130)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=sorted(GRIDS), default="ipc10")
+    ap.add_argument("--crops", type=int, nargs="+", help="crops per image S [per data set, see GRIDS]")
+    ap.add_argument("--codecs", nargs="+", help="top_k:values codecs [per data set]")
+    ap.add_argument("--schedules", nargs="+", default=SCHEDULES)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="[benchmarks/results/storage-<dataset>-e<epochs>]")
+    ap.add_argument("--report", action="store_true", help="only write the tables and plot from runs.jsonl")
+    args = ap.parse_args()
+    args.crops = args.crops or GRIDS[args.dataset]["crops"]
+    args.codecs = args.codecs or GRIDS[args.dataset]["codecs"]
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    sweep = Sweep(args)
+    if not args.report:
+        t0 = time.perf_counter()
+        sweep.all()
+        print(f"sweep took {time.perf_counter() - t0:.0f} s")
+    print(report(sweep.work, list(sweep.done.values())))
 
 
 if __name__ == "__main__":

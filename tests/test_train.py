@@ -366,8 +366,11 @@ def test_demo_end_to_end_small(tmp_path):
     assert set(r["students"]) == {"shs", "soft-only"} and r["num_crops"] == 3 * 8 * s.crops_per_image
     assert r["students"]["shs"]["schedule"] == "soft:1,hard:2,soft:1"
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
+    assert [m["kind"] for m in r["students"]["shs"]["curve"]] == ["soft", "hard", "hard", "soft"]  # evaluated each epoch
     table = format_table(r)
-    assert "shs" in table and "soft-only" in table and "B/crop" in table
+    assert "shs" in table and "soft-only" in table and "B/crop" in table and "storage_vs_accuracy.py" in table
+    shs, soft = (r["students"][k]["test_top1"] for k in ("shs", "soft-only"))
+    assert ("did not help" in table) == (shs < soft) and ("above soft-only" in table) == (shs > soft)  # says what it measured
     mtime = (tmp_path / "demo" / "teacher.pt").stat().st_mtime
     assert run_demo(tmp_path / "demo", s, progress=False)["students"] == r["students"]
     assert (tmp_path / "demo" / "teacher.pt").stat().st_mtime == mtime
