@@ -184,7 +184,6 @@ class CropRenderer:
     """Base class: ``renderer(encoded, boxes, flips) -> (N, 3, size, size) float32``."""
 
     backend: str = ""
-    device: str = "cpu"
 
     def __init__(
         self,
@@ -193,6 +192,8 @@ class CropRenderer:
         std: Sequence[float] = IMAGENET_STD,
         interpolation: str = "bilinear",
         antialias: bool = True,
+        device: str = "cpu",
+        device_id: int = 0,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise HaldStoreError(f"size must be a positive integer (output side in pixels), got {size!r}")
@@ -205,6 +206,9 @@ class CropRenderer:
         self.std = _check_stats("std", std)
         self.interpolation = interpolation
         self.antialias = bool(antialias)
+        _check_device(device)
+        self.device = device
+        self.device_id = int(device_id)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -237,7 +241,8 @@ class CropRenderer:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device("cpu")
+        """Where rendered batches are delivered: ``cuda:device_id`` for ``device="gpu"``."""
+        return torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
 
     def __repr__(self) -> str:
         d = self.describe()
@@ -263,36 +268,12 @@ class TorchvisionRenderer(CropRenderer):
 
     backend = "torchvision"
 
-    def __init__(
-        self,
-        size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        antialias: bool = True,
-        device: str = "cpu",
-        device_id: int = 0,
-    ) -> None:
-        super().__init__(size, mean, std, interpolation, antialias)
-        _check_device(device)
-        self.device = device
-        self.device_id = int(device_id)
-        from torchvision.transforms import InterpolationMode
-
-        self._mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[interpolation]
-        self._mean_t = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self._std_t = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-
     def describe(self) -> dict:
         import torchvision
 
         d = super().describe()
         d["torchvision_version"] = torchvision.__version__
         return d
-
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
 
     def _decode(self, index: int, data: np.ndarray) -> torch.Tensor:
         from PIL import Image
@@ -307,7 +288,10 @@ class TorchvisionRenderer(CropRenderer):
         return torch.from_numpy(rgb).permute(2, 0, 1)
 
     def _render(self, encoded, boxes, flips, normalize):
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2.functional import resize
+
+        mode = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[self.interpolation]
 
         n = len(encoded)
         if n == 0:
@@ -319,14 +303,15 @@ class TorchvisionRenderer(CropRenderer):
             check_boxes(box, img.shape[1], img.shape[2], first_index=i)
             top, left, h, w = (int(v) for v in box)
             crop = img[:, top : top + h, left : left + w]
-            out[i] = resize(crop, [s, s], interpolation=self._mode, antialias=self.antialias)
+            out[i] = resize(crop, [s, s], interpolation=mode, antialias=self.antialias)
         if flips.any():
             idx = torch.from_numpy(np.flatnonzero(flips))
             out[idx] = out[idx].flip(-1)
         if not normalize:
             return out.permute(0, 2, 3, 1).contiguous().to(self.torch_device)
         x = out.to(torch.float32).div_(255.0)
-        return x.sub_(self._mean_t).div_(self._std_t).to(self.torch_device)
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (self.mean, self.std))
+        return x.sub_(mean).div_(std).to(self.torch_device)
 
 
 class DaliRenderer(CropRenderer):
@@ -354,22 +339,19 @@ class DaliRenderer(CropRenderer):
         interpolation: str = "bilinear",
         antialias: bool = True,
     ) -> None:
-        super().__init__(size, mean, std, interpolation, antialias)
+        super().__init__(size, mean, std, interpolation, antialias, device, device_id)
         if not dali_available():
             raise HaldStoreError(
                 f"the DALI renderer needs NVIDIA DALI, which cannot be imported "
                 f"({_dali_import_error()}); install nvidia-dali-cuda130 or use backend='torchvision'"
             )
-        _check_device(device)
         num_threads = default_threads() if num_threads is None else num_threads
         if int(max_batch_size) < 1 or int(num_threads) < 1:
             raise HaldStoreError(
                 f"max_batch_size and num_threads must be >= 1, got {max_batch_size} and {num_threads}"
             )
-        self.device = device
         self.max_batch_size = int(max_batch_size)
         self.num_threads = int(num_threads)
-        self.device_id = int(device_id)
         self._runners: dict[bool, DaliRunner] = {}
 
     def describe(self) -> dict:
@@ -378,10 +360,6 @@ class DaliRenderer(CropRenderer):
         d = super().describe()
         d["dali_version"] = nvidia.dali.__version__
         return d
-
-    @property
-    def torch_device(self) -> torch.device:
-        return torch.device("cuda", self.device_id) if self.device == "gpu" else torch.device("cpu")
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
