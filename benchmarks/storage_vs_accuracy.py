@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from filelock import FileLock
 
 from hald_store import LabelStore, build_store, load_teacher, reencode_store
 from hald_store.codec import dense_fp16_probs
@@ -60,6 +61,15 @@ GRIDS = {
     "dc-ipc50": dict(crops=[1], codecs=["1:uint8", "5:uint8"]),
 }
 SCHEDULES = ["shs", "soft-only"]
+CONTROL = "soft-only"  # every other schedule is compared with it, paired by seed
+# A schedule may carry its own hard-phase label smoothing, "shs+ls0.038": the preset's 0.8 is
+# ImageNet's; 10 / (10 + 251 - 1) = 0.038 keeps ImageNet's true-to-other ratio at 10 classes.
+
+
+def schedule_options(spec: str) -> dict:
+    """TrainConfig fields of a schedule spec: ``NAME`` or ``NAME+lsSMOOTHING``."""
+    name, _, smoothing = spec.partition("+ls")
+    return {"schedule": name} | ({"label_smoothing": float(smoothing)} if smoothing else {})
 
 
 # ---------------------------------------------------------------------------------- data
@@ -82,8 +92,14 @@ def cifar_folders(ipc: int) -> tuple[Path, Path]:
     if tar_path is None:
         raise SystemExit("needs ../shared/data/cifar10/cifar10-jpg.tar.gz (or $HALD_DATA)")
     train, test = DATA / f"cifar10-ipc{ipc}", DATA / "cifar10-test"
-    if train.exists() and test.exists():
-        return train, test
+    DATA.mkdir(parents=True, exist_ok=True)
+    with FileLock(DATA / "extract.lock"):  # shards start together
+        if not (train.exists() and test.exists()):
+            _extract_subset(tar_path, ipc, train, test)
+    return train, test
+
+
+def _extract_subset(tar_path: Path, ipc: int, train: Path, test: Path) -> None:
     with tarfile.open(tar_path) as tar:
         names = [m.name for m in tar.getmembers() if m.isfile()]
     if not test.exists():
@@ -95,7 +111,6 @@ def cifar_folders(ipc: int) -> tuple[Path, Path]:
             rest = sorted(n for n in names if n.startswith(f"train/{cls}/"))[MINI_PER_CLASS:]
             pick.update({n: n.split("/", 1)[1] for n in np.asarray(rest)[rng.permutation(len(rest))[:ipc]]})
         _extract(tar_path, pick, train)
-    return train, test
 
 
 def dataset_folders(name: str) -> tuple[Path, Path]:
@@ -152,8 +167,7 @@ class Sweep:
         self.work = Path(args.out or RESULTS / f"storage-{args.dataset}-e{args.epochs}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.runs_file = self.work / "runs.jsonl"
-        self.done = {r["key"]: r for r in map(json.loads, self.runs_file.read_text().splitlines())} \
-            if self.runs_file.exists() else {}
+        self.done = {r["key"]: r for r in self.logged()}
         self._teacher = None
         self.stores: dict[tuple[int, str], dict] = {}  # (S, codec) -> store path and label stats
 
@@ -198,7 +212,7 @@ class Sweep:
         out = self.work / "runs" / key.replace("/", "-").replace(":", "")
         config = TrainConfig.from_preset(
             "hald-reference", store=str(info["path"]), images=str(self.images), val=str(self.test), out_dir=str(out),
-            student="cifar_resnet20", schedule=schedule, epochs=self.args.epochs, seed=seed, device=self.args.device,
+            student="cifar_resnet20", **schedule_options(schedule), epochs=self.args.epochs, seed=seed, device=self.args.device,
             workers=1, progress=False)
         if not (out / FINAL).exists():
             t0 = time.perf_counter()
@@ -224,14 +238,26 @@ class Sweep:
               + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
 
     def all(self) -> None:
-        """S by S, seed by seed within S: a partial sweep has whole S values at every seed."""
+        """S by S, seed by seed within S: a partial sweep has whole S values at every seed.
+        With ``--shard K/N`` this process takes every N-th run from the K-th; shards wait for
+        each other's store builds (a file lock) and share ``runs.jsonl``."""
+        k, n = self.args.shard
+        index = 0
         for s in self.args.crops:
-            self.prepare(s)
+            (self.work / "stores").mkdir(exist_ok=True)
+            with FileLock(self.work / "stores" / f"s{s}.prepare.lock"):
+                self.prepare(s)
             for seed in range(self.args.seeds):
                 for codec in [BASELINE, *self.args.codecs]:
                     for schedule in self.args.schedules:
-                        self.run(s, codec, schedule, seed)
-                report(self.work, list(self.done.values()))
+                        if index % n == k:
+                            self.run(s, codec, schedule, seed)
+                        index += 1
+                report(self.work, self.logged())
+
+    def logged(self) -> list[dict]:
+        """Every run in ``runs.jsonl``, this shard's and the others'."""
+        return [json.loads(line) for line in self.runs_file.read_text().splitlines()] if self.runs_file.exists() else []
 
 
 # ---------------------------------------------------------------------------------- report
@@ -256,12 +282,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def paired(runs: list[dict], select) -> tuple[float, float, int]:
-    """Mean, std and count of (shs - soft-only) test top-1 (points) over runs paired by
-    (S, codec, seed), among the pairs ``select(S, codec)`` accepts."""
+def paired(runs: list[dict], select, schedule: str = "shs") -> tuple[float, float, int]:
+    """Mean, std and count of (``schedule`` - soft-only) test top-1 (points) over runs paired
+    by (S, codec, seed), among the pairs ``select(S, codec)`` accepts."""
     by = {(r["crops_per_image"], r["codec"], r["seed"], r["schedule"]): r["test_top1"] for r in runs}
-    diffs = [100 * (v - by[s, c, seed, "soft-only"]) for (s, c, seed, sch), v in by.items()
-             if sch == "shs" and (s, c, seed, "soft-only") in by and select(s, c)]
+    diffs = [100 * (v - by[s, c, seed, CONTROL]) for (s, c, seed, sch), v in by.items()
+             if sch == schedule and (s, c, seed, CONTROL) in by and select(s, c)]
     if not diffs:
         return math.nan, math.nan, 0
     return *_mean_std(diffs), len(diffs)
@@ -272,23 +298,25 @@ T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 
        15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
 
 
-def verdict(mean: float, std: float, n: int) -> str:
+def verdict(mean: float, std: float, n: int, schedule: str = "shs") -> str:
     """Plain words for a paired difference: beyond noise when its 95% t interval excludes 0."""
     if n < 2 or math.isnan(std):
-        return f"shs - soft-only = {mean:+.2f} points (n={n}: too few pairs to judge)"
+        return f"{schedule} - {CONTROL} = {mean:+.2f} points (n={n}: too few pairs to judge)"
     sem = std / math.sqrt(n)
     half = sem * (T95[max(df for df in T95 if df <= n - 1)] if n - 1 <= 60 else 1.96)  # table gaps: next lower df
-    word = "within noise" if abs(mean) <= half else ("shs better" if mean > 0 else "soft-only better")
-    return (f"shs - soft-only = {mean:+.2f} +- {std:.2f} points (std over n={n} pairs; 95% interval "
+    word = "within noise" if abs(mean) <= half else (f"{schedule} better" if mean > 0 else f"{CONTROL} better")
+    return (f"{schedule} - {CONTROL} = {mean:+.2f} +- {std:.2f} points (std over n={n} pairs; 95% interval "
             f"{mean - half:+.2f} .. {mean + half:+.2f}): {word}")
 
 
 def conclusions(rows: list[dict], runs: list[dict]) -> str:
     """Per S and schedule the smallest bytes/crop within 0.5 point of the fp16 baseline; the
-    shs vs soft-only verdicts."""
+    verdicts of every schedule against soft-only."""
     out = []
+    schedules = sorted({r["schedule"] for r in rows}, key=lambda x: (x != CONTROL, x))
+    tried = [x for x in schedules if x != CONTROL]
     for s in sorted({r["crops_per_image"] for r in rows}):
-        for schedule in SCHEDULES:
+        for schedule in schedules:
             pts = [r for r in rows if r["crops_per_image"] == s and r["schedule"] == schedule]
             base = next((r for r in pts if r["codec"] == BASELINE), None)
             if base is None:
@@ -300,10 +328,10 @@ def conclusions(rows: list[dict], runs: list[dict]) -> str:
             out.append(head + (f"; smallest within 0.5 point: {best['codec']} at {best['bytes_per_crop']:.1f} B/crop "
                                f"({best['top1_mean']:.2f} +- {best['top1_std']:.2f}%)" if best
                                else "; no codec point within 0.5 point"))
-        out.append(f"S={s}: " + verdict(*paired(runs, lambda s_, c: s_ == s)))
+        out += [f"S={s}: " + verdict(*paired(runs, lambda s_, c: s_ == s, x), x) for x in tried]
     for codec in sorted({r["codec"] for r in rows}):
-        out.append(f"{codec} (all S): " + verdict(*paired(runs, lambda s_, c: c == codec)))
-    out.append("all points: " + verdict(*paired(runs, lambda s_, c: True)))
+        out += [f"{codec} (all S): " + verdict(*paired(runs, lambda s_, c: c == codec, x), x) for x in tried]
+    out += ["all points: " + verdict(*paired(runs, lambda s_, c: True, x), x) for x in tried]
     return "\n".join(out)
 
 
@@ -345,7 +373,7 @@ def plot(rows: list[dict], path: Path) -> None:
     crops = sorted({r["crops_per_image"] for r in rows})
     fig, axes = plt.subplots(1, len(crops), figsize=(4.2 * len(crops), 3.8), sharey=True, squeeze=False)
     for ax, s in zip(axes[0], crops):
-        for i, schedule in enumerate(SCHEDULES):
+        for i, schedule in enumerate(sorted({r["schedule"] for r in rows})):
             pts = [r for r in rows if r["crops_per_image"] == s and r["schedule"] == schedule]
             color = f"C{i}"
             line = [r for r in pts if r["codec"] != BASELINE]
@@ -382,7 +410,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="[benchmarks/results/storage-<dataset>-e<epochs>]")
     ap.add_argument("--report", action="store_true", help="only write the tables and plot from runs.jsonl")
+    ap.add_argument("--shard", default="0/1", help="K/N: run every N-th point from the K-th (one process per core)")
     args = ap.parse_args()
+    try:
+        args.shard = tuple(map(int, args.shard.split("/")))
+        assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
+    except (ValueError, AssertionError):
+        ap.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     args.crops = args.crops or GRIDS[args.dataset]["crops"]
     args.codecs = args.codecs or GRIDS[args.dataset]["codecs"]
     if args.device == "cpu":
@@ -392,7 +426,7 @@ def main() -> None:
         t0 = time.perf_counter()
         sweep.all()
         print(f"sweep took {time.perf_counter() - t0:.0f} s")
-    print(report(sweep.work, list(sweep.done.values())))
+    print(report(sweep.work, list({r["key"]: r for r in sweep.logged()}.values())))
 
 
 if __name__ == "__main__":
