@@ -62,14 +62,23 @@ GRIDS = {
 }
 SCHEDULES = ["shs", "soft-only"]
 CONTROL = "soft-only"  # every other schedule is compared with it, paired by seed
-# A schedule may carry its own hard-phase label smoothing, "shs+ls0.038": the preset's 0.8 is
-# ImageNet's; 10 / (10 + 251 - 1) = 0.038 keeps ImageNet's true-to-other ratio at 10 classes.
+# A schedule may carry changes to the preset: "shs+ls0.038" its own hard-phase label smoothing
+# (the preset's 0.8 is ImageNet's; 10 / (10 + 251 - 1) = 0.038 keeps ImageNet's true-to-other
+# ratio at 10 classes), "shs+reset" fresh optimizer moments at each phase change.
 
 
 def schedule_options(spec: str) -> dict:
-    """TrainConfig fields of a schedule spec: ``NAME`` or ``NAME+lsSMOOTHING``."""
-    name, _, smoothing = spec.partition("+ls")
-    return {"schedule": name} | ({"label_smoothing": float(smoothing)} if smoothing else {})
+    """TrainConfig fields of a schedule spec: ``NAME[+lsSMOOTHING][+reset]``."""
+    name, *changes = spec.split("+")
+    options: dict = {"schedule": name}
+    for change in changes:
+        if change == "reset":
+            options["reset_optimizer"] = True
+        elif change.startswith("ls"):
+            options["label_smoothing"] = float(change[2:])
+        else:
+            raise SystemExit(f"--schedules: unknown change {change!r} in {spec!r} (lsSMOOTHING or reset)")
+    return options
 
 
 # ---------------------------------------------------------------------------------- data
@@ -403,7 +412,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=sorted(GRIDS), default="ipc10")
     ap.add_argument("--crops", type=int, nargs="+", help="crops per image S [per data set, see GRIDS]")
-    ap.add_argument("--codecs", nargs="+", help="top_k:values codecs [per data set]")
+    ap.add_argument("--codecs", nargs="*", help="top_k:values codecs [per data set]; none: the baseline only")
     ap.add_argument("--schedules", nargs="+", default=SCHEDULES)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=300)
@@ -417,8 +426,10 @@ def main() -> None:
         assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
     except (ValueError, AssertionError):
         ap.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    for spec in args.schedules:
+        schedule_options(spec)  # a bad spec stops here, not after the first runs
     args.crops = args.crops or GRIDS[args.dataset]["crops"]
-    args.codecs = args.codecs or GRIDS[args.dataset]["codecs"]
+    args.codecs = GRIDS[args.dataset]["codecs"] if args.codecs is None else args.codecs
     if args.device == "cpu":
         torch.set_num_threads(1)
     sweep = Sweep(args)

@@ -50,6 +50,8 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")
 @click.option("--cutmix-alpha", type=float, default=1.0, help="Hard phases: CutMix Beta(alpha, alpha); 0 turns it off.")
 @click.option("--label-smoothing", type=float, default=0.8, help="Hard phases: label smoothing.")
+@click.option("--reset-optimizer", is_flag=True,
+              help="Fresh optimizer moments at each phase change (the reference keeps one optimizer state).")
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
 @click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")
 @click.option("--seed", type=int, default=0)

@@ -47,6 +47,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "temperature": 20.0,  # log_softmax(output / 20), KLDivLoss(batchmean), no T**2 -- train_fkd.py:618, 675-676
         "cutmix_alpha": 1.0,  # Mixup(mixup_alpha=0, cutmix_alpha=1) -- train_fkd.py:449-454
         "label_smoothing": 0.8,  # --label-smoothing -- train_fkd.py:133
+        "reset_optimizer": False,  # one AdamW state through every phase -- train_fkd.py:432, 547, 616
     },
 }
 
@@ -75,6 +76,7 @@ class TrainConfig:
     temperature: float | None = None  # None: the store's build temperature
     cutmix_alpha: float = 1.0
     label_smoothing: float = 0.8
+    reset_optimizer: bool = False  # fresh optimizer moments at each phase change (the reference keeps them)
     eval_every: int = 0  # 0: evaluate at the end only
     eval_crop_fraction: float = 1.0
     seed: int = 0
@@ -234,6 +236,8 @@ class Trainer:
         c, kind = self.config, self.schedule.kind_at(epoch)
         loader = self.loaders[kind]
         rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
+        if c.reset_optimizer and epoch > 0 and self.schedule.phase_at(epoch) != self.schedule.phase_at(epoch - 1):
+            self.optimizer.state.clear()  # Adam's moments of the last phase would scale this one's steps
         temperature = loader.temperature if kind == "soft" else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()

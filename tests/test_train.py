@@ -233,6 +233,18 @@ def test_hard_phases_use_their_own_batch_size(tiny, tmp_path):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_optimizer_moments_carry_over_phases_unless_reset(tiny, tmp_path, reset):
+    trainer = Trainer(_config(tiny, tmp_path / "run", schedule="soft:2,hard:1,soft:1", reset_optimizer=reset))
+    weight = trainer.optimizer.param_groups[0]["params"][0]
+    steps: list[int] = []  # Adam's step count for that weight before every training forward
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: steps.append(int(trainer.optimizer.state.get(weight, {}).get("step", 0))) if m.training else None)
+    trainer.run()
+    soft, hard = [0, 1, 2, 3, 4, 5], [0, 1, 2] if reset else [6, 7, 8]
+    assert steps == soft + hard + ([0, 1, 2] if reset else [9, 10, 11])  # the reference keeps one state
+
+
 def _precision_probe(trainer: Trainer) -> list[tuple]:
     """Per training forward: (autocast on, input channels-last, conv weight channels-last, logits dtype)."""
     seen: list[tuple] = []
@@ -335,7 +347,7 @@ def test_hald_reference_preset_pins_the_reference_settings():
     assert TRAIN_PRESETS["hald-reference"] == {
         "schedule": "shs", "epochs": 300, "batch_size": 16, "hard_batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
         "lr_eta": 2.0, "weight_decay": 0.01, "decay_params": "weights", "warmup_epochs": 0, "temperature": 20.0,
-        "cutmix_alpha": 1.0, "label_smoothing": 0.8,
+        "cutmix_alpha": 1.0, "label_smoothing": 0.8, "reset_optimizer": False,
     }
     c = TrainConfig.from_preset("hald-reference", store="s", images="i", out_dir="o", lr=5e-4)
     assert c.lr == 5e-4 and c.hard_batch == 16 and c.amp
