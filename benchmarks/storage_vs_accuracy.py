@@ -377,6 +377,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     crops = sorted({r["crops_per_image"] for r in rows})
@@ -398,6 +399,9 @@ def plot(rows: list[dict], path: Path) -> None:
                                 mfc="white", color=color, capsize=3, label=f"{schedule} fp16 probs (reference)")
                     ax.axhspan(r["top1_mean"] - 0.5, r["top1_mean"] + 0.5, color=color, alpha=0.1)
         ax.set_xscale("log")
+        ax.set_xticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200) if t <= 2 * max(r["bytes_per_crop"] for r in rows)])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{rows[0]['dataset']}, S={s} crops/image, {rows[0]['epochs']} epochs", fontsize=9)
         ax.set_xlabel("label bytes per crop, compressed (log)")
         ax.grid(alpha=0.3, which="both")
