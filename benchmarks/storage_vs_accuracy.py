@@ -226,7 +226,7 @@ class Sweep:
         if not (out / FINAL).exists():
             t0 = time.perf_counter()
             trainer = Trainer(config)
-            if codec == BASELINE:
+            if codec == BASELINE and "soft" in trainer.loaders:  # hard-only has no soft phase
                 soft = trainer.loaders["soft"]
                 soft.source = ReferenceProbs(trainer.store, info["probs"], soft.seed)
             trainer.run(resume=(out / "checkpoint.pt").exists())
