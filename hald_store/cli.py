@@ -14,7 +14,7 @@ from .build import BuildConfig, build_store
 from .codec import VALUE_CODECS
 from .convert import reencode_store
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError
+from .errors import HaldStoreError, StoreError
 from .images import class_names, scan_image_folder
 from .importer import import_reference
 from .mixing import MIXES
@@ -22,7 +22,7 @@ from .models import load_teacher
 from .render import IMAGENET_MEAN, IMAGENET_STD
 from .schema import TEACHER_MODES
 from .store import LabelStore
-from .verify import check_integrity, verify_store
+from .verify import check_integrity, reopen_damaged_blocks, verify_store
 
 
 def flag_message(error: HaldStoreError, command: click.Command) -> str:
@@ -198,10 +198,12 @@ def info(store, as_json) -> None:
 @click.option("--temperature", type=float, default=None, help="--deep: compare at this T [default: the build temperature].")
 @click.option("--min-agreement", type=float, default=0.99, help="--deep: required top-1 agreement (0-1).")
 @click.option("--check-hashes/--no-check-hashes", default=True, help="Re-hash IMAGES_DIR against the manifest.")
+@click.option("--repair", is_flag=True,
+              help="Mark the blocks of damaged label chunks unfinished, for `build --resume` to rewrite.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly_errors
 def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_init, sample, seed, batch_size, device, temperature,
-           min_agreement, check_hashes, as_json) -> None:
+           min_agreement, check_hashes, repair, as_json) -> None:
     """Check STORE: read every chunk (checksums, missing chunks); with IMAGES_DIR, check the images
     against the manifest; with --deep, re-run the teacher on regenerated crops. Exit 1 on failure."""
     if deep and (images_dir is None or teacher is None):
@@ -214,6 +216,13 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
     result: dict = {"integrity": integrity.to_dict()}
     lines = [str(integrity)]
     passed = integrity.passed
+    if repair and (integrity.damaged_blocks or not integrity.only_label_damage):
+        try:
+            result["reopened_blocks"] = blocks = reopen_damaged_blocks(store, integrity)
+            lines.append(f"repair: block(s) {', '.join(map(str, blocks))} marked unfinished; rewrite them with "
+                         f"`hald-store build IMAGES_DIR {store} --resume` and the build's flags")
+        except StoreError as e:
+            lines.append(f"repair: not possible: {e}")
     if passed and images_dir is not None:
         opened.check_images(images_dir, check_hashes=check_hashes)
         n = len(opened.manifest())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -591,6 +591,12 @@ class LabelStore:
                 start, stop = self.block_range(block)
                 self.array(f"labels/{name}")[start:stop] = fields[name]
         self.array("progress/block_done")[block] = 1
+        self._done_cache = None
+
+    def reopen_blocks(self, blocks: Sequence[int]) -> None:
+        """Mark ``blocks`` unfinished: a resumed build writes them again (see ``verify --repair``)."""
+        for block in blocks:
+            self.array("progress/block_done")[int(block)] = 0
         self._done_cache = None
 
     def expected_chunks(self) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -26,7 +26,7 @@ from .build import batch_stats_teacher
 from .devices import resolve_device
 from .errors import OptionError, StoreError, check_at_least, check_positive_finite
 from .render import read_files
-from .store import LabelStore
+from .store import LabelStore, output_lock
 
 
 @dataclass
@@ -40,6 +40,8 @@ class IntegrityReport:
     complete: bool
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    damaged_blocks: list[int] = field(default_factory=list)  # blocks with a bad label chunk
+    only_label_damage: bool = True  # every problem is a bad label chunk or an unfinished block
 
     @property
     def passed(self) -> bool:
@@ -69,6 +71,8 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
     except StoreError as e:
         report.problems.append(str(e))
         done = np.zeros(0, dtype=bool)
+    if not done.size:
+        report.only_label_damage = False
     report.complete = bool(done.size) and bool(done.all())
     if done.size and not report.complete:
         report.problems.append(f"store {store.path!r} is incomplete: {int(done.sum())} of {done.size} blocks written "
@@ -82,6 +86,7 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
             chunks = list(np.ndindex(*arr.cdata_shape))
         except StoreError as e:
             report.problems.append(str(e))
+            report.only_label_damage = False
             continue
         report.arrays += 1
         for coords in chunks:
@@ -95,13 +100,46 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
                 report.chunks_read += 1
             except StoreError as e:
                 report.problems.append(str(e))
+                _damaged(report, block)
                 continue
             if name == "labels/indices" and data.size and int(data.max()) >= store.num_classes:
                 report.problems.append(f"store {store.path!r}: array {name!r} chunk {coords} (file "
                                        f"{arr.chunk_key(coords)}) holds class index {int(data.max())} of a "
                                        f"{store.num_classes}-class store: the chunk is damaged")
+                _damaged(report, block)
     report.arrays += 1  # progress/block_done, read above
     return report
+
+
+def _damaged(report: IntegrityReport, block: int | None) -> None:
+    if block is None:  # written at creation: only a new build restores it
+        report.only_label_damage = False
+    elif block not in report.damaged_blocks:
+        report.damaged_blocks.append(block)
+
+
+def reopen_damaged_blocks(store: str | os.PathLike, report: IntegrityReport, *,
+                          storage_options: dict | None = None) -> list[int]:
+    """Mark the blocks of ``report``'s damaged label chunks unfinished, so that
+    ``build_store(..., resume=True)`` (``hald-store build --resume``) rewrites exactly them.
+
+    Only for stores a teacher built whose damage is all in label chunks; holds the store's
+    write lock. Returns the blocks reopened.
+    """
+    path = os.fspath(store)
+    opened = LabelStore.open(path, allow_incomplete=True, storage_options=storage_options)
+    settings = opened.settings
+    if settings.imported_from is not None or settings.reencoded_from is not None:
+        made_by = "import" if settings.imported_from is not None else "convert"
+        raise StoreError(f"store {path!r} was written by `hald-store {made_by}`, which cannot resume: run it again "
+                         "with --overwrite to replace the damaged store")
+    if not report.only_label_damage:
+        raise StoreError(f"store {path!r} is damaged outside its label blocks (see the problems above): rebuild it "
+                         "with `hald-store build ... --overwrite`")
+    with output_lock(path):
+        LabelStore.open(path, mode="r+", allow_incomplete=True,
+                        storage_options=storage_options).reopen_blocks(report.damaged_blocks)
+    return sorted(report.damaged_blocks)
 
 
 @dataclass

@@ -179,3 +179,27 @@ def test_verify_modes_and_image_hashes(built, tmp_path, cifar_mini_train):
                                  ("--min-agreement", "2", "--min-agreement must be a fraction in [0, 1]")):
         r = run_cli(*deep, flag, value)
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, (flag, r.output)
+
+
+def test_repair_reopens_the_damaged_block_and_a_resumed_build_rewrites_it(store_copy, built, resnet20):
+    out, images = store_copy
+    _flip(out / CHUNK)
+    r = run_cli("verify", out, "--repair")
+    assert r.exit_code == 1 and "repair: block(s) 1 marked unfinished" in r.output, r.output
+    with pytest.raises(StoreError, match="incomplete"):
+        LabelStore.open(out)  # nobody trains on it meanwhile
+    build_store(images, out, resnet20, resume=True, **SMALL)
+    assert check_integrity(out).passed
+    good, rebuilt = LabelStore.open(built[0]), LabelStore.open(out)
+    for name in good.codec.fields():
+        assert np.array_equal(good.array(f"labels/{name}")[:], rebuilt.array(f"labels/{name}")[:]), name
+
+
+def test_repair_refuses_damage_outside_the_label_blocks(store_copy):
+    out, _ = store_copy
+    chunk = next(p for p in sorted(out.rglob("c/*")) if p.is_file() and "labels" not in p.parts
+                 and "progress" not in p.parts)
+    _flip(chunk)
+    r = run_cli("verify", out, "--repair")
+    assert r.exit_code == 1 and "repair: not possible" in r.output and "--overwrite" in r.output, r.output
+    assert LabelStore.open(out, allow_incomplete=True).complete  # nothing was reopened
