@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +30,8 @@ from .errors import HaldStoreError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
-from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, FreshCrops, HardBatch, RecordedBatches, SoftBatch,
-                      StoredCrops)
+from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, FreshCrops, HardBatch, RecordedBatches,
+                      SoftBatch, StoredCrops)
 from .store import LabelStore
 from .stream import CropStream, open_stream
 
@@ -84,6 +85,7 @@ class CropLoader:
                 f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} images each of "
                 f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}"
             )
+        self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
                                               workers=workers, cache_decoded=cache_decoded)
@@ -125,13 +127,49 @@ class CropLoader:
         return epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.shuffle, rank=self.rank,
                            world_size=self.world_size, drop_last=self.drop_last)
 
+    def epoch_crops(self, epoch: int) -> EpochCrops:
+        """The source's crops of ``epoch``; for sources that read the store (or plan every image),
+        the next epoch's are then computed on a background thread while this one trains (at
+        FKD scale the pass over the store takes tens of seconds). Errors surface here."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
+            crops = ahead[2]()
+        else:
+            crops = self.source.crops(self.manifest, epoch)
+        if self.source.plan_ahead:
+            self._ahead = (self.source, epoch + 1, in_background(self.source.crops, self.manifest, epoch + 1))
+        return crops
+
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
-        crops = self.source.crops(self.manifest, epoch)
+        crops = self.epoch_crops(epoch)
         batches = self.source.batches(self, epoch, crops)
         requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches[start_batch:]]
         for k, images in enumerate(self.stream(requests)):
             ids = requests[k][0]
             yield self.source.make_batch(self, images, ids, crops, start_batch + k)
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Start ``fn(*args)`` on a daemon thread (it never holds up the interpreter's exit);
+    the returned function waits for it and returns its result or raises its error."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args)
+        except BaseException as e:  # handed to the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name=f"hald-{getattr(fn, '__name__', 'work')}", daemon=True)
+    thread.start()
+
+    def result() -> Any:
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["result"]
+
+    return result
 
 
 def _open(store: LabelStore | str | os.PathLike) -> LabelStore:

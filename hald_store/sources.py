@@ -63,6 +63,8 @@ class CropSource:
     """Base strategy: per-image crops, batches cut from the loader's sharded image order,
     hard labels. Subclasses override :meth:`crops` and, where they differ, the rest."""
 
+    plan_ahead = False  # the loader computes the next epoch's crops while this one trains
+
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         raise NotImplementedError
 
@@ -96,6 +98,8 @@ def one_torch_thread() -> Iterator[None]:
 class StoredCrops(CropSource):
     """Stored crops and their soft labels, one crop per image and epoch, cycling through all of
     an image's crops before repeating one (:func:`~hald_store.order.epoch_crop_seeds`)."""
+
+    plan_ahead = True  # an epoch's crops are one pass over the store
 
     def __init__(self, store: LabelStore, temperature: float, dense: bool, seed: int) -> None:
         if not temperature > 0:
@@ -166,6 +170,8 @@ class RecordedBatches(StoredCrops):
 class FreshCrops(CropSource):
     """New random crops every epoch from ``policy`` (crop seed = epoch, stream
     :data:`HARD_CROP_STREAM`), labelled with the image's class."""
+
+    plan_ahead = True
 
     def __init__(self, policy: CropPolicy, seed: int) -> None:
         self.policy, self.seed = policy, int(seed)

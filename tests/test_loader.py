@@ -16,7 +16,7 @@ import torch
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, build_store, epoch_crop_seeds
 from hald_store.errors import HaldStoreError, ManifestMismatchError
 from hald_store.images import scan_image_folder
-from hald_store.loader import HARD_CROP_STREAM
+from hald_store.loader import HARD_CROP_STREAM, in_background
 from hald_store.crop_plan import plan_crops
 from hald_store.render import default_threads, read_files
 
@@ -143,6 +143,28 @@ def test_early_break_leaks_nothing_and_next_epoch_is_exact(small_store, backend)
     assert _threads() <= base_threads + 2  # a broken DALI pipeline is dropped with its threads
     again = [b.images for b in _all(loader, 1)]  # no stale batches of a broken-off epoch
     assert len(again) == len(reference) and all(torch.equal(a, b) for a, b in zip(again, reference))
+
+
+def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
+    store, root = small_store
+    loader = SoftLabelLoader(store, root, batch_size=8, backend="torchvision", device="cpu")
+    _all(loader, 0)
+    source, epoch, _ = loader._ahead  # epoch 1's pass over the store runs while epoch 0 trains
+    assert source is loader.source and epoch == 1
+    ahead, fresh = loader.epoch_crops(1), loader.source.crops(loader.manifest, 1)
+    assert np.array_equal(ahead.boxes, fresh.boxes) and np.array_equal(ahead.flips, fresh.flips)
+    for name, values in fresh.extra["fields"].items():
+        assert np.array_equal(ahead.extra["fields"][name], values)
+    replaced = type(loader.source)(store, 5.0, True, loader.seed)
+    loader.source = replaced  # a plan made for the old source is not used
+    assert loader._ahead[0] is not replaced and loader.epoch_crops(2) is not None
+    assert loader._ahead[0] is replaced and loader._ahead[1] == 3
+
+
+def test_background_work_hands_back_its_error():
+    with pytest.raises(ValueError, match="invalid literal"):
+        in_background(int, "not a number")()
+    assert in_background(int, "12")() == 12
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
