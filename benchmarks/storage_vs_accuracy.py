@@ -334,13 +334,19 @@ def conclusions(rows: list[dict], runs: list[dict]) -> str:
             best = min(ok, key=lambda r: r["bytes_per_crop"], default=None)
             head = (f"S={s} {schedule}: baseline fp16 probs {base['top1_mean']:.2f} +- {base['top1_std']:.2f}% "
                     f"({base['bytes_per_crop']:.1f} B/crop, {base['seeds']} seeds)")
+            if len(pts) == 1:  # the baseline only
+                out.append(head)
+                continue
             out.append(head + (f"; smallest within 0.5 point: {best['codec']} at {best['bytes_per_crop']:.1f} B/crop "
                                f"({best['top1_mean']:.2f} +- {best['top1_std']:.2f}%)" if best
                                else "; no codec point within 0.5 point"))
         out += [f"S={s}: " + verdict(*paired(runs, lambda s_, c: s_ == s, x), x) for x in tried]
-    for codec in sorted({r["codec"] for r in rows}):
-        out += [f"{codec} (all S): " + verdict(*paired(runs, lambda s_, c: c == codec, x), x) for x in tried]
+        for codec in sorted({r["codec"] for r in rows if r["crops_per_image"] == s}):
+            out += [f"S={s} {codec}: " + verdict(*paired(runs, lambda s_, c: (s_, c) == (s, codec), x), x)
+                    for x in tried if paired(runs, lambda s_, c: (s_, c) == (s, codec), x)[2]]
     out += ["all points: " + verdict(*paired(runs, lambda s_, c: True, x), x) for x in tried]
+    out.append(f"({sum('better' in line for line in out)} of {sum('95% interval' in line for line in out)} comparisons beyond "
+               "noise; each is a 95% interval, so about 1 in 20 of those on equal schedules would be too)")
     return "\n".join(out)
 
 
