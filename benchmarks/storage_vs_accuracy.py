@@ -342,8 +342,10 @@ def conclusions(rows: list[dict], runs: list[dict]) -> str:
                                else "; no codec point within 0.5 point"))
         out += [f"S={s}: " + verdict(*paired(runs, lambda s_, c: s_ == s, x), x) for x in tried]
         for codec in sorted({r["codec"] for r in rows if r["crops_per_image"] == s}):
-            out += [f"S={s} {codec}: " + verdict(*paired(runs, lambda s_, c: (s_, c) == (s, codec), x), x)
-                    for x in tried if paired(runs, lambda s_, c: (s_, c) == (s, codec), x)[2]]
+            for x in tried:
+                diff = paired(runs, lambda s_, c: (s_, c) == (s, codec), x)
+                if diff[2]:  # the schedule ran at this codec
+                    out.append(f"S={s} {codec}: " + verdict(*diff, x))
     out += ["all points: " + verdict(*paired(runs, lambda s_, c: True, x), x) for x in tried]
     out.append(f"({sum('better' in line for line in out)} of {sum('95% interval' in line for line in out)} comparisons beyond "
                "noise; each is a 95% interval, so about 1 in 20 of those on equal schedules would be too)")
