@@ -59,25 +59,36 @@ GRIDS = {
     "ipc10": dict(crops=[1, 16], codecs=["1:uint8", "2:uint4", "5:uint8", "10:fp16"]),
     "ipc50": dict(crops=[1], codecs=["1:uint8", "5:uint8"]),
     "dc-ipc50": dict(crops=[1], codecs=["1:uint8", "5:uint8"]),
+    "ipc100": dict(crops=[1], codecs=[]),  # 1,000 images: 63 optimizer steps per epoch at batch 16
 }
+# How the labels were made: "eval" (teacher in eval mode, one crop at a time, no mix) or
+# "reference" (the reference's relabel: teacher in train mode, CutMix inside batches of 16,
+# replayed batch by batch in training; relabel/relabel_slc.py).
+LABELS = {"eval": {}, "reference": {"teacher_mode": "train", "mix": "cutmix", "labelling_batch_size": 16}}
 SCHEDULES = ["shs", "soft-only"]
 CONTROL = "soft-only"  # every other schedule is compared with it, paired by seed
 # A schedule may carry changes to the preset: "shs+ls0.038" its own hard-phase label smoothing
 # (the preset's 0.8 is ImageNet's; 10 / (10 + 251 - 1) = 0.038 keeps ImageNet's true-to-other
-# ratio at 10 classes), "shs+reset" fresh optimizer moments at each phase change.
+# ratio at 10 classes), "shs+reset" fresh optimizer moments at each phase change
+# ("+reset-to-hard" / "+reset-to-soft": only at changes into that kind), "shs+b2_0.99" AdamW's beta2.
 
 
 def schedule_options(spec: str) -> dict:
-    """TrainConfig fields of a schedule spec: ``NAME[+lsSMOOTHING][+reset]``."""
+    """TrainConfig fields of a schedule spec: ``NAME[+lsSMOOTHING][+reset[-to-KIND]][+b2_BETA2]``."""
     name, *changes = spec.split("+")
     options: dict = {"schedule": name}
     for change in changes:
         if change == "reset":
-            options["reset_optimizer"] = True
+            options["reset_optimizer"] = "every"
+        elif change in ("reset-to-hard", "reset-to-soft"):
+            options["reset_optimizer"] = change.removeprefix("reset-")
+        elif change.startswith("b2_"):
+            options["adam_beta2"] = float(change[3:])
         elif change.startswith("ls"):
             options["label_smoothing"] = float(change[2:])
         else:
-            raise SystemExit(f"--schedules: unknown change {change!r} in {spec!r} (lsSMOOTHING or reset)")
+            raise SystemExit(f"--schedules: unknown change {change!r} in {spec!r} "
+                             "(lsSMOOTHING, reset, reset-to-hard, reset-to-soft or b2_BETA2)")
     return options
 
 
@@ -173,7 +184,8 @@ class Sweep:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.images, self.test = dataset_folders(args.dataset)
-        self.work = Path(args.out or RESULTS / f"storage-{args.dataset}-e{args.epochs}")
+        suffix = "" if args.labels == "eval" else f"-{args.labels}-labels"
+        self.work = Path(args.out or RESULTS / f"storage-{args.dataset}{suffix}-e{args.epochs}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.runs_file = self.work / "runs.jsonl"
         self.done = {r["key"]: r for r in self.logged()}
@@ -191,10 +203,15 @@ class Sweep:
         if not (full.exists() and LabelStore.open(full, allow_incomplete=True).complete):
             build_store(self.images, full, self.teacher(), teacher_name="cifar_resnet56", crops_per_image=s, top_k=10,
                         values="fp32", input_size=32, device=self.args.device, workers=1, resume=full.exists(),
-                        progress=False)
+                        progress=False, **LABELS[self.args.labels])
         store = LabelStore.open(full)
         t, n = store.temperature, store.num_crops
         exact = store.read(*np.divmod(np.arange(n), s)).dense_logits()
+        if store.settings.labelling is not None:  # batch-specific labels: the lossless full store is the baseline
+            self.stores[s, BASELINE] = {"path": full, "probs": None, "label_bytes": chunk_bytes(full / "labels"),
+                                        "raw_bytes_per_crop": store.codec.bytes_per_crop(), "mean_kl": 0.0,
+                                        "top1_agreement": 1.0}
+            return
         probs = dense_fp16_probs(exact, t)
         q = torch.from_numpy(probs).float()
         nbytes = reference_layout_bytes(probs.reshape(store.num_images, s, -1), self.work / "stores" / f"s{s}-ref.zarr")
@@ -222,11 +239,11 @@ class Sweep:
         config = TrainConfig.from_preset(
             "hald-reference", store=str(info["path"]), images=str(self.images), val=str(self.test), out_dir=str(out),
             student="cifar_resnet20", **schedule_options(schedule), epochs=self.args.epochs, seed=seed, device=self.args.device,
-            workers=1, progress=False)
+            workers=1, progress=False, eval_every=self.args.eval_every)
         if not (out / FINAL).exists():
             t0 = time.perf_counter()
             trainer = Trainer(config)
-            if codec == BASELINE and "soft" in trainer.loaders:  # hard-only has no soft phase
+            if codec == BASELINE and info["probs"] is not None and "soft" in trainer.loaders:  # hard-only: no soft phase
                 soft = trainer.loaders["soft"]
                 soft.source = ReferenceProbs(trainer.store, info["probs"], soft.seed)
             trainer.run(resume=(out / "checkpoint.pt").exists())
@@ -239,7 +256,9 @@ class Sweep:
                "seed": seed, "epochs": self.args.epochs, "num_crops": n, "label_bytes": info["label_bytes"],
                "bytes_per_crop": info["label_bytes"] / n, "raw_bytes_per_crop": info["raw_bytes_per_crop"],
                "mean_kl": info["mean_kl"], "top1_agreement": info["top1_agreement"],
-               "test_top1": final["val_top1"], "test_top5": final["val_top5"], "train_seconds": seconds}
+               "test_top1": final["val_top1"], "test_top5": final["val_top5"], "labels": self.args.labels,
+               "eval_every": self.args.eval_every, "best_test_top1": final.get("best_val_top1"),
+               "best_epoch": final.get("best_epoch"), "train_seconds": seconds}
         self.done[key] = row
         with open(self.runs_file, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -427,6 +446,8 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="*", help="top_k:values codecs [per data set]; none: the baseline only")
     ap.add_argument("--schedules", nargs="+", default=SCHEDULES)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--labels", choices=sorted(LABELS), default="eval", help="how the store's labels were made")
+    ap.add_argument("--eval-every", type=int, default=25, help="test accuracy every N epochs (best beside final)")
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="[benchmarks/results/storage-<dataset>-e<epochs>]")

@@ -10,7 +10,7 @@ from hald_store import distributed
 from hald_store.cli import _friendly_errors
 
 from .schedule import PRESETS
-from .trainer import TRAIN_PRESETS, TrainConfig, train
+from .trainer import RESETS, TRAIN_PRESETS, TrainConfig, train
 
 
 def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
@@ -50,8 +50,10 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")
 @click.option("--cutmix-alpha", type=float, default=1.0, help="Hard phases: CutMix Beta(alpha, alpha); 0 turns it off.")
 @click.option("--label-smoothing", type=float, default=0.8, help="Hard phases: label smoothing.")
-@click.option("--reset-optimizer", is_flag=True,
-              help="Fresh optimizer moments at each phase change (the reference keeps one optimizer state).")
+@click.option("--reset-optimizer", type=click.Choice(list(RESETS)), default="never", is_flag=False, flag_value="every",
+              help="Fresh optimizer moments at phase changes: every one (the bare flag), only into hard phases "
+              "(to-hard) or only into soft ones (to-soft); the reference keeps one optimizer state.")
+@click.option("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay.")
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
 @click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")
 @click.option("--seed", type=int, default=0)

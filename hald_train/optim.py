@@ -45,11 +45,11 @@ def param_groups(model: nn.Module, weight_decay: float, decay_params: str = "wei
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, decay_params: str = "weights",
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum, over :func:`param_groups` of ``model``."""
+                   momentum: float = 0.9, beta2: float = 0.999) -> torch.optim.Optimizer:
+    """AdamW (betas ``(0.9, beta2)``), or SGD with Nesterov momentum, over :func:`param_groups` of ``model``."""
     groups = param_groups(model, weight_decay, decay_params)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     raise HaldStoreError(f"optimizer must be adamw or sgd, got {name!r}")

@@ -31,6 +31,8 @@ FINAL = "final.json"
 # Settings that may change between a run and its resume without changing the result's meaning.
 _RESUME_FREE = ("device", "workers", "progress", "stop_after")
 
+# When fresh optimizer moments start: phase changes into which kind (None: any change).
+RESETS = {"never": (), "every": ("soft", "hard"), "to-hard": ("hard",), "to-soft": ("soft",)}
 # Settings of named recipes; each value cites the HALD code (Jiacheng8/HALD) it reproduces.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "hald-reference": {  # validate/scripts/imagenet1k/train.sh, hyper.yaml imagenet1k ResNet18 IPC 10
@@ -47,7 +49,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "temperature": 20.0,  # log_softmax(output / 20), KLDivLoss(batchmean), no T**2 -- train_fkd.py:618, 675-676
         "cutmix_alpha": 1.0,  # Mixup(mixup_alpha=0, cutmix_alpha=1) -- train_fkd.py:449-454
         "label_smoothing": 0.8,  # --label-smoothing -- train_fkd.py:133
-        "reset_optimizer": False,  # one AdamW state through every phase -- train_fkd.py:432, 547, 616
+        "reset_optimizer": "never",  # one AdamW state through every phase -- train_fkd.py:432, 547, 616
+        "adam_beta2": 0.999,  # torch.optim.AdamW's default -- train_fkd.py:432
     },
 }
 
@@ -76,7 +79,9 @@ class TrainConfig:
     temperature: float | None = None  # None: the store's build temperature
     cutmix_alpha: float = 1.0
     label_smoothing: float = 0.8
-    reset_optimizer: bool = False  # fresh optimizer moments at each phase change (the reference keeps them)
+    reset_optimizer: str = "never"  # fresh optimizer moments at phase changes: never (reference), every,
+    # to-hard (soft -> hard only) or to-soft (hard -> soft only); True/False mean every/never
+    adam_beta2: float = 0.999  # AdamW's second-moment decay
     eval_every: int = 0  # 0: evaluate at the end only
     eval_crop_fraction: float = 1.0
     seed: int = 0
@@ -87,6 +92,10 @@ class TrainConfig:
     progress: bool = True
     stop_after: int | None = None  # stop this call after that many epochs (resume later)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.reset_optimizer, bool):
+            self.reset_optimizer = "every" if self.reset_optimizer else "never"
+
     def check(self) -> None:
         positive = {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch, "lr": self.lr,
                     "lr_eta": self.lr_eta}
@@ -96,6 +105,11 @@ class TrainConfig:
         check_positive_finite("temperature", self.temperature)
         if self.optimizer not in ("adamw", "sgd"):
             raise OptionError(f"optimizer must be adamw or sgd, got {self.optimizer!r}", "optimizer")
+        if self.reset_optimizer not in RESETS:
+            raise OptionError(f"reset_optimizer must be one of {', '.join(RESETS)}, got {self.reset_optimizer!r}",
+                              "reset_optimizer")
+        if not 0 <= self.adam_beta2 < 1:
+            raise OptionError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}", "adam_beta2")
         if not 0 <= self.label_smoothing < 1:
             raise OptionError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "label_smoothing")
         for name in ("workers", "warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
@@ -196,7 +210,8 @@ class Trainer:
         if self.ranks.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        self.optimizer = make_optimizer(self.net, c.optimizer, c.lr, c.weight_decay, c.decay_params, c.momentum)
+        self.optimizer = make_optimizer(self.net, c.optimizer, c.lr, c.weight_decay, c.decay_params, c.momentum,
+                                        c.adam_beta2)
         # one curve over all phases, stepped once per epoch (as the reference)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda e: lr_factor(e, self.schedule.epochs, c.warmup_epochs, c.lr_eta))
@@ -236,7 +251,8 @@ class Trainer:
         c, kind = self.config, self.schedule.kind_at(epoch)
         loader = self.loaders[kind]
         rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
-        if c.reset_optimizer and epoch > 0 and self.schedule.phase_at(epoch) != self.schedule.phase_at(epoch - 1):
+        changed = epoch > 0 and self.schedule.phase_at(epoch) != self.schedule.phase_at(epoch - 1)
+        if changed and kind in RESETS[c.reset_optimizer]:
             self.optimizer.state.clear()  # Adam's moments of the last phase would scale this one's steps
         temperature = loader.temperature if kind == "soft" else None
         lr = self.optimizer.param_groups[0]["lr"]
@@ -281,6 +297,15 @@ class Trainer:
         with lock:
             return self._run(resume)
 
+    def _best(self) -> dict:
+        """The best evaluated epoch's top-1 in ``metrics.jsonl`` (the reference tracks ``best_acc1``)."""
+        rows = [json.loads(ln) for ln in (self.out / METRICS).read_text().splitlines() if ln]
+        rows = [r for r in rows if "val_top1" in r]
+        if not rows:
+            return {}
+        best = max(rows, key=lambda r: r["val_top1"])
+        return {"best_val_top1": best["val_top1"], "best_epoch": best["epoch"]}
+
     def _run(self, resume: bool) -> dict:
         c, main = self.config, self.ranks.is_main
         if resume:
@@ -311,7 +336,7 @@ class Trainer:
         bar.close()
         if main and last and self.epoch == self.schedule.epochs:
             torch.save(self.net.state_dict(), self.out / "model.pt")
-            (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last}, indent=2))
+            (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last, **self._best()}, indent=2))
         return last
 
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from hald_store import LabelStore, build_store
-from hald_store.errors import HaldStoreError, SettingsMismatchError
+from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError
 from hald_store import resolve_model
 from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
                         parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
@@ -233,16 +233,26 @@ def test_hard_phases_use_their_own_batch_size(tiny, tmp_path):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("reset", [False, True])
-def test_optimizer_moments_carry_over_phases_unless_reset(tiny, tmp_path, reset):
+@pytest.mark.parametrize("reset, hard, last", [
+    (False, [6, 7, 8], [9, 10, 11]), ("never", [6, 7, 8], [9, 10, 11]), (True, [0, 1, 2], [0, 1, 2]),
+    ("every", [0, 1, 2], [0, 1, 2]), ("to-hard", [0, 1, 2], [3, 4, 5]), ("to-soft", [6, 7, 8], [0, 1, 2])])
+def test_optimizer_moments_carry_over_phases_unless_reset(tiny, tmp_path, reset, hard, last):
     trainer = Trainer(_config(tiny, tmp_path / "run", schedule="soft:2,hard:1,soft:1", reset_optimizer=reset))
     weight = trainer.optimizer.param_groups[0]["params"][0]
     steps: list[int] = []  # Adam's step count for that weight before every training forward
     trainer.model.register_forward_pre_hook(
         lambda m, args: steps.append(int(trainer.optimizer.state.get(weight, {}).get("step", 0))) if m.training else None)
     trainer.run()
-    soft, hard = [0, 1, 2, 3, 4, 5], [0, 1, 2] if reset else [6, 7, 8]
-    assert steps == soft + hard + ([0, 1, 2] if reset else [9, 10, 11])  # the reference keeps one state
+    assert steps == [0, 1, 2, 3, 4, 5] + hard + last  # the reference keeps one state ("never")
+
+
+def test_adam_beta2_reaches_the_optimizer_and_is_checked(tiny, tmp_path):
+    trainer = Trainer(_config(tiny, tmp_path / "run", adam_beta2=0.9))
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.9)
+    with pytest.raises(OptionError, match="adam_beta2 must be in"):
+        Trainer(_config(tiny, tmp_path / "run2", adam_beta2=1.0))
+    with pytest.raises(OptionError, match="reset_optimizer must be one of"):
+        Trainer(_config(tiny, tmp_path / "run3", reset_optimizer="sometimes"))
 
 
 def _precision_probe(trainer: Trainer) -> list[tuple]:
@@ -347,7 +357,7 @@ def test_hald_reference_preset_pins_the_reference_settings():
     assert TRAIN_PRESETS["hald-reference"] == {
         "schedule": "shs", "epochs": 300, "batch_size": 16, "hard_batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
         "lr_eta": 2.0, "weight_decay": 0.01, "decay_params": "weights", "warmup_epochs": 0, "temperature": 20.0,
-        "cutmix_alpha": 1.0, "label_smoothing": 0.8, "reset_optimizer": False,
+        "cutmix_alpha": 1.0, "label_smoothing": 0.8, "reset_optimizer": "never", "adam_beta2": 0.999,
     }
     c = TrainConfig.from_preset("hald-reference", store="s", images="i", out_dir="o", lr=5e-4)
     assert c.lr == 5e-4 and c.hard_batch == 16 and c.amp
