@@ -3,27 +3,46 @@
 The public API::
 
     from hald_store import build_store, BuildConfig, LabelStore, StoreSettings, LabelCodec, CropPolicy, plan_crops
+
+Names are imported on first use (PEP 562), so ``import hald_store`` and the CLIs' ``--help``
+and ``--version`` do not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .build import BuildConfig, BuildSummary, build_store  # noqa: E402
-from .codec import VALUE_CODECS, LabelCodec, TopKLabels  # noqa: E402
-from .convert import reencode_store  # noqa: E402
-from .crop_plan import CropPolicy, plan_crops  # noqa: E402
-from .errors import HaldStoreError  # noqa: E402
-from .images import Manifest, scan_image_folder  # noqa: E402
-from .importer import ImportSummary, import_reference  # noqa: E402
-from .loader import CropLoader, EvalLoader, HardLabelLoader, SoftLabelLoader  # noqa: E402
-from .order import epoch_crop_seeds  # noqa: E402
-from .models import load_checkpoint, load_teacher, resolve_model  # noqa: E402
-from .render import make_renderer  # noqa: E402
-from .schema import RenderSpec, StoreSettings  # noqa: E402
-from .store import LabelStore  # noqa: E402
-from .verify import VerifyReport, teacher_logits, verify_store  # noqa: E402
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(("BuildConfig", "BuildSummary", "build_store"), "build"),
+    **dict.fromkeys(("VALUE_CODECS", "LabelCodec", "TopKLabels"), "codec"),
+    "reencode_store": "convert",
+    **dict.fromkeys(("CropPolicy", "plan_crops"), "crop_plan"),
+    "HaldStoreError": "errors",
+    **dict.fromkeys(("Manifest", "scan_image_folder"), "images"),
+    **dict.fromkeys(("ImportSummary", "import_reference"), "importer"),
+    **dict.fromkeys(("CropLoader", "EvalLoader", "HardLabelLoader", "SoftLabelLoader"), "loader"),
+    "epoch_crop_seeds": "order",
+    **dict.fromkeys(("load_checkpoint", "load_teacher", "resolve_model"), "models"),
+    "make_renderer": "render",
+    **dict.fromkeys(("RenderSpec", "StoreSettings"), "schema"),
+    "LabelStore": "store",
+    **dict.fromkeys(("VerifyReport", "teacher_logits", "verify_store"), "verify"),
+}
 
-__all__ = [
-    "__version__", "BuildConfig", "BuildSummary", "build_store", "StoreSettings", "RenderSpec", "VALUE_CODECS", "LabelCodec", "TopKLabels", "CropPolicy",
-    "plan_crops", "HaldStoreError", "Manifest", "scan_image_folder", "ImportSummary", "import_reference", "load_checkpoint", "load_teacher", "resolve_model",
-    "make_renderer", "CropLoader", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "epoch_crop_seeds", "LabelStore", "VerifyReport", "reencode_store", "teacher_logits", "verify_store",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hald_store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

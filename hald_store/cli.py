@@ -1,4 +1,7 @@
-"""The ``hald-store`` command line: a thin click layer over the Python API."""
+"""The ``hald-store`` command line: a thin click layer over the Python API.
+
+Only click and torch-free modules are imported at the top: each command imports what it runs,
+so ``--help`` and ``--version`` start without torch."""
 
 from __future__ import annotations
 
@@ -9,20 +12,8 @@ import sys
 
 import click
 
-from . import distributed
-from .build import BuildConfig, build_store
-from .codec import VALUE_CODECS
-from .convert import reencode_store
-from .crop_plan import CropPolicy
+from .choices import IMAGENET_MEAN, IMAGENET_STD, MIXES, TEACHER_MODES, VALUE_CODECS
 from .errors import HaldStoreError, StoreError
-from .images import class_names, scan_image_folder
-from .importer import import_reference
-from .mixing import MIXES
-from .models import load_teacher
-from .render import IMAGENET_MEAN, IMAGENET_STD
-from .schema import TEACHER_MODES
-from .store import LabelStore
-from .verify import check_integrity, reopen_damaged_blocks, verify_store
 
 
 def flag_message(error: HaldStoreError, command: click.Command) -> str:
@@ -82,6 +73,8 @@ def _normalization_options(fn):
 
 def _load_teacher(teacher: str, checkpoint: str | None, num_classes: int, random_init: bool):
     """The teacher, refusing to run on random weights unless --random-init says so."""
+    from .models import load_teacher
+
     if checkpoint is not None and random_init:
         raise click.UsageError("--checkpoint and --random-init contradict each other; pass one")
     model = load_teacher(teacher, checkpoint, num_classes)
@@ -139,6 +132,11 @@ def main() -> None:
 @_friendly_errors
 def build(images_dir, out_store, teacher, checkpoint, random_init, scale, ratio, flip_prob, quiet, **options) -> None:
     """Label planned crops of IMAGES_DIR (ROOT/<class>/<image>) with a teacher into OUT_STORE."""
+    from . import distributed
+    from .build import BuildConfig, build_store
+    from .crop_plan import CropPolicy
+    from .images import class_names
+
     try:
         policy = CropPolicy(scale=tuple(scale), ratio=tuple(ratio), flip_prob=flip_prob)
     except ValueError as e:
@@ -161,6 +159,9 @@ def build(images_dir, out_store, teacher, checkpoint, random_init, scale, ratio,
 def scan(images_dir, manifest, skip_bad, workers, quiet) -> None:
     """Read, hash and decode every image of IMAGES_DIR once into MANIFEST (.npz), for
     'hald-store build --manifest' (under torchrun the ranks share the work)."""
+    from . import distributed
+    from .images import scan_image_folder
+
     ranks = distributed.context()
     m = scan_image_folder(images_dir, skip_bad=skip_bad, progress=not quiet, workers=workers, ranks=ranks)
     if ranks.is_main:
@@ -174,6 +175,8 @@ def scan(images_dir, manifest, skip_bad, workers, quiet) -> None:
 @_friendly_errors
 def info(store, as_json) -> None:
     """Summarize a store."""
+    from .store import LabelStore
+
     summary = LabelStore.open(store, allow_incomplete=True).info()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -206,6 +209,9 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
            min_agreement, check_hashes, repair, as_json) -> None:
     """Check STORE: read every chunk (checksums, missing chunks); with IMAGES_DIR, check the images
     against the manifest; with --deep, re-run the teacher on regenerated crops. Exit 1 on failure."""
+    from .store import LabelStore
+    from .verify import check_integrity, reopen_damaged_blocks, verify_store
+
     if deep and (images_dir is None or teacher is None):
         raise click.UsageError("--deep needs IMAGES_DIR and --teacher")
     if not deep and (teacher or checkpoint or num_classes or random_init):
@@ -252,6 +258,9 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
 @_friendly_errors
 def convert(src, dst, top_k, values, overwrite, quiet) -> None:
     """Re-encode the labels of store SRC into DST with another --top-k / --values."""
+    from .convert import reencode_store
+    from .store import LabelStore
+
     before = LabelStore.open(src).bytes_on_disk("labels")
     out = reencode_store(src, dst, top_k=top_k, values=values, overwrite=overwrite, progress=not quiet)
     after = out.bytes_on_disk("labels")
@@ -278,6 +287,8 @@ def convert(src, dst, top_k, values, overwrite, quiet) -> None:
 @_friendly_errors
 def import_(labels_dir, images_dir, out_store, quiet, **options) -> None:
     """Import reference soft labels (LABELS_DIR/epoch_<e>.tar, SRe2L/LPLD/HALD layout) of IMAGES_DIR into OUT_STORE."""
+    from .importer import import_reference
+
     summary = import_reference(labels_dir, images_dir, out_store, progress=not quiet, **options)
     click.echo(str(summary))
 

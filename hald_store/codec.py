@@ -67,6 +67,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from hald_store.choices import VALUE_CODECS
 from hald_store.errors import OptionError, StoreError, TeacherOutputError, preview
 
 __all__ = [
@@ -76,8 +77,6 @@ __all__ = [
     "dense_fp16_probs",
     "dense_fp16_bytes_per_crop",
 ]
-
-VALUE_CODECS = ("fp32", "fp16", "uint8", "uint4")
 
 _LEVELS = {"uint8": 255, "uint4": 15}
 _FP16_MAX = 65504.0

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-MIXES = ("none", "cutmix", "mixup")
+from .choices import MIXES
 
 
 def cutmix_box(lam: float, height: int, width: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .choices import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import default_threads
 from .errors import HaldStoreError, ImageError
 from .images import as_encoded, image_size
@@ -67,8 +68,6 @@ __all__ = [
 BACKENDS = ("dali", "torchvision")
 DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bilinear", "bicubic")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
 _RUNTIME_KEYS = ("device", "device_id") + _DALI_ONLY_KWARGS

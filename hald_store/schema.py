@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from . import __version__
 from .batch_plan import BatchPlan
+from .choices import TEACHER_MODES
 from .codec import LabelCodec
 from .crop_plan import CropPolicy
 from .devices import renderer_device
@@ -24,7 +25,6 @@ from .render import CropRenderer, dali_available, make_renderer, threads_option
 
 __all__ = ["TEACHER_MODES", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
 
-TEACHER_MODES = ("eval", "train")  # train: BatchNorm on each labelling batch's statistics
 # Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
 NOT_SETTINGS = ("format", "format_version", "integrity")
 

@@ -6,11 +6,10 @@ import json
 
 import click
 
-from hald_store import distributed
 from hald_store.cli import _friendly_errors
 
+from .presets import RESETS, TRAIN_PRESETS
 from .schedule import PRESETS
-from .trainer import RESETS, TRAIN_PRESETS, TrainConfig, train
 
 
 def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
@@ -68,6 +67,10 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @_friendly_errors
 def main(resume: bool, quiet: bool, **options) -> None:
     """Train a student on STORE's soft labels over IMAGES with a Soft/Hard phase schedule."""
+    from hald_store import distributed
+
+    from .trainer import TrainConfig, train
+
     config = TrainConfig(progress=not quiet, **options)
     last = train(config, resume=resume)
     if distributed.context().is_main:
@@ -76,15 +79,18 @@ def main(resume: bool, quiet: bool, **options) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--out", default="demo-output", type=click.Path(file_okay=False),
-              help="Where data, teacher, store, runs and the plot go (finished steps are reused).")
+              help="Where scenes, teacher, store, student runs, summary and plot go.")
+@click.option("--full", is_flag=True, help="40-epoch teacher and students (the quick default: 12).")
+@click.option("--fresh", is_flag=True, help="Remove the demo's earlier outputs in --out and start over "
+              "(without it, finished steps with the same settings are reused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_friendly_errors
-def demo(out: str, quiet: bool) -> None:
+def demo(out: str, full: bool, fresh: bool, quiet: bool) -> None:
     """End to end on generated scenes: teacher, store, students with shs and soft-only."""
-    from .demo import format_table, run_demo
+    from .demo import FULL, QUICK, format_table, run_demo
 
-    click.echo(format_table(run_demo(out, progress=not quiet)))
-
+    results = run_demo(out, FULL if full else QUICK, progress=not quiet, fresh=fresh, log=click.echo)
+    click.echo("\n" + format_table(results))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """The embedded end-to-end demo: generated scenes -> a teacher -> a label store -> students
-trained with ``shs`` and ``soft-only`` -> a table, a verdict and a plot. No downloads; a few
-minutes on two CPU cores.
+trained with ``shs`` and ``soft-only`` -> a table, a verdict and a plot. No downloads.
+
+Two sizes: :data:`QUICK` (the default; about 3 minutes on two busy CPU cores, measured in
+``docs/demo/summary.json``) and :data:`FULL` (``hald-demo --full``: 40-epoch teacher and
+students). Each step says what it does and where it writes; a step already finished in the
+output folder with the same settings is reused and said to be (``fresh=True`` /
+``hald-demo --fresh`` starts over).
 
 Each generated image holds a large object of its class and a smaller distractor of another
 class, so a random crop can show only the distractor: its soft label then contradicts the
@@ -12,14 +17,19 @@ two students' test accuracy as they came out, one seed each.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hald_store import CropPolicy, EvalLoader, HardLabelLoader, LabelStore, build_store, resolve_model
+from hald_store.errors import HaldStoreError
 from hald_store.render import IMAGENET_MEAN, IMAGENET_STD
 from hald_train.scenes import make_shapes_dataset
 
@@ -27,24 +37,32 @@ from .optim import lr_factor
 from .trainer import METRICS, TrainConfig, evaluate, train
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo (the defaults finish in a few minutes on 2 CPU cores)."""
+    """Sizes of the demo; the defaults are :data:`QUICK`."""
 
     num_classes: int = 6
     train_per_class: int = 60
     test_per_class: int = 30
     image_size: int = 48
     input_size: int = 32
-    teacher_epochs: int = 40
+    teacher_epochs: int = 12
     teacher_batch_size: int = 16
     teacher_lr: float = 5e-3
     crops_per_image: int = 2
     top_k: int = 3
     values: str = "uint8"
-    student_epochs: int = 40
+    student_epochs: int = 12
     batch_size: int = 32
     seed: int = 0
+
+
+QUICK = DemoSettings()
+FULL = replace(QUICK, teacher_epochs=40, student_epochs=40)
+SETTINGS_FILE = "demo-settings.json"
+# Everything the demo writes under its folder (what ``fresh`` removes; nothing else is touched).
+OUTPUTS = ("scenes", "teacher.pt", "labels.zarr", "student-shs", "student-soft-only", "results.json",
+           "summary.json", "summary.md", "demo.png", SETTINGS_FILE)
 
 
 def train_teacher(train_dir: Path, test_dir: Path, s: DemoSettings, progress: bool = True) -> tuple[torch.nn.Module, float]:
@@ -69,13 +87,59 @@ def train_teacher(train_dir: Path, test_dir: Path, s: DemoSettings, progress: bo
     return model.eval(), evaluate(model, test)["top1"]
 
 
-def run_demo(out: str | Path = "demo-output", settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict:
-    """Run every step into ``out`` (steps already done there are reused) and return the results."""
-    s, out = settings, Path(out)
+def _prepare(out: Path, s: DemoSettings, fresh: bool, log: Callable[[str], None]) -> None:
+    """Make ``out`` ready for ``s``: remove the demo's own outputs if ``fresh``; refuse a folder
+    whose earlier demo used other settings (its steps would not match)."""
+    if fresh:
+        removed = [name for name in OUTPUTS if (out / name).exists()]
+        for name in removed:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        if removed:
+            log(f"--fresh: removed the earlier demo's {', '.join(removed)} from {out}")
+    recorded = out / SETTINGS_FILE
+    if recorded.exists():
+        if json.loads(recorded.read_text()) != asdict(s):
+            raise HaldStoreError(f"{str(out)!r} holds a demo made with other settings ({recorded}); pass --fresh to "
+                                 "replace it or --out to write elsewhere", "fresh", "out")
+    elif any((out / name).exists() for name in OUTPUTS):
+        raise HaldStoreError(f"{str(out)!r} holds demo files without {SETTINGS_FILE} (an older demo?); pass --fresh "
+                             "to replace them or --out to write elsewhere", "fresh", "out")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(asdict(s), indent=1))
+
+
+def _chunk_bytes(path: Path) -> int:
+    """Bytes of the chunk files under ``path`` (zarr's JSON metadata left out)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def run_demo(out: str | Path = "demo-output", settings: DemoSettings = QUICK, progress: bool = True,
+             fresh: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Run every step into ``out`` and return the results (also written to ``out/summary.json``
+    and ``out/summary.md``). Steps already finished there with the same settings are reused;
+    ``fresh`` removes the demo's earlier outputs first. ``log`` receives one line per step."""
+    s, out, say = settings, Path(out), log or (lambda line: None)
+    t_start, seconds, reused = time.perf_counter(), {}, []
+    _prepare(out, s, fresh, say)
+    say(f"hald-demo: {s.teacher_epochs}-epoch teacher, {s.student_epochs}-epoch students; writing to {out.resolve()}")
+
+    def step(name: str, done: bool, what: str) -> float:
+        say(f"[{len(seconds) + 1}/5] {what}" + (" (reused from an earlier run; --fresh starts over)" if done else ""))
+        if done:
+            reused.append(name)
+        return time.perf_counter()
+
+    t = step("scenes", (out / "scenes" / "objects.json").exists(),
+             f"scenes: {s.num_classes} shape classes, {s.train_per_class} train + {s.test_per_class} test images each, "
+             f"{s.image_size}x{s.image_size} -> {out / 'scenes'}")
     data = make_shapes_dataset(out / "scenes", num_classes=s.num_classes, train_per_class=s.train_per_class,
                                test_per_class=s.test_per_class, size=s.image_size, seed=s.seed)
     train_dir, test_dir = data / "train", data / "test"
+    seconds["scenes"] = time.perf_counter() - t
+
     teacher_path = out / "teacher.pt"
+    t = step("teacher", teacher_path.exists(),
+             f"teacher: CIFAR ResNet-20, {s.teacher_epochs} epochs on hard labels -> {teacher_path}")
     teacher = resolve_model("cifar_resnet20", s.num_classes)
     if teacher_path.exists():
         saved = torch.load(teacher_path, weights_only=True)
@@ -84,18 +148,25 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = DemoSetti
     else:
         teacher, teacher_top1 = train_teacher(train_dir, test_dir, s, progress)
         torch.save({"model": teacher.state_dict(), "top1": teacher_top1}, teacher_path)
+    seconds["teacher"] = time.perf_counter() - t
 
     store_path = out / "labels.zarr"
-    if not (store_path.exists() and LabelStore.open(store_path, allow_incomplete=True).complete):
-        build_store(train_dir, store_path, teacher, teacher_name="demo cifar_resnet20", crops_per_image=s.crops_per_image,
-                    top_k=s.top_k, values=s.values, input_size=s.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                    resume=store_path.exists(), progress=progress, device="cpu")
+    done = store_path.exists() and LabelStore.open(store_path, allow_incomplete=True).complete
+    t = step("store", done, f"label store: {s.crops_per_image} crops per image, top-{s.top_k} {s.values} -> {store_path}")
+    if not done:
+        build_store(train_dir, store_path, teacher, teacher_name="cifar_resnet20 (demo)",
+                    crops_per_image=s.crops_per_image, top_k=s.top_k, values=s.values, input_size=s.input_size,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, resume=store_path.exists(), progress=progress,
+                    device="cpu")
     info = LabelStore.open(store_path).info()
+    seconds["store"] = time.perf_counter() - t
 
     students = {}
     for schedule in ("shs", "soft-only"):
         run = out / f"student-{schedule}"
         final = run / "final.json"
+        t = step(f"student-{schedule}", final.exists(),
+                 f"student ({schedule}): CIFAR ResNet-20, {s.student_epochs} epochs, tested every epoch -> {run}")
         if not final.exists():
             config = TrainConfig(store=str(store_path), images=str(train_dir), val=str(test_dir), out_dir=str(run),
                                  student="cifar_resnet20", schedule=schedule, epochs=s.student_epochs,
@@ -103,19 +174,32 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = DemoSetti
             train(config, resume=(run / "checkpoint.pt").exists())
         students[schedule] = json.loads(final.read_text())
         students[schedule]["curve"] = [json.loads(ln) for ln in (run / METRICS).read_text().splitlines()]
+        seconds[f"student-{schedule}"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_start
     results = {
+        "settings": asdict(s),
         "teacher_test_top1": teacher_top1,
         "num_crops": info["num_crops"],
+        "label_chunk_bytes": _chunk_bytes(store_path / "labels"),
         "label_bytes_on_disk": info["label_bytes_on_disk"],
-        "label_bytes_per_crop": info["label_bytes_per_crop"],
         "raw_label_bytes_per_crop": info["raw_label_bytes_per_crop"],
         "reference_fp16_bytes_per_crop": info["reference_fp16_bytes_per_crop"],
         "students": {k: {"test_top1": v["val_top1"], "test_top5": v["val_top5"], "schedule": v["schedule"],
                          "curve": [{"epoch": m["epoch"], "kind": m["kind"], "test_top1": m["val_top1"]} for m in v["curve"]]}
                      for k, v in students.items()},
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "reused": reused,
+        "machine": {"cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
     }
     results["plot"] = str(plot(results, out / "demo.png"))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))  # the full record, curves included
+    summary = {k: v for k, v in results.items() if k != "students"}
+    summary["students"] = {k: {f: v[f] for f in ("schedule", "test_top1", "test_top5")}
+                           for k, v in results["students"].items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(summary_markdown(summary))
+    say(f"wrote {out / 'results.json'}, {out / 'summary.json'}, {out / 'summary.md'} and {out / 'demo.png'}")
     return results
 
 
@@ -152,7 +236,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ref, raw = results["reference_fp16_bytes_per_crop"], results["raw_label_bytes_per_crop"]
     bx.bar(["fp16 vector\n(reference)", "this store"], [ref, raw], color=["gray", "C2"])
-    bx.set_ylabel("label bytes per crop (raw)")
+    bx.set_ylabel("label bytes per crop (uncompressed)")
     bx.set_title(f"{raw / ref:.0%} of the reference", fontsize=9)
     fig.suptitle("hald-store demo (generated scenes, one seed per schedule)", fontsize=10)
     fig.tight_layout()
@@ -176,15 +260,29 @@ def verdict(r: dict) -> str:
 
 
 def format_table(r: dict) -> str:
+    """The demo's final screen: teacher, store bytes, the two students, the verdict, time."""
+    chunks, n = r["label_chunk_bytes"], r["num_crops"]
+    sec, m = r["seconds"], r["machine"]
     lines = [
-        f"teacher test top-1          {100 * r['teacher_test_top1']:.1f}%",
-        f"label store                 {r['label_bytes_on_disk']:,} bytes on disk for {r['num_crops']:,} crops; "
-        f"{r['raw_label_bytes_per_crop']} B/crop raw against {r['reference_fp16_bytes_per_crop']} B/crop for a full "
-        f"fp16 vector (the reference layout)",
+        f"teacher test top-1   {100 * r['teacher_test_top1']:.1f}%",
+        f"label store          {n:,} crops, {r['raw_label_bytes_per_crop']} B/crop of labels before compression "
+        f"(a full fp16 vector: {r['reference_fp16_bytes_per_crop']} B/crop)",
+        f"                     on disk: {chunks:,} B of label chunks ({chunks / n:.1f} B/crop, compressed) "
+        f"+ {r['label_bytes_on_disk'] - chunks:,} B of zarr metadata (fixed per array)",
         "",
         f"{'schedule':<12}{'phases':<24}{'test top-1':>10}{'top-5':>8}",
     ]
     for name, s in r["students"].items():
         lines.append(f"{name:<12}{s['schedule']:<24}{100 * s['test_top1']:>9.1f}%{100 * s['test_top5']:>7.1f}%")
-    lines += ["", verdict(r), f"\nplot: {r['plot']}"]
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items() if k != "total")
+    lines += ["", verdict(r), "",
+              f"time: {sec['total']:.0f} s ({steps}) on {m['cpu_cores']} cores, torch at {m['torch_threads']} "
+              f"thread(s), load average {m['load_average_1min_at_end']} at the end"
+              + (f"; reused: {', '.join(r['reused'])}" if r["reused"] else ""),
+              f"plot: {r['plot']}"]
     return "\n".join(lines)
+
+
+def summary_markdown(summary: dict) -> str:
+    """``summary.md``: the final screen as a Markdown block (the README quotes it verbatim)."""
+    return f"```text\n{format_table(summary)}\n```\n"
