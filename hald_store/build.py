@@ -27,9 +27,9 @@ from .codec import VALUE_CODECS, LabelCodec, check_logits
 from .crop_plan import CropPolicy, plan_image_crops
 from .devices import renderer_device, resolve_device
 from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite, preview
-from .images import Manifest, check_image_root, scan_image_folder
+from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
-from .models import weights_sha256
+from .models import model_name, weights_sha256
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
@@ -139,7 +139,7 @@ class BuildConfig:
     and ``--flip-prob`` make ``crop_policy``). Exactly one of ``crops_per_image`` and ``slc``
     (soft labels per class) is given; see the README for the meaning of each option."""
 
-    teacher_name: str | None = None  # recorded; default: the teacher's class name
+    teacher_name: str | None = None  # recorded; default: the spec resolve_model/load_teacher built it from, else its class name
     num_classes: int | None = None  # teacher output width; default: the number of class folders
     crops_per_image: int | None = None
     slc: int | None = None
@@ -219,6 +219,8 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
     """
     c = BuildConfig(**options) if config is None else replace(config, **options)
     c.check()
+    # the codec against the class folders before the scan, which reads every image
+    LabelCodec.checked(c.values, c.top_k, c.num_classes or len(class_names(images)), c.temperature)
     t_start = time.perf_counter()
     root, out = Path(images), os.fspath(out)
     ranks = distributed.context()
@@ -254,7 +256,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
         settings = StoreSettings(
             num_images=n, crops_per_image=s, num_classes=num_classes, class_names=tuple(manifest.class_names),
             plan_seed=int(c.seed), crop_policy=c.crop_policy, render_spec=RenderSpec.of(renderer),
-            teacher=TeacherInfo(c.teacher_name or type(teacher).__name__, weights_sha256(teacher), c.teacher_mode),
+            teacher=TeacherInfo(c.teacher_name or model_name(teacher), weights_sha256(teacher), c.teacher_mode),
             codec=codec, manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
             labelling=None if plan is None else LabellingPlan.of(plan, c.teacher_mode))
 

@@ -174,19 +174,38 @@ def scan(images_dir, manifest, skip_bad, workers, quiet) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_friendly_errors
 def info(store, as_json) -> None:
-    """Summarize a store."""
+    """Summarize a store (--json: every field, machine-readable)."""
     from .store import LabelStore
 
-    summary = LabelStore.open(store, allow_incomplete=True).info()
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:,.2f}"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value:,}"
-        click.echo(f"{key:<30} {value}")
+    opened = LabelStore.open(store, allow_incomplete=True)
+    summary = {**opened.info(), "class_names": opened.class_names}
+    click.echo(json.dumps(summary, indent=2) if as_json else "\n".join(_info_lines(summary)))
+
+
+def _info_lines(i: dict) -> list[str]:
+    """``hald-store info``'s text: one line per subject, in words."""
+    names = i["class_names"]
+    shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+    t = i["teacher"]
+    sha = t.get("weights_sha256")
+    extra = "".join(f", {k} {v}" for k, v in t.items() if k not in ("name", "weights_sha256", "mode"))
+    state = "complete" if i["complete"] else (f"INCOMPLETE: {i['blocks_done']} of {i['num_blocks']} blocks written, "
+                                              f"{i['missing_chunks']} chunk files missing")
+    return [
+        f"store      {i['path']} (format {i['format_version']}; {state}; "
+        f"{'CRC32C checksums' if i['checksums'] else 'no checksums'})",
+        f"images     {i['num_images']:,} in {i['num_classes']:,} classes: {shown}"
+        + (f"; {i['skipped_images']} skipped as unreadable" if i["skipped_images"] else ""),
+        f"crops      {i['crops_per_image']:,} per image, {i['num_crops']:,} in all; {i['input_size']} px, "
+        f"crop plan seed {i['seed']}, renderer {i['backend']}",
+        f"labels     top-{i['top_k']} {i['values']} at T={i['temperature']:g}",
+        f"teacher    {t['name']} ({t['mode']} mode; weights SHA-256 "
+        f"{sha[:12] + '...' if sha else 'not recorded'}{extra})",
+        f"disk       {i['bytes_on_disk']:,} B in all ({i['bytes_per_crop']:.2f} B/crop); labels "
+        f"{i['label_bytes_on_disk']:,} B ({i['label_bytes_per_crop']:.2f} B/crop with zarr metadata; "
+        f"{i['raw_label_bytes_per_crop']} B/crop uncompressed, a full fp16 vector: "
+        f"{i['reference_fp16_bytes_per_crop']} B/crop)",
+    ]
 
 
 @main.command()
@@ -204,11 +223,13 @@ def info(store, as_json) -> None:
 @click.option("--repair", is_flag=True,
               help="Mark the blocks of damaged label chunks unfinished, for `build --resume` to rewrite.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar during --deep.")
 @_friendly_errors
 def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_init, sample, seed, batch_size, device, temperature,
-           min_agreement, check_hashes, repair, as_json) -> None:
-    """Check STORE: read every chunk (checksums, missing chunks); with IMAGES_DIR, check the images
-    against the manifest; with --deep, re-run the teacher on regenerated crops. Exit 1 on failure."""
+           min_agreement, check_hashes, repair, as_json, quiet) -> None:
+    """Check STORE in three named steps, stopping at the first failure (exit 1): integrity (read
+    every chunk: checksums, missing chunks), images (with IMAGES_DIR: the files match the
+    manifest) and teacher (with --deep: re-run the teacher on regenerated crops)."""
     from .store import LabelStore
     from .verify import check_integrity, reopen_damaged_blocks, verify_store
 
@@ -229,7 +250,11 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
                          f"`hald-store build IMAGES_DIR {store} --resume` and the build's flags")
         except StoreError as e:
             lines.append(f"repair: not possible: {e}")
-    if passed and images_dir is not None:
+    if not passed:
+        lines.append("images    not checked (integrity failed)")
+    elif images_dir is None:
+        lines.append("images    not checked (give IMAGES_DIR to check the files against the manifest)")
+    else:
         opened.check_images(images_dir, check_hashes=check_hashes)
         n = len(opened.manifest())
         result["images_checked"] = n
@@ -238,10 +263,13 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
         model = _load_teacher(teacher, checkpoint, num_classes or opened.num_classes, random_init)
         report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size,
                               device=device, temperature=temperature, min_agreement=min_agreement,
-                              check_hashes=False)  # just checked
+                              check_hashes=False, progress=not quiet)  # images just checked
         result.update(report.to_dict())
         lines.append(str(report))
         passed = report.passed
+    else:
+        lines.append("teacher   not checked (" + ("integrity failed)" if not passed else
+                                                   "add --deep --teacher ... to re-run the teacher on stored crops)"))
     result["passed"] = passed
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(lines))
     if not passed:

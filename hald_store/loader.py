@@ -26,7 +26,7 @@ import torch
 
 from .crop_plan import CropPolicy
 from .devices import renderer_device
-from .errors import HaldStoreError, preview
+from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
@@ -81,9 +81,9 @@ class CropLoader:
         n = len(manifest)
         self.samples_per_rank = samples_per_rank(n, world_size, drop_last)
         if check_batch_size and self.batch_size > self.samples_per_rank:
-            raise HaldStoreError(
+            raise OptionError(
                 f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} images each of "
-                f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}"
+                f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}", "batch_size"
             )
         self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,

@@ -159,7 +159,13 @@ def resolve_model(spec: str, num_classes: int | None = None) -> nn.Module:
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {spec!r}: factory returned {type(model).__name__}, not a torch.nn.Module")
+    model.hald_model_name = spec  # what a store records as its teacher (see model_name)
     return model
+
+
+def model_name(model: nn.Module) -> str:
+    """The spec ``model`` was resolved from (``cifar_resnet56``, ``resnet18``, ...), else its class name."""
+    return getattr(model, "hald_model_name", type(model).__name__)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -154,9 +154,8 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = QUICK, pr
     done = store_path.exists() and LabelStore.open(store_path, allow_incomplete=True).complete
     t = step("store", done, f"label store: {s.crops_per_image} crops per image, top-{s.top_k} {s.values} -> {store_path}")
     if not done:
-        build_store(train_dir, store_path, teacher, teacher_name="cifar_resnet20 (demo)",
-                    crops_per_image=s.crops_per_image, top_k=s.top_k, values=s.values, input_size=s.input_size,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD, resume=store_path.exists(), progress=progress,
+        build_store(train_dir, store_path, teacher, crops_per_image=s.crops_per_image, top_k=s.top_k,
+                    values=s.values, input_size=s.input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resume=store_path.exists(), progress=progress,
                     device="cpu")
     info = LabelStore.open(store_path).info()
     seconds["store"] = time.perf_counter() - t

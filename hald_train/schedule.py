@@ -146,7 +146,8 @@ def parse_schedule(spec: str | Sequence[Phase | tuple[str, int]] | Schedule, epo
         sched = Schedule(spec)
     elif spec.strip() in ("shs", "hs", "sh", "hsh", "soft-only", "hard-only") or spec.strip().startswith("alt-"):
         if epochs is None:
-            raise ScheduleError(f"the preset {spec.strip()!r} needs a total number of epochs")
+            raise ScheduleError(f"schedule={spec.strip()!r} needs epochs=N, the total number of epochs over its "
+                                "phases (e.g. epochs=300)", "schedule", "epochs")
         return preset(spec.strip(), epochs, hard_epochs)
     else:
         sched = Schedule(_parse_phases(spec))

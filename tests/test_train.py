@@ -55,7 +55,7 @@ def test_schedule_from_python_list():
     ("soft:5,,hard:1", None, None, r"at character 7"),
     ("soft:0", None, None, r"needs epochs >= 1"),
     ("hard:-3", None, None, r"needs epochs >= 1"),
-    ("shs", None, None, r"preset 'shs' needs a total number of epochs"),
+    ("shs", None, None, r"schedule='shs' needs epochs=N, the total number of epochs"),
     ("shs", 0, None, r"epochs must be a positive whole number"),
     ("shs", -5, None, r"epochs must be a positive whole number"),
     ("shs", 10, 10, r"hard epochs must be between 1 and epochs - 1 = 9"),
@@ -344,7 +344,7 @@ def test_cli_reports_bad_schedule_and_trains(tiny, tmp_path):
     r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "soft:2,hadr:1"])
     assert r.exit_code == 1 and "unknown phase kind 'hadr' at character 7" in r.output
     r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "shs"])
-    assert r.exit_code == 1 and "needs a total number of epochs" in r.output
+    assert r.exit_code == 1 and "--schedule shs needs --epochs N, the total number of epochs" in r.output
     r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "x"), "--schedule", "hs",
                                        "--epochs", "2", "--batch-size", "10", "--val", str(root), "-q"])
     assert r.exit_code == 0, r.output
