@@ -285,3 +285,28 @@ def format_table(r: dict) -> str:
 def summary_markdown(summary: dict) -> str:
     """``summary.md``: the final screen as a Markdown block (the README quotes it verbatim)."""
     return f"```text\n{format_table(summary)}\n```\n"
+
+
+README_BEGIN, README_END = "<!-- demo-summary:begin -->", "<!-- demo-summary:end -->"
+
+
+def publish(out: str | Path, docs: str | Path = "docs/demo", readme: str | Path = "README.md") -> None:
+    """Copy a finished demo's ``summary.json``, ``summary.md`` and ``demo.png`` from ``out`` into
+    ``docs`` and its ``summary.md`` between the README's demo-summary markers (figures are
+    never hand-copied)."""
+    out, docs, readme = Path(out), Path(docs), Path(readme)
+    docs.mkdir(parents=True, exist_ok=True)
+    for name in ("summary.json", "summary.md", "demo.png"):
+        shutil.copyfile(out / name, docs / name)
+    text = readme.read_text()
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    readme.write_text(f"{head}{README_BEGIN}\n{(docs / 'summary.md').read_text()}{README_END}{tail}")
+
+
+if __name__ == "__main__":  # python -m hald_train.demo publish DIR (from the repository root)
+    import sys
+
+    if sys.argv[1:2] != ["publish"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m hald_train.demo publish DEMO_OUTPUT_DIR")
+    publish(sys.argv[2])

@@ -1,4 +1,14 @@
-"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent)."""
+"""Shared fixtures and helpers.
+
+Real data: tests that need real images or pretrained teachers read them from the project's
+shared data folder, ``../shared/data`` beside the repository or ``$HALD_DATA`` (CIFAR-10 JPEGs,
+a distilled CIFAR-10 set, Tiny-ImageNet and two pretrained CIFAR ResNet teachers; see
+``docs/testing.md``). Without it they skip with one reason, :data:`DATA_REASON`, and the end of
+the run prints one line per skip reason with its count. The correctness tests that matter
+most (build round trip, rebuild and resume identity, exact replay) also run on generated
+images with a seeded random teacher (:func:`small_set`, :func:`replay_set`), so a fresh clone
+exercises them.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +17,93 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
-from hald_store.models import load_teacher
+from hald_store import LabelStore, build_store
+from hald_store.models import load_teacher, resolve_model
 from hald_store.testing import shared_data_dir, shared_data_path
+from hald_train.scenes import make_shapes_dataset
+
+DATA_REASON = (f"needs the shared real data (CIFAR-10 JPEGs, pretrained CIFAR ResNet teachers; see docs/testing.md) "
+               f"at {shared_data_dir()}: absent (set HALD_DATA to its location)")
 
 
 def require_data(*parts: str) -> Path:
+    """``shared_data_dir()/parts``, or skip the test with :data:`DATA_REASON`."""
     path = shared_data_path(*parts)
     if path is None:
-        pytest.skip(f"reference data {'/'.join(parts)} not found under {shared_data_dir()} (set HALD_DATA)")
+        pytest.skip(DATA_REASON)
     return path
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line per skip reason with its count (instead of a line per skipped test)."""
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped tests, by reason")
+        for reason, n in reasons.most_common():
+            terminalreporter.write_line(f"{n:5d}  {reason}")
+
+
+def random_teacher(num_classes: int = 10, seed: int = 0, spec: str = "cifar_resnet20") -> nn.Module:
+    """A model with seeded random weights: exactness tests need a fixed teacher, not a good one."""
+    torch.manual_seed(seed)
+    return resolve_model(spec, num_classes).eval()
+
+
+def generated_images(root: Path, classes: int, per_class: int) -> Path:
+    """A writable ImageFolder of generated 32x32 JPEG scenes (``hald_train.scenes``)."""
+    data = make_shapes_dataset(root, num_classes=classes, train_per_class=per_class, test_per_class=1, size=32)
+    return data / "train"
+
+
+@dataclass
+class SmallSet:
+    """An image folder (writable), a teacher for it and the teacher's recorded name."""
+
+    folder: Path
+    teacher: nn.Module
+    teacher_name: str
+    class_names: list[str]
+
+
+@pytest.fixture(params=["generated", "cifar10-mini"])
+def small_set(request, tmp_path) -> SmallSet:
+    """24 images (3 classes x 8) and a 10-class teacher: generated scenes with a seeded random
+    ResNet-20, or real CIFAR JPEGs with the pretrained ResNet-20 (skipped without the data)."""
+    if request.param == "generated":
+        folder = generated_images(tmp_path / "generated", classes=3, per_class=8)
+        return SmallSet(folder, random_teacher(), "cifar_resnet20", sorted(p.name for p in folder.iterdir()))
+    folder = copy_subset(request.getfixturevalue("cifar_mini_train"), tmp_path / "images", classes=3, per_class=8)
+    return SmallSet(folder, request.getfixturevalue("resnet20"), "cifar_resnet20", ["airplane", "automobile", "bird"])
+
+
+def build_replay_store(images: Path, teacher: nn.Module, out: Path) -> LabelStore:
+    """``images`` labelled by ``teacher`` with BatchNorm batch statistics and CutMix, 3 crops per image."""
+    build_store(images, out, teacher, crops_per_image=3, top_k=5, input_size=32, teacher_mode="train",
+                mix="cutmix", labelling_batch_size=64, progress=False)
+    return LabelStore.open(out)
+
+
+@pytest.fixture(scope="module", params=["generated", "cifar10-dc-ipc50"])
+def replay_set(request, tmp_path_factory) -> tuple[LabelStore, Path, nn.Module]:
+    """A batch-specific store, its images and its teacher: 500 generated scenes (10 classes) with a
+    seeded random ResNet-20, or the distilled cifar10-dc-ipc50 with the pretrained ResNet-56."""
+    out = tmp_path_factory.mktemp("replay") / "r.zarr"
+    if request.param == "generated":
+        images, teacher = generated_images(out.parent / "generated", classes=10, per_class=50), random_teacher()
+    else:
+        images, teacher = require_data("cifar10-dc-ipc50"), request.getfixturevalue("resnet56")
+    return build_replay_store(images, teacher, out), images, teacher
 
 
 @pytest.fixture(scope="session")

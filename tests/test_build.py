@@ -37,13 +37,14 @@ def assert_stores_equal(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
 
 
-def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
+def test_round_trip_matches_teacher(small_set, tmp_path):
+    small_folder, resnet20 = small_set.folder, small_set.teacher
     out = tmp_path / "s.zarr"
-    summary = build_store(small_folder, out, resnet20, teacher_name="cifar_resnet20", **SMALL)
+    summary = build_store(small_folder, out, resnet20, **SMALL)  # the teacher's name comes from resolve_model
     assert summary.crops_total == summary.crops_written == 24 * 4
     store = LabelStore.open(out)
     assert store.num_images == 24 and store.crops_per_image == 4 and store.complete
-    assert store.class_names == ["airplane", "automobile", "bird"]
+    assert store.class_names == small_set.class_names
     np.testing.assert_array_equal(store.hard_labels(), np.repeat([0, 1, 2], 8))
 
     # Re-render the stored windows independently and re-run the teacher: labels match the codec's encoding.
@@ -67,7 +68,8 @@ def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
     assert a["codec"]["values"] == "uint8" and a["renderer"]["backend"] == "torchvision"
 
 
-def test_rebuild_is_identical_and_resume_of_complete_store_is_noop(small_folder, tmp_path, resnet20):
+def test_rebuild_is_identical_and_resume_of_complete_store_is_noop(small_set, tmp_path):
+    small_folder, resnet20 = small_set.folder, small_set.teacher
     a, b = tmp_path / "a.zarr", tmp_path / "b.zarr"
     build_store(small_folder, a, resnet20, **SMALL)
     build_store(small_folder, b, resnet20, **SMALL)
@@ -148,12 +150,18 @@ def test_verify_fails_against_other_teacher(mini_store, cifar_mini_train):
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
-def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
-    from .conftest import copy_subset, kill_after_blocks
+@pytest.mark.parametrize("data", ["generated", "cifar10-mini"])
+def test_kill_9_then_resume_gives_identical_store(tmp_path, data):
+    from .conftest import copy_subset, generated_images, kill_after_blocks, random_teacher
 
-    images = copy_subset(cifar_mini_train, tmp_path / "images", classes=10, per_class=8)
-    ckpt = require_data("teachers", "cifar10-resnet56.th")
-    args = [str(images), None, "--teacher", "cifar_resnet56", "--checkpoint", str(ckpt), "-s", "16", "--top-k", "4",
+    if data == "generated":  # a seeded random ResNet-20 saved as the checkpoint
+        images, teacher = generated_images(tmp_path / "gen", classes=10, per_class=8), "cifar_resnet20"
+        ckpt = tmp_path / "random-resnet20.pt"
+        torch.save(random_teacher().state_dict(), ckpt)
+    else:
+        images, teacher = copy_subset(require_data("cifar10-mini", "train"), tmp_path / "images", 10, 8), "cifar_resnet56"
+        ckpt = require_data("teachers", "cifar10-resnet56.th")
+    args = [str(images), None, "--teacher", teacher, "--checkpoint", str(ckpt), "-s", "16", "--top-k", "4",
             "--values", "uint4", "--input-size", "32", "--chunk-images", "4", "--batch-size", "16", "--quiet"]
     killed, whole = tmp_path / "killed.zarr", tmp_path / "whole.zarr"
     cmd = [sys.executable, "-m", "hald_store", "build"]

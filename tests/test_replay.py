@@ -18,17 +18,14 @@ from hald_store.errors import HaldStoreError
 from hald_store.loader import replay_epoch
 from hald_train import TrainConfig, train
 
-from .conftest import agreeing, require_data
+from .conftest import agreeing, build_replay_store, require_data
 
 
 @pytest.fixture(scope="module")
 def replay_store(tmp_path_factory, resnet56):
     """cifar10-dc-ipc50 labelled by ResNet-56 with BatchNorm batch statistics and CutMix."""
     images = require_data("cifar10-dc-ipc50")
-    out = tmp_path_factory.mktemp("replay") / "r.zarr"
-    build_store(images, out, resnet56, crops_per_image=3, top_k=5, input_size=32, teacher_mode="train",
-                mix="cutmix", labelling_batch_size=64, progress=False)
-    return LabelStore.open(out), images
+    return build_replay_store(images, resnet56, tmp_path_factory.mktemp("replay") / "r.zarr"), images
 
 
 @pytest.mark.parametrize("mix", ["none", "cutmix", "mixup"])
@@ -52,10 +49,10 @@ def test_batch_plan_is_pure_and_complete(mix):
     assert not np.array_equal(a["members"][0], a["members"][1])
 
 
-def test_replay_reproduces_stored_labels(replay_store, resnet56):
+def test_replay_reproduces_stored_labels(replay_set):
     """Done-when of the issue: the teacher re-run in the same mode on replayed, re-mixed batches
     agrees with the stored top-1 on >= 99% of crops."""
-    store, images = replay_store
+    store, images, resnet56 = replay_set
     teacher = batch_stats_teacher(resnet56)
     loader = SoftLabelLoader(store, images, batch_size=64, seed=1)
     assert loader.replay and len(loader) == 8
