@@ -7,8 +7,7 @@ Names are imported on first use (PEP 562), so ``hald-train --help`` does not imp
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from hald_store.lazy import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -21,14 +20,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'hald_train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

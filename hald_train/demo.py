@@ -118,7 +118,15 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = QUICK, pr
     """Run every step into ``out`` and return the results (also written to ``out/summary.json``
     and ``out/summary.md``). Steps already finished there with the same settings are reused;
     ``fresh`` removes the demo's earlier outputs first. ``log`` receives one line per step."""
-    s, out, say = settings, Path(out), log or (lambda line: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: a second thread gains little, and on a busy machine it spin-waits
+    try:
+        return _run(Path(out), settings, progress, fresh, log or (lambda line: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, s: DemoSettings, progress: bool, fresh: bool, say: Callable[[str], None]) -> dict:
     t_start, seconds, reused = time.perf_counter(), {}, []
     _prepare(out, s, fresh, say)
     say(f"hald-demo: {s.teacher_epochs}-epoch teacher, {s.student_epochs}-epoch students; writing to {out.resolve()}")

@@ -51,7 +51,8 @@ def _commands():
 def test_every_flag_is_documented(name, command):
     """Each option of each command appears in the README in backticks (`--flag` or `-x/--flag`)."""
     missing = [max(p.opts, key=len) for p in command.params if isinstance(p, click.Option) and
-               not any(re.search(rf"`[^`]*(?<![\w-]){re.escape(o)}(?![\w-])[^`]*`", README) for o in p.opts)]
+               not any(re.search(rf"`[^`]*(?<![\w-]){re.escape(o)}(?![\w-])[^`]*`", README)
+                   for o in p.opts + p.secondary_opts)]
     assert not missing, f"{name}: undocumented flags {missing}"
 
 
