@@ -24,8 +24,8 @@ COMMANDS = {"hald-store --version": ["hald_store", "--version"], "hald-store --h
 
 def once(root: Path, args: list[str]) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", *args], env={**os.environ, "PYTHONPATH": str(root)}, check=True,
-                   capture_output=True)
+    subprocess.run([sys.executable, "-m", *args], env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, check=True,
+                   capture_output=True)  # cwd: `-m` puts the working directory first on sys.path
     return time.perf_counter() - t
 
 

@@ -1,9 +1,8 @@
 """The embedded end-to-end demo: generated scenes -> a teacher -> a label store -> students
 trained with ``shs`` and ``soft-only`` -> a table, a verdict and a plot. No downloads.
 
-Two sizes: :data:`QUICK` (the default; about 3 minutes on two busy CPU cores, measured in
-``docs/demo/summary.json``) and :data:`FULL` (``hald-demo --full``: 40-epoch teacher and
-students). Each step says what it does and where it writes; a step already finished in the
+Two sizes: :data:`QUICK` (the default: 12-epoch teacher and students; its measured time is in
+``docs/demo/summary.json``) and :data:`FULL` (``hald-demo --full``: 40 epochs each). Each step says what it does and where it writes; a step already finished in the
 output folder with the same settings is reused and said to be (``fresh=True`` /
 ``hald-demo --fresh`` starts over).
 
@@ -119,7 +118,7 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = QUICK, pr
     and ``out/summary.md``). Steps already finished there with the same settings are reused;
     ``fresh`` removes the demo's earlier outputs first. ``log`` receives one line per step."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: a second thread gains little, and on a busy machine it spin-waits
+    torch.set_num_threads(1)  # on a shared 2-core machine 2 threads were 10.5x slower (benchmarks/demo_time.py)
     try:
         return _run(Path(out), settings, progress, fresh, log or (lambda line: None))
     finally:
