@@ -43,6 +43,8 @@ def load_runs(root: Path = RESULTS) -> list[dict]:
     """Every logged run of every storage sweep (last line per key wins)."""
     runs: dict[tuple, dict] = {}
     for path in sorted(root.glob("storage-*/runs.jsonl")):
+        if "-curves-" in path.parent.name:  # single-seed reruns for learning curves, not replicates
+            continue
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
@@ -212,6 +214,42 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def curves(work: Path, path: Path) -> None:
+    """Test top-1 and training loss per epoch of the IPC 10, S = 16 collapse diagnostics (every
+    schedule run there with periodic evaluation), mean over the seeds that have the curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found: dict[str, list[list[dict]]] = {}
+    for metrics in sorted(work.glob("storage-ipc10*-e300/runs/s16-fp16-probs-*/metrics.jsonl")):
+        schedule = metrics.parent.name.removeprefix("s16-fp16-probs-").rsplit("-seed", 1)[0]
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if sum("val_top1" in r for r in rows) > 3 and "reference" not in str(metrics):
+            found.setdefault(schedule, []).append(rows)
+    if not found:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, (schedule, runs) in enumerate(sorted(found.items())):
+        epochs = sorted({r["epoch"] for run in runs for r in run if "val_top1" in r})
+        acc = [np.mean([r["val_top1"] for run in runs for r in run if r["epoch"] == e and "val_top1" in r]) for e in epochs]
+        top.plot(epochs, 100 * np.asarray(acc), "-o", ms=2, color=f"C{i}", label=f"{schedule} ({len(runs)} seed(s))")
+        loss = [np.mean([r["loss"] for run in runs for r in run if r["epoch"] == e]) for e in range(1, 301)]
+        bottom.semilogy(range(1, 301), loss, color=f"C{i}", lw=0.8)
+    for ax in (top, bottom):
+        ax.axvspan(75.5, 225.5, color="grey", alpha=0.12)
+        ax.grid(alpha=0.3)
+    top.set_ylabel("test top-1 (%)")
+    bottom.set_ylabel("training loss (KL or CE)")
+    bottom.set_xlabel("epoch (hard phase shaded)")
+    top.legend(fontsize=7)
+    top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(RESULTS), help="where the storage-*/runs.jsonl are")
@@ -226,6 +264,8 @@ def main() -> None:
     (OUT / "regimes.json").write_text(json.dumps({"rows": rows, "drift": drift}, indent=2))
     if drift:
         plot(rows, drift, OUT / "shs_vs_drift.png")
+    if args.stores:
+        curves(Path(args.stores), OUT / "collapse_curves.png")
     print(text)
 
 
