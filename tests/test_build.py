@@ -306,7 +306,7 @@ def test_unknown_format_version_and_non_store(tmp_path, small_folder, resnet20):
     build_store(small_folder, out, resnet20, **SMALL)
     g = zarr.open_group(str(out), mode="r+")
     g.attrs["hald_store"] = {**g.attrs["hald_store"], "format_version": 99}
-    with pytest.raises(StoreError, match="format version 99; this hald-store reads version 1"):
+    with pytest.raises(StoreError, match="format version 99; this hald-store reads versions 1, 2"):
         LabelStore.open(out)
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(StoreError, match="not a hald-store store"):
