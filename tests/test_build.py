@@ -64,7 +64,7 @@ def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
     # Attributes say how it was made.
     a = store.attrs
     assert a["teacher"]["name"] == "cifar_resnet20" and a["plan_seed"] == 0 and a["input_size"] == 32
-    assert a["codec"]["values"] == "uint8" and a["renderer"]["backend"] == "torchvision"
+    assert a["codec"]["name"] == "uint8" and a["renderer"]["backend"] == "torchvision"
 
 
 def test_rebuild_is_identical_and_resume_of_complete_store_is_noop(small_folder, tmp_path, resnet20):
@@ -327,7 +327,7 @@ def test_convert_reencodes_labels_and_keeps_crops(tmp_path, small_folder, resnet
     assert r.exit_code == 0, r.output
     assert "label bytes" in r.output and "B/crop" in r.output
     conv, ref = LabelStore.open(tmp_path / "conv.zarr"), LabelStore.open(direct)
-    assert conv.attrs["codec"] == ref.attrs["codec"] and conv.attrs["reencoded_from"]["values"] == "fp32"
+    assert conv.attrs["codec"] == ref.attrs["codec"] and conv.attrs["reencoded_from"]["name"] == "fp32"
     assert np.array_equal(conv.array("crops/box")[:], ref.array("crops/box")[:])
     i, s = np.divmod(np.arange(conv.num_crops), 3)
     a, b = conv.read(i, s), ref.read(i, s)
