@@ -36,6 +36,8 @@ still reads.
 ``uint4``  as uint8 with L = 15 and two codes per byte: ``codes`` uint8 ``(ceil((m-1)/2),)``;
            code ``2j`` is in the low nibble of byte j, code ``2j+1`` in its high nibble.
            Error <= scale/30 + fp16 rounding of the scale.
+``uint2``  as uint4 with L = 3 and four codes per byte, the first in the lowest two bits.
+           Error <= scale/6 + fp16 rounding of the scale.
 =========  ==========================================================================
 
 The ``codes`` field is always present for the integer codecs, with width 0 when m == 1.
@@ -311,6 +313,13 @@ class Uint4Codes(_ScaledCodes):
     """4-bit codes, two per byte (low nibble first): error <= scale/30 + fp16 rounding of the scale."""
 
     name, levels, bits = "uint4", 15, 4
+
+
+@register_value_codec
+class Uint2Codes(_ScaledCodes):
+    """2-bit codes, four per byte (lowest bits first): error <= scale/6 + fp16 rounding of the scale."""
+
+    name, levels, bits = "uint2", 3, 2
 
 
 _FORMAT1_VALUES = ("fp32", "fp16", "uint8", "uint4")  # what format-1 stores ("version": 1, "values": ...) name
