@@ -43,7 +43,8 @@ from .images import Manifest, check_image_root
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the label codec is recorded as {"name", "configuration"}
+READABLE_FORMAT_VERSIONS = (1, 2)
 ATTR_KEY = "hald_store"
 # Recorded by stores whose chunks all carry a checksum and are all written (fill values too).
 INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
@@ -330,10 +331,10 @@ class LabelStore:
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path!r} is a Zarr group but not a hald-store store (no '{ATTR_KEY}' attributes)")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise StoreError(
-                f"store {path!r} has format version {version!r}; this hald-store reads version "
-                f"{FORMAT_VERSION} only (upgrade hald-store, or rebuild the store)"
+                f"store {path!r} has format version {version!r}; this hald-store reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (upgrade hald-store, or rebuild the store)"
             )
         store = cls(group, path, storage_options)
         if not allow_incomplete and not store.complete:

@@ -17,24 +17,17 @@ import zarr
 from click.testing import CliRunner
 
 from hald_store import LabelStore, SoftLabelLoader, build_store
-from hald_store.cli import main
 from hald_store.errors import StoreError
 from hald_store.store import ATTR_KEY, default_compressor
 from hald_store.verify import check_integrity
 
-from .conftest import copy_subset, require_data
-
-SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
-             backend="torchvision", progress=False)
+from .conftest import SMALL, require_data, run_cli, tiny_store
 CHUNK = "labels/indices/c/1/0/0"  # the label chunk of block 1 (images 8..15)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, cifar_mini_train, resnet20):
-    root = tmp_path_factory.mktemp("integrity")
-    images = copy_subset(cifar_mini_train, root / "images", classes=3, per_class=8)
-    build_store(images, root / "good.zarr", resnet20, **SMALL)
-    return root / "good.zarr", images
+def built(tmp_path_factory, resnet20):
+    return tiny_store(tmp_path_factory.mktemp("integrity"), resnet20, classes=3, per_class=8, **SMALL)
 
 
 @pytest.fixture
@@ -56,10 +49,6 @@ TAMPER = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
     "zero-length": lambda p: p.write_bytes(b""),
 }
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("how", list(TAMPER))
@@ -116,7 +105,7 @@ def test_deleted_metadata_is_a_clear_error(store_copy, what):
     name = what.removesuffix("/zarr.json") if what.endswith("zarr.json") else "progress/block_done"
     for args in (["info", out], ["verify", out]):
         r = run_cli(*args)
-        assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+        assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
         assert f"has no array '{name}'" in r.output, r.output
         assert "Traceback" not in r.output
 
