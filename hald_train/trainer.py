@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -230,7 +231,12 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.exists():
             raise HaldStoreError(f"cannot resume: no {CHECKPOINT} in {str(self.out)!r}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:  # weights_only: tensors, dicts, lists, numbers and strings; a pickled object cannot run code
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            why = next((ln for ln in str(e).splitlines() if "unsupported" in ln.lower()), "")[:160]
+            raise HaldStoreError(f"cannot resume from {str(path)!r}: it holds objects other than tensors, numbers and "
+                                 f"strings ({why}); hald-train did not write it, and it was not loaded") from None
         diff = settings_diff(state["config"], self.config.settings())
         if diff:
             raise SettingsMismatchError(
