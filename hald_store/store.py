@@ -509,6 +509,7 @@ class LabelStore:
                 heights=a("images/height")[:],
                 widths=a("images/width")[:],
                 skipped=[dict(s) for s in self.settings.skipped],
+                source=f"store {self.path!r}",
             )
         return self._manifest
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 
+import numpy as np
 import pytest
 import torch
 
-from hald_store import LabelStore, build_store
-from hald_store.errors import HaldStoreError
+from hald_store import HardLabelLoader, LabelStore, SoftLabelLoader, build_store, scan_image_folder
+from hald_store.errors import HaldStoreError, ImageError, ManifestMismatchError, StoreError
+from hald_store.verify import check_integrity, verify_store
 from hald_train.trainer import TrainConfig, train
 
 BUILD = dict(num_classes=10, crops_per_image=2, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
@@ -52,3 +55,70 @@ def test_planted_checkpoint_runs_no_code(built, tmp_path):
     with pytest.raises(HaldStoreError, match="checkpoint.pt"):
         train(TrainConfig(**cfg), resume=True)
     assert not marker.exists()
+
+
+def _rewrite_paths(store_path, edits: dict[int, str]) -> None:
+    """Rewrite entries of ``images/path`` the way a hostile store would (checksums stay valid)."""
+    store = LabelStore.open(store_path, mode="r+")
+    paths = store.array("images/path")[:]
+    for i, p in edits.items():
+        paths[i] = p
+    store.array("images/path")[:] = paths
+
+
+@pytest.mark.parametrize("bad", ["../../outside.jpg", "/etc/passwd", "bird/../../outside.jpg", "bird//0001.jpg",
+                                 "./bird/0001.jpg", ""])
+def test_store_paths_outside_the_image_folder_are_refused(built, tmp_path, bad, resnet20):
+    store, root = built
+    (tmp_path / "outside.jpg").write_bytes(b"SECRET CONTENTS")
+    _rewrite_paths(store, {5: bad})
+    for open_it in (lambda: SoftLabelLoader(store, root, batch_size=8), lambda: HardLabelLoader(store, root),
+                    lambda: verify_store(store, root, resnet20, sample=4)):
+        with pytest.raises(StoreError, match=rf"store '.*s\.zarr': image path 5 \({re.escape(repr(bad))}\) is not a "
+                                             "normalized relative path") as e:
+            open_it()
+        assert "SECRET" not in str(e.value) and "\n" not in str(e.value)
+    report = check_integrity(store)
+    assert not report.passed and any("image path 5" in p for p in report.problems)
+
+
+def test_store_paths_through_a_linked_folder_or_file_are_refused(built, tmp_path):
+    store, root = built
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jpg").write_bytes(b"SECRET CONTENTS")
+    os.symlink(tmp_path / "elsewhere", root / "bird" / "sub")
+    _rewrite_paths(store, {3: "bird/sub/x.jpg"})
+    with pytest.raises(ManifestMismatchError, match=r"store '.*s\.zarr': image path\(s\) 'bird/sub/x\.jpg' lead "
+                                                    "outside their class folder") as e:
+        SoftLabelLoader(store, root, batch_size=8)
+    assert "SECRET" not in str(e.value)
+    os.symlink(root / "automobile" / "0000.jpg", root / "bird" / "dup.jpg")  # into another class
+    _rewrite_paths(store, {3: "bird/dup.jpg"})
+    with pytest.raises(ManifestMismatchError, match="'bird/dup.jpg' lead outside their class folder"):
+        HardLabelLoader(store, root)
+
+
+def test_scan_refuses_a_file_link_into_another_class_or_out_of_the_folder(small_folder, tmp_path):
+    link = small_folder / "bird" / "dup.jpg"
+    os.symlink(small_folder / "automobile" / "0000.jpg", link)
+    with pytest.raises(ImageError, match=r"'bird/dup\.jpg' link\(s\) to a file outside class folder 'bird'"):
+        scan_image_folder(small_folder, progress=False)
+    link.unlink()
+    os.symlink("0001.jpg", link)  # a link inside its own class folder is fine
+    assert len(scan_image_folder(small_folder, progress=False)) == 25
+    link.unlink()
+    os.symlink(small_folder / "automobile", small_folder / "cat")  # a class folder that is another class
+    with pytest.raises(ImageError, match="class folders 'automobile' and 'cat' are the same folder"):
+        scan_image_folder(small_folder, progress=False)
+
+
+def test_manifest_file_with_a_bad_path_is_refused(small_folder, tmp_path, resnet20):
+    scan_image_folder(small_folder, progress=False).save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        arrays = dict(z)
+    arrays["paths"] = arrays["paths"].astype(object)
+    arrays["paths"][2] = "../images/bird/0001.jpg"
+    np.savez(tmp_path / "m.npz", **{k: v.astype(str) if v.dtype == object else v for k, v in arrays.items()})
+    with pytest.raises(StoreError, match=r"manifest file '.*m\.npz': image path 2 \('\.\./images/bird/0001\.jpg'\)"):
+        build_store(small_folder, tmp_path / "s2.zarr", resnet20, manifest=tmp_path / "m.npz", **BUILD)
+    assert not (tmp_path / "s2.zarr").exists()
