@@ -18,8 +18,9 @@ chunk file per block, so a block is written by exactly one writer and a resumed 
 redoes only blocks whose ``block_done`` marker is missing.
 
 Every chunk carries a CRC32C checksum (Zarr's ``crc32c`` codec) and is written even when it
-holds only fill values, so a damaged or missing chunk is an error when read, never zeros
-(stores made before checksums, without the ``integrity`` attribute, are still read).
+holds only fill values, so a damaged or missing chunk is an error when read, never zeros. A
+store counts as checksummed when its arrays' own metadata lists the codec, whatever its root
+attributes say (stores made before checksums, without the codec, are still read).
 """
 
 from __future__ import annotations
@@ -273,12 +274,18 @@ class LabelStore:
         self._done_cache: np.ndarray | None = None
         self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
+        # every chunk carries a checksum and is written (older stores read the same, without these guarantees)
+        self.checksums = self.attrs.get("integrity") == INTEGRITY or self._crc32c_codec()
 
-    @property
-    def checksums(self) -> bool:
-        """Whether every chunk carries a checksum and every chunk is written (stores made since
-        checksums were introduced); older stores read the same, without these guarantees."""
-        return self.attrs.get("integrity") == INTEGRITY
+    def _crc32c_codec(self) -> bool:
+        """Whether the arrays' own metadata lists the crc32c codec (so deleting the ``integrity``
+        attribute does not turn damaged chunks into zeros)."""
+        for name in ("crops/box", "images/path"):
+            try:
+                return any(isinstance(c, Crc32cCodec) for c in self.group[name].metadata.codecs)
+            except Exception:  # a missing array is reported by whoever reads it
+                continue
+        return False
 
     def array(self, name: str) -> CheckedArray:
         """The array ``name`` (e.g. ``"labels/indices"``), opened once and cached; its reads
@@ -496,13 +503,23 @@ class LabelStore:
             )
 
     # ---------------------------------------------------------------- manifest
+    def check_classes(self, name: str, values: np.ndarray) -> np.ndarray:
+        """``values`` (class indices read from array ``name``), or a :class:`StoreError` naming the
+        store and the array when one lies outside ``[0, num_classes)``."""
+        if values.size and (int(values.min()) < 0 or int(values.max()) >= self.num_classes):
+            bad = int(values.min()) if int(values.min()) < 0 else int(values.max())
+            raise StoreError(f"store {self.path!r}: array {name!r} holds class index {bad}, outside [0, "
+                             f"{self.num_classes}) of this store: the store is damaged; rebuild it, or restore it "
+                             "from a copy")
+        return values
+
     def manifest(self) -> Manifest:
         """The images the store was built from (read once, then cached)."""
         if self._manifest is None:
             a = self.array
             self._manifest = Manifest(
                 paths=[str(p) for p in a("images/path")[:]],
-                labels=a("images/label")[:].astype(np.int64),
+                labels=self.check_classes("images/label", a("images/label")[:].astype(np.int64)),
                 class_names=self.class_names,
                 nbytes=a("images/nbytes")[:],
                 digests=a("images/blake2b")[:],
@@ -542,7 +559,9 @@ class LabelStore:
     def read_fields(self, images, seeds) -> dict[str, np.ndarray]:
         """Raw codec fields for crops ``(images[i], seeds[i])``."""
         images, seeds = self._coords(images, seeds)
-        return {name: self._gather(f"labels/{name}", images, seeds) for name in self.codec.fields()}
+        fields = {name: self._gather(f"labels/{name}", images, seeds) for name in self.codec.fields()}
+        self.check_classes("labels/indices", fields["indices"])
+        return fields
 
     def read(self, images, seeds) -> TopKLabels:
         """Decoded top-k labels for crops ``(images[i], seeds[i])``."""
@@ -572,6 +591,7 @@ class LabelStore:
             for name in names:
                 out[name][start:stop] = self.array(name)[start:stop][rows, seeds[start:stop]]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
+        self.check_classes("labels/indices", fields["indices"])
         return fields, out["crops/box"], out["crops/flip"]
 
     def block_shape(self, block: int) -> tuple[int, ...]:

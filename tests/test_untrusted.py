@@ -3,6 +3,7 @@ real images, a real trainer)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -122,3 +123,33 @@ def test_manifest_file_with_a_bad_path_is_refused(small_folder, tmp_path, resnet
     with pytest.raises(StoreError, match=r"manifest file '.*m\.npz': image path 2 \('\.\./images/bird/0001\.jpg'\)"):
         build_store(small_folder, tmp_path / "s2.zarr", resnet20, manifest=tmp_path / "m.npz", **BUILD)
     assert not (tmp_path / "s2.zarr").exists()
+
+
+def test_deleting_the_integrity_attribute_does_not_turn_damage_into_zeros(built):
+    store, _ = built
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["hald_store"]["integrity"]
+    (store / "zarr.json").write_text(json.dumps(meta))
+    chunk = store / LabelStore.open(store).array("labels/indices").chunk_key((1, 0, 0))
+    chunk.unlink()
+    opened = LabelStore.open(store)
+    assert opened.checksums
+    with pytest.raises(StoreError, match=r"array 'labels/indices' chunk \(1, 0, 0\) .* is missing"):
+        opened.read(np.arange(8, 16), np.zeros(8, np.int64))
+    assert not check_integrity(store).passed
+
+
+@pytest.mark.parametrize("array, value", [("labels/indices", 200), ("images/label", 12), ("images/label", -1)])
+def test_out_of_range_classes_in_a_crafted_store_are_damage(built, array, value):
+    store, root = built
+    arr = LabelStore.open(store, mode="r+").array(array)
+    if array == "labels/indices":
+        arr[3, :, 0] = value
+    else:
+        arr[3] = value
+    with pytest.raises(StoreError, match=rf"store '.*s\.zarr': array '{array}' holds class index {value}, outside "
+                                         r"\[0, 10\)") as e:
+        for _ in SoftLabelLoader(store, root, batch_size=8, shuffle=False).iter_epoch(1):
+            pass
+    assert "\n" not in str(e.value)
+    assert not check_integrity(store).passed
