@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from hald_store import HardLabelLoader, LabelStore, SoftLabelLoader, build_store, scan_image_folder
-from hald_store.errors import HaldStoreError, ImageError, ManifestMismatchError, StoreError
+from hald_store.errors import HaldStoreError, ImageError, LockError, ManifestMismatchError, StoreError
+from hald_store.safety import run_dir_lock, sibling, store_lock
 from hald_store.verify import check_integrity, verify_store
 from hald_train.trainer import TrainConfig, train
 
@@ -153,3 +154,45 @@ def test_out_of_range_classes_in_a_crafted_store_are_damage(built, array, value)
             pass
     assert "\n" not in str(e.value)
     assert not check_integrity(store).passed
+
+
+@pytest.mark.parametrize("kind", ["owner", "lock"])
+def test_planted_links_at_owner_and_lock_files_are_never_written_through(small_folder, tmp_path, resnet20, kind):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "s.zarr"
+    os.symlink(victim, sibling(out, kind))
+    if kind == "owner":  # removed like a killed holder's leftover: the link, not its target
+        build_store(small_folder, out, resnet20, **BUILD)
+        assert LabelStore.open(out).complete
+    else:
+        with pytest.raises(LockError, match=r"\.hald-store-lock-s\.zarr' is a symbolic link"):
+            build_store(small_folder, out, resnet20, **BUILD)
+    assert victim.read_text() == "precious"
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(victim, run / f".hald-train-{kind}")
+    if kind == "owner":
+        with run_dir_lock(run):
+            assert not (run / ".hald-train-owner").is_symlink()
+    else:
+        with pytest.raises(LockError, match=r"\.hald-train-lock' is a symbolic link"):
+            run_dir_lock(run).__enter__()
+    assert victim.read_text() == "precious"
+
+
+def test_a_store_is_locked_by_its_real_location_and_a_linked_store_is_not_written(built, tmp_path, resnet20,
+                                                                                  small_folder):
+    store, _ = built
+    os.symlink(tmp_path, tmp_path.parent / f"{tmp_path.name}-alias")
+    alias = tmp_path.parent / f"{tmp_path.name}-alias" / "s.zarr"  # the same store through a linked folder
+    with store_lock(store, False):
+        with pytest.raises(LockError, match=f"store '{alias}' is being written by pid {os.getpid()}"):
+            build_store(small_folder, alias, resnet20, resume=True, **BUILD)
+    link = tmp_path / "link.zarr"
+    os.symlink(store, link)
+    before = LabelStore.open(store).settings
+    with pytest.raises(LockError, match=r"store '.*link\.zarr' is a symbolic link \(to '.*s\.zarr'\).*pass its target"):
+        build_store(small_folder, link, resnet20, overwrite=True, **{**BUILD, "crops_per_image": 3})
+    assert link.is_symlink() and LabelStore.open(link).settings == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hald-store")) == []
