@@ -25,6 +25,8 @@ attributes say (stores made before checksums, without the codec, are still read)
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -51,6 +53,15 @@ INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
 # Attributes that describe the store but are not build settings (ignored by resume checks).
 _NON_SETTINGS = (*NOT_SETTINGS, "library_version")
 _WRITE_EMPTY = {"write_empty_chunks": True}  # a missing chunk then always means a lost one
+
+
+def store_identity(settings: StoreSettings) -> str:
+    """The content fingerprint of a store with these settings (which include the images' content
+    hashes, the teacher's weights, the codec and the crop plan): written as the ``identity``
+    attribute at creation, so every swap brings the new store's; readers and training checkpoints
+    compare it to notice a store rebuilt differently under the same path."""
+    d = {k: v for k, v in settings.to_dict().items() if k not in _NON_SETTINGS}
+    return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def default_compressor() -> BloscCodec:
@@ -271,6 +282,7 @@ class LabelStore:
             raise StoreError(f"store {path!r}: {e}") from e
         self.codec = self.settings.codec
         self.crop_policy = self.settings.crop_policy
+        self.identity: str = self.attrs.get("identity") or store_identity(self.settings)
         self._done_cache: np.ndarray | None = None
         self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
@@ -419,7 +431,7 @@ class LabelStore:
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=[Crc32cCodec()])
             g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **settings.to_dict(),
-                                 "integrity": INTEGRITY}
+                                 "integrity": INTEGRITY, "identity": store_identity(settings)}
             if not remote:
                 os.rename(tmp, path)
         except BaseException:
@@ -576,9 +588,31 @@ class LabelStore:
         images, seeds = self._coords(images, seeds)
         return self._gather("crops/box", images, seeds), self._gather("crops/flip", images, seeds)
 
+    def check_identity(self) -> None:
+        """Raise :class:`StoreError` if the store at this path is no longer the one opened (rebuilt or
+        converted with other settings or images, or removed): its labels would not match."""
+        try:
+            now = LabelStore(_open_group(self.path, "r", self.storage_options), self.path, self.storage_options).identity
+        except Exception as e:  # gone, mid-swap, or no longer a store
+            now = f"unreadable ({type(e).__name__})"
+        if now != self.identity:
+            raise StoreError(f"store {self.path!r} was replaced while in use (identity {self.identity} is now {now}): "
+                             "the labels read so far belong to the old store; restart with the new one")
+
     def read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i``, in one
-        sequential pass over the store (each chunk read once): how a loader fetches an epoch."""
+        sequential pass over the store (each chunk read once): how a loader fetches an epoch. The
+        store's identity is checked before and after (:meth:`check_identity`)."""
+        self.check_identity()
+        try:
+            out = self._read_one_crop_per_image(seeds)
+        except StoreError:
+            self.check_identity()  # a store swapped under the read looks damaged: say what happened
+            raise
+        self.check_identity()
+        return out
+
+    def _read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")

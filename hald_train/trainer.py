@@ -224,7 +224,7 @@ class Trainer:
         return {
             "epoch": self.epoch, "config": self.config.settings(), "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "store_identity": self.store.identity,
         }
 
     def _resume(self) -> None:
@@ -242,6 +242,10 @@ class Trainer:
             raise SettingsMismatchError(
                 f"cannot resume the run in {str(self.out)!r} with different settings:\n  " + "\n  ".join(diff)
             )
+        if state.get("store_identity", self.store.identity) != self.store.identity:
+            raise SettingsMismatchError(f"cannot resume the run in {str(self.out)!r}: store {self.config.store!r} is not "
+                                        "the one it trained on (rebuilt with other settings or images); use that "
+                                        "store, or start a new run")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

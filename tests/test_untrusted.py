@@ -3,6 +3,7 @@ real images, a real trainer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hald_store import HardLabelLoader, LabelStore, SoftLabelLoader, build_store, scan_image_folder
-from hald_store.errors import HaldStoreError, ImageError, LockError, ManifestMismatchError, StoreError
+from hald_store import HardLabelLoader, LabelStore, SoftLabelLoader, build_store, reencode_store, scan_image_folder
+from hald_store.errors import HaldStoreError, ImageError, LockError, ManifestMismatchError, SettingsMismatchError, StoreError
 from hald_store.safety import run_dir_lock, sibling, store_lock
 from hald_store.verify import check_integrity, verify_store
 from hald_train.trainer import TrainConfig, train
@@ -196,3 +197,32 @@ def test_a_store_is_locked_by_its_real_location_and_a_linked_store_is_not_writte
         build_store(small_folder, link, resnet20, overwrite=True, **{**BUILD, "crops_per_image": 3})
     assert link.is_symlink() and LabelStore.open(link).settings == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hald-store")) == []
+
+
+@pytest.mark.parametrize("how", ["build", "convert"])
+def test_a_store_replaced_under_a_running_loader_stops_it(built, tmp_path, small_folder, resnet20, how):
+    store, root = built
+    loader = SoftLabelLoader(store, root, batch_size=8)
+    assert len(list(loader.iter_epoch(0))) == 3
+    if how == "build":
+        build_store(small_folder, store, resnet20, overwrite=True, **{**BUILD, "top_k": 2})
+    else:
+        reencode_store(store, tmp_path / "copy.zarr", top_k=2, values="uint8", progress=False)
+        reencode_store(tmp_path / "copy.zarr", store, top_k=2, values="uint8", overwrite=True, progress=False)
+    with pytest.raises(StoreError, match=r"store '.*s\.zarr' was replaced while in use") as e:
+        for epoch in (1, 2):  # the next epoch may have been read ahead, from the old store
+            list(loader.iter_epoch(epoch))
+    assert "\n" not in str(e.value)
+
+
+def test_resume_refuses_a_store_rebuilt_with_other_settings(built, tmp_path, small_folder, resnet20):
+    store, root = built
+    cfg = TrainConfig(store=str(store), images=str(root), out_dir=str(tmp_path / "run"), student="cifar_resnet20",
+                      schedule="soft:2", batch_size=8, progress=False)
+    train(dataclasses.replace(cfg, stop_after=1))
+    build_store(small_folder, store, resnet20, overwrite=True, **{**BUILD, "top_k": 2})
+    with pytest.raises(SettingsMismatchError, match=r"store '.*s\.zarr' is not the one it trained on"):
+        train(cfg, resume=True)
+    build_store(small_folder, store, resnet20, overwrite=True, **BUILD)  # rebuilt as it was: resumes
+    train(cfg, resume=True)
+    assert (tmp_path / "run" / "model.pt").exists()
