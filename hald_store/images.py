@@ -2,8 +2,10 @@
 
 An image folder is laid out like torchvision's ``ImageFolder``: one sub-folder per class,
 class indices in sorted folder-name order. A :class:`Manifest` records, per image, its
-relative path, class, byte size, content hash (BLAKE2b-128) and pixel size; a store keeps
-it so that training can prove it reads the very files the labels were computed on.
+relative path, class, byte size, modification time, content hash (BLAKE2b-128) and pixel
+size; a store keeps it so that training can prove it reads the very files the labels were
+computed on: :func:`check_image_root` compares sizes and modification times (one ``stat``
+per file) and re-hashes only files whose time differs (or all, on request).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Manifest:
     digests: np.ndarray  # (N, 16) uint8 BLAKE2b-128 of the file
     heights: np.ndarray  # (N,) int32
     widths: np.ndarray  # (N,) int32
+    mtimes: np.ndarray | None = None  # (N,) int64 modification time in ns (None: unknown, older manifests)
     skipped: list[dict] = field(default_factory=list)  # [{'path': ..., 'error': ...}]
     inspected_here: int = field(default=0, compare=False)  # files this process read in its scan
     source: str = field(default="a manifest", compare=False)  # where it was read, for errors: "store '...'"
@@ -65,7 +68,8 @@ class Manifest:
         with open(tmp, "wb") as f:
             np.savez(f, format=MANIFEST_FORMAT, paths=np.array(self.paths, dtype=str), labels=self.labels,
                      class_names=np.array(self.class_names, dtype=str), nbytes=self.nbytes, digests=self.digests,
-                     heights=self.heights, widths=self.widths, skipped=json.dumps(self.skipped))
+                     heights=self.heights, widths=self.widths, skipped=json.dumps(self.skipped),
+                     **({} if self.mtimes is None else {"mtimes": self.mtimes}))
         os.replace(tmp, path)
 
     @classmethod
@@ -78,6 +82,7 @@ class Manifest:
                 return cls(paths=[str(p) for p in z["paths"]], labels=z["labels"].astype(np.int64),
                            class_names=[str(c) for c in z["class_names"]], nbytes=z["nbytes"], digests=z["digests"],
                            heights=z["heights"], widths=z["widths"], skipped=json.loads(str(z["skipped"])),
+                           mtimes=z["mtimes"].astype(np.int64) if "mtimes" in z.files else None,
                            source=f"manifest file {os.fspath(path)!r}")
         except (OSError, ValueError, KeyError) as e:
             raise ImageError(f"{os.fspath(path)!r} is not a manifest written by 'hald-store scan': {e}") from e
@@ -194,9 +199,15 @@ def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def _inspect(path: Path) -> tuple[int, bytes, int, int]:
-    """Read one file, hash it and fully decode it; returns (nbytes, digest, height, width)."""
-    data = path.read_bytes()
+def _read(path: Path) -> tuple[bytes, int]:
+    """A file's bytes and modification time (ns) of the very file read."""
+    with open(path, "rb") as f:
+        return f.read(), os.fstat(f.fileno()).st_mtime_ns
+
+
+def _inspect(path: Path) -> tuple[int, bytes, int, int, int]:
+    """Read one file, hash it and fully decode it; returns (nbytes, digest, height, width, mtime)."""
+    data, mtime = _read(path)
     digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
     with Image.open(io.BytesIO(data)) as img:
         if img.format not in DECODABLE_FORMATS:
@@ -204,14 +215,14 @@ def _inspect(path: Path) -> tuple[int, bytes, int, int]:
                              f"{', '.join(DECODABLE_FORMATS)} (convert it)")
         width, height = img.size
         img.load()  # a full decode catches truncated and corrupt files
-    return len(data), digest, height, width
+    return len(data), digest, height, width, mtime
 
 
-def _header(path: Path) -> tuple[int, bytes, int, int]:
-    """Read one file's header only: (nbytes, zero digest, height, width)."""
-    data = np.fromfile(path, dtype=np.uint8)
-    height, width = image_size(data)
-    return len(data), bytes(DIGEST_SIZE), height, width
+def _header(path: Path) -> tuple[int, bytes, int, int, int]:
+    """Read one file's header only: (nbytes, zero digest, height, width, mtime)."""
+    data, mtime = _read(path)
+    height, width = image_size(np.frombuffer(data, dtype=np.uint8))
+    return len(data), bytes(DIGEST_SIZE), height, width, mtime
 
 
 def scan_image_folder(
@@ -267,6 +278,7 @@ def scan_image_folder(
         digests=np.frombuffer(b"".join(r[1] for r in info), dtype=np.uint8).reshape(-1, DIGEST_SIZE).copy(),
         heights=np.array([r[2] for r in info], dtype=np.int32),
         widths=np.array([r[3] for r in info], dtype=np.int32),
+        mtimes=np.array([r[4] for r in info], dtype=np.int64),
         skipped=skipped,
         inspected_here=len(mine),
         source=f"image folder {str(root)!r}",
@@ -274,9 +286,13 @@ def scan_image_folder(
 
 
 def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
-    """Raise :class:`ManifestMismatchError` unless ``root`` holds the manifest's files.
+    """Raise :class:`ManifestMismatchError` naming the files unless ``root`` holds the manifest's.
 
-    Sizes are always compared; ``check_hashes`` also re-hashes every file (slower).
+    One ``stat`` per file: sizes are compared, and so are modification times where the manifest
+    has them; a file whose time differs (a copy, or a replaced file) is re-hashed and accepted
+    only if its content is unchanged (its new time is then remembered). ``check_hashes``
+    re-hashes every file (slower). Files without a recorded hash (``verify=False`` scans) that
+    changed time count as changed.
     """
     root = Path(root)
     if not root.is_dir():
@@ -285,27 +301,30 @@ def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashe
     if outside:
         raise ManifestMismatchError(f"{manifest.source}: image path(s) {preview(map(repr, outside))} lead outside their "
                                     f"class folder in {str(root)!r} through a link; they were not opened")
-    missing, changed = [], []
+    stats = np.full((len(manifest), 2), -1, dtype=np.int64)  # size, mtime
     for i, rel in enumerate(manifest.paths):
-        path = root / rel
         try:
-            size = path.stat().st_size
+            st = os.stat(os.path.join(root, rel))
         except OSError:
-            missing.append(rel)
             continue
-        if size != manifest.nbytes[i]:
-            changed.append(rel)
-        elif check_hashes:
-            digest = hashlib.blake2b(path.read_bytes(), digest_size=DIGEST_SIZE).digest()
-            if digest != manifest.digests[i].tobytes():
-                changed.append(rel)
-    if missing or changed:
-        parts = []
-        for label, items in (("missing", missing), ("changed", changed)):
-            if items:
-                parts.append(f"{len(items)} {label} ({preview(items)})")
+        stats[i] = st.st_size, st.st_mtime_ns
+    missing = stats[:, 0] < 0
+    changed = ~missing & (stats[:, 0] != manifest.nbytes)
+    rehash = ~missing & ~changed
+    if not check_hashes:
+        rehash &= np.zeros(len(manifest), bool) if manifest.mtimes is None else stats[:, 1] != manifest.mtimes
+    for i in np.flatnonzero(rehash):
+        digest = hashlib.blake2b((root / manifest.paths[i]).read_bytes(), digest_size=DIGEST_SIZE).digest()
+        changed[i] = digest != manifest.digests[i].tobytes() or not manifest.digests[i].any()
+    if manifest.mtimes is not None:
+        verified = rehash & ~changed
+        manifest.mtimes[verified] = stats[verified, 1]
+    if missing.any() or changed.any():
+        parts = [f"{int(mask.sum())} {label} ({preview(manifest.paths[i] for i in np.flatnonzero(mask))})"
+                 for label, mask in (("missing", missing), ("changed", changed)) if mask.any()]
         raise ManifestMismatchError(
             f"image root {str(root)!r} does not match the images recorded in {manifest.source}: {'; '.join(parts)}"
+            " (changed: other size, or other content; the labels would not match these pixels)"
         )
 
 

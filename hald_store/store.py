@@ -7,6 +7,7 @@ Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
     images/label   (N,)       int32   hard label (class index)
     images/nbytes  (N,)       int64   file size in bytes
     images/blake2b (N, 16)    uint8   BLAKE2b-128 of the file
+    images/mtime_ns (N,)      int64   modification time in ns (absent in older stores: unknown)
     images/height, images/width (N,) int32
     crops/box      (N, S, 4)  int32   (top, left, height, width) in image pixels
     crops/flip     (N, S)     bool    horizontal flip
@@ -320,6 +321,7 @@ class LabelStore:
     def array_names(self) -> list[str]:
         """Every array a store of this kind holds."""
         names = [f"images/{k}" for k in ("path", "label", "nbytes", "blake2b", "height", "width")]
+        names += ["images/mtime_ns"] if "images/mtime_ns" in self.group else []
         names += ["crops/box", "crops/flip"] + [f"labels/{k}" for k in self.codec.fields()]
         if self.batch_mode:
             names += [f"batches/{k}" for k in ("members", "perm", "lam", "box")]
@@ -414,6 +416,8 @@ class LabelStore:
             put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
+            if manifest.mtimes is not None:
+                put("images/mtime_ns", manifest.mtimes.astype(np.int64), (ci,))
             box = g.create_array("crops/box", shape=(n, s, 4), dtype=np.int32, chunks=(ci, s, 4),
                                  compressors=default_codecs(), config=_WRITE_EMPTY)
             flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_codecs(),
@@ -537,6 +541,7 @@ class LabelStore:
                 digests=a("images/blake2b")[:],
                 heights=a("images/height")[:],
                 widths=a("images/width")[:],
+                mtimes=a("images/mtime_ns")[:] if "images/mtime_ns" in self.group else None,
                 skipped=[dict(s) for s in self.settings.skipped],
                 source=f"store {self.path!r}",
             )

@@ -8,12 +8,13 @@ import json
 import os
 import pickle
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from hald_store import HardLabelLoader, LabelStore, SoftLabelLoader, build_store, reencode_store, scan_image_folder
+from hald_store import HardLabelLoader, LabelStore, Manifest, SoftLabelLoader, build_store, reencode_store, scan_image_folder
 from hald_store.errors import HaldStoreError, ImageError, LockError, ManifestMismatchError, SettingsMismatchError, StoreError
 from hald_store.safety import run_dir_lock, sibling, store_lock
 from hald_store.verify import check_integrity, verify_store
@@ -226,3 +227,50 @@ def test_resume_refuses_a_store_rebuilt_with_other_settings(built, tmp_path, sma
     build_store(small_folder, store, resnet20, overwrite=True, **BUILD)  # rebuilt as it was: resumes
     train(cfg, resume=True)
     assert (tmp_path / "run" / "model.pt").exists()
+
+
+def _replace_keeping_size(path) -> None:
+    """Another image of the same byte size (one byte of its compressed data changed), written later."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mtime = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+
+
+def test_an_image_replaced_by_one_of_the_same_size_is_caught_at_load_and_each_epoch(built):
+    store, root = built
+    assert LabelStore.open(store).manifest().mtimes is not None
+    target = root / "bird" / "0001.jpg"
+    os.utime(target, ns=(1, 1))  # touched (a copy): same content, other time: accepted after a hash
+    loader = SoftLabelLoader(store, root, batch_size=8)
+    assert len(list(loader.iter_epoch(0))) == 3
+    _replace_keeping_size(target)
+    with pytest.raises(ManifestMismatchError, match=r"does not match the images recorded in store '.*s\.zarr': 1 "
+                                                    r"changed \(bird/0001\.jpg\)") as e:
+        list(loader.iter_epoch(1))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ManifestMismatchError, match=r"1 changed \(bird/0001\.jpg\)"):
+        HardLabelLoader(store, root)
+
+
+def test_stores_and_manifests_without_times_are_still_read(built, tmp_path, small_folder):
+    store, root = built
+    shutil.rmtree(store / "images" / "mtime_ns")  # as written before times were recorded
+    old = LabelStore.open(store)
+    assert old.manifest().mtimes is None and check_integrity(store).passed
+    assert len(list(SoftLabelLoader(old, root, batch_size=8).iter_epoch(0))) == 3
+    scan_image_folder(small_folder, progress=False).save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "mtimes"}
+    np.savez(tmp_path / "m.npz", **arrays)
+    assert Manifest.load(tmp_path / "m.npz").mtimes is None
+
+
+def test_build_with_a_stale_manifest_is_refused(small_folder, tmp_path, resnet20):
+    scan_image_folder(small_folder, progress=False).save(tmp_path / "m.npz")
+    _replace_keeping_size(small_folder / "automobile" / "0003.jpg")
+    with pytest.raises(ManifestMismatchError, match=r"the images recorded in manifest file '.*m\.npz': 1 changed "
+                                                    r"\(automobile/0003\.jpg\)"):
+        build_store(small_folder, tmp_path / "s2.zarr", resnet20, manifest=tmp_path / "m.npz", **BUILD)
+    assert not (tmp_path / "s2.zarr").exists()
