@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -234,9 +235,10 @@ class Trainer:
         try:  # weights_only: tensors, dicts, lists, numbers and strings; a pickled object cannot run code
             state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError as e:
-            why = next((ln for ln in str(e).splitlines() if "unsupported" in ln.lower()), "")[:160]
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))
             raise HaldStoreError(f"cannot resume from {str(path)!r}: it holds objects other than tensors, numbers and "
-                                 f"strings ({why}); hald-train did not write it, and it was not loaded") from None
+                                 f"strings{f' ({what[1]})' if what else ''}; hald-train did not write it, and it was "
+                                 "not loaded") from None
         diff = settings_diff(state["config"], self.config.settings())
         if diff:
             raise SettingsMismatchError(
