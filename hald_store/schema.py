@@ -27,7 +27,7 @@ __all__ = ["TEACHER_MODES", "check_choice", "TeacherInfo", "RenderSpec", "Labell
 
 TEACHER_MODES = ("eval", "train")  # train: BatchNorm on each labelling batch's statistics
 # Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
-NOT_SETTINGS = ("format", "format_version", "integrity")
+NOT_SETTINGS = ("format", "format_version", "integrity", "identity")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:

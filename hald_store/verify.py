@@ -108,6 +108,11 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
                                        f"{store.num_classes}-class store: the chunk is damaged")
                 _damaged(report, block)
     report.arrays += 1  # progress/block_done, read above
+    try:  # the image paths are what a loader would open
+        store.manifest()
+    except StoreError as e:
+        report.problems.append(str(e))
+        report.only_label_damage = False
     return report
 
 

@@ -8,6 +8,7 @@ disk, a sync tool or a careless `rm` would, and checks that readers, loaders, `i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -154,7 +155,13 @@ def test_verify_modes_and_image_hashes(built, tmp_path, cifar_mini_train):
     _flip(swapped / "bird" / "0002.jpg")
     r = run_cli("verify", good, swapped)
     assert r.exit_code == 1 and "1 changed (bird/0002.jpg)" in r.output, r.output
+    r = run_cli("verify", good, swapped, "--no-check-hashes")  # its modification time gives it away
+    assert r.exit_code == 1 and "1 changed (bird/0002.jpg)" in r.output, r.output
+    manifest = LabelStore.open(good).manifest()
+    recorded = int(manifest.mtimes[manifest.paths.index("bird/0002.jpg")])
+    os.utime(swapped / "bird" / "0002.jpg", ns=(recorded, recorded))  # a forger who keeps the time: only hashes see it
     assert run_cli("verify", good, swapped, "--no-check-hashes").exit_code == 0
+    assert run_cli("verify", good, swapped).exit_code == 1
     r = run_cli("verify", good, swapped, "--deep", "--teacher", "cifar_resnet20", "--checkpoint", ckpt)
     assert r.exit_code == 1 and "bird/0002.jpg" in r.output
     # flags that need --deep, and bad numbers
