@@ -1,8 +1,8 @@
-"""Fixed names and defaults the library accepts (codecs, mixes, teacher modes, normalization),
+"""Fixed names and defaults the library accepts (mixes, teacher modes, normalization),
 importable without torch so that the CLIs build their options and ``--help`` quickly. The
-modules that use them (``codec``, ``mixing``, ``schema``, ``render``) re-export them."""
+modules that use them (``mixing``, ``schema``, ``render``) re-export them. Value codecs are a
+registry (``codec.VALUE_CODECS``), which the CLI reads on first use."""
 
-VALUE_CODECS = ("fp32", "fp16", "uint8", "uint4")
 MIXES = ("none", "cutmix", "mixup")
 TEACHER_MODES = ("eval", "train")  # train: BatchNorm on each labelling batch's statistics
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -12,8 +12,22 @@ import sys
 
 import click
 
-from .choices import IMAGENET_MEAN, IMAGENET_STD, MIXES, TEACHER_MODES, VALUE_CODECS
+from .choices import IMAGENET_MEAN, IMAGENET_STD, MIXES, TEACHER_MODES
 from .errors import HaldStoreError, StoreError
+
+
+class _ValueCodecs(click.Choice):
+    """``--values``: the registered value codecs, looked up when first needed (the registry
+    imports torch), so that ``hald-store --help`` and ``--version`` do not."""
+
+    def __init__(self) -> None:
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from .codec import VALUE_CODECS
+
+        return tuple(VALUE_CODECS)
 
 
 def flag_message(error: HaldStoreError, command: click.Command) -> str:
@@ -101,7 +115,7 @@ def main() -> None:
 @click.option("--crops-per-image", "-s", type=int, default=None, help="Stored crops per image.")
 @click.option("--slc", type=int, default=None, help="Soft labels per class (instead of --crops-per-image).")
 @click.option("--top-k", type=int, default=5, help="Classes kept per crop.")
-@click.option("--values", type=click.Choice(VALUE_CODECS), default="uint8", help="How the logit gaps are stored.")
+@click.option("--values", type=_ValueCodecs(), default="uint8", help="How the logit gaps are stored.")
 @click.option("--temperature", type=float, default=20.0, help="Build temperature (the rest-class mass is exact at it).")
 @click.option("--input-size", type=int, default=224, help="Side of the square crops fed to the teacher.")
 @click.option("--scale", type=float, nargs=2, default=(0.08, 1.0), help="RandomResizedCrop area range MIN MAX.")
@@ -280,7 +294,7 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
 @click.argument("src", type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--top-k", type=int, required=True, help="Classes kept per crop (at most the source's).")
-@click.option("--values", type=click.Choice(VALUE_CODECS), required=True, help="How the logit gaps are stored.")
+@click.option("--values", type=_ValueCodecs(), required=True, help="How the logit gaps are stored.")
 @click.option("--overwrite", is_flag=True, help="Replace DST.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @_friendly_errors
@@ -302,7 +316,7 @@ def convert(src, dst, top_k, values, overwrite, quiet) -> None:
 @click.argument("out_store", type=click.Path())
 @click.option("--num-classes", type=int, default=None, help="Expected label width [default: the files' width].")
 @click.option("--top-k", type=int, default=5, help="Classes kept per crop.")
-@click.option("--values", type=click.Choice(VALUE_CODECS), default="uint8", help="How the logit gaps are stored.")
+@click.option("--values", type=_ValueCodecs(), default="uint8", help="How the logit gaps are stored.")
 @click.option("--temperature", type=float, default=20.0, help="Temperature T of the reference softmax(logits / T).")
 @click.option("--input-size", type=int, default=224, help="Side of the square crops the labels were made on.")
 @_normalization_options
