@@ -237,7 +237,7 @@ def _info_lines(i: dict) -> list[str]:
 @click.option("--repair", is_flag=True,
               help="Mark the blocks of damaged label chunks unfinished, for `build --resume` to rewrite.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar during --deep.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar during --deep (--json: none either).")
 @_friendly_errors
 def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_init, sample, seed, batch_size, device, temperature,
            min_agreement, check_hashes, repair, as_json, quiet) -> None:
@@ -277,7 +277,7 @@ def verify(store, images_dir, deep, teacher, checkpoint, num_classes, random_ini
         model = _load_teacher(teacher, checkpoint, num_classes or opened.num_classes, random_init)
         report = verify_store(opened, images_dir, model, sample=sample, seed=seed, batch_size=batch_size,
                               device=device, temperature=temperature, min_agreement=min_agreement,
-                              check_hashes=False, progress=not quiet)  # images just checked
+                              check_hashes=False, progress=not (quiet or as_json))  # images just checked
         result.update(report.to_dict())
         lines.append(str(report))
         passed = report.passed
