@@ -99,7 +99,7 @@ def test_scan_once_then_build_from_the_manifest(small_folder, tmp_path, resnet20
     assert_stores_equal(scanned, reused)
     (tmp_path / "junk.npz").write_bytes(b"not a manifest")
     r = run_cli("build", str(small_folder), str(tmp_path / "c.zarr"), "--teacher", "cifar_resnet20", "-s", "2", "--random-init",
-                "--manifest", str(tmp_path / "junk.npz"))
+                "--top-k", "3", "--manifest", str(tmp_path / "junk.npz"))  # top-k 5 of 3 classes fails first
     assert r.exit_code == 1 and "junk.npz' is not a manifest written by 'hald-store scan'" in r.output
     next(small_folder.rglob("*.jpg")).unlink()
     with pytest.raises(ManifestMismatchError, match="1 missing"):
