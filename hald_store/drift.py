@@ -186,13 +186,12 @@ def _histograms(report: DriftReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stats = report.stats()
-    fig, axes = plt.subplots(1, len(stats), figsize=(4.5 * len(stats), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(stats), figsize=(4.5 * len(stats), 3.5), squeeze=False, layout="constrained")
     for ax, (name, values) in zip(axes[0], stats.items()):
         ax.hist(values, bins=min(50, max(10, len(values) // 20)), color="tab:blue")
         ax.set(xlabel=f"per-image {name}", ylabel="images", title=f"{name} (T={report.temperature:g})")
     fig.suptitle(f"{Path(report.store).name}: {len(report.labels):,} images x {report.crops_per_image} crops",
                  fontsize=9)
-    fig.tight_layout()
     _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
@@ -229,20 +228,19 @@ def _gallery(report: DriftReport, store: LabelStore, images: Path, path: Path) -
     renderer = store.render_spec.renderer(device="cpu")
     pixels = renderer.render_uint8(read_files(_image_files(store, images, ids)), boxes, flips).cpu().numpy()
     idx, probs, _ = store.read(ids, seeds).topk_probs(report.temperature)
+
     def name(c: int) -> str:  # a teacher may have more outputs than the store has class folders
         return report.class_names[c][:14] if c < len(report.class_names) else f"class {c}"
 
     cols = min(8, len(ids))
     rows = -(-len(ids) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.8 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for j, ax in enumerate(axes.flat[: len(ids)]):
         ax.imshow(pixels[j])
         top3 = "\n".join(f"{name(c)} {p:.2f}" for c, p in zip(idx[j, :3].tolist(), probs[j, :3].tolist()))
-        ax.set_title(f"#{ids[j]}/{seeds[j]} class {name(report.labels[ids[j]])}\n{top3}", fontsize=7)
-    fig.suptitle(f"most drifting crops (image/crop, T={report.temperature:g}; top-3 of the stored label)", fontsize=9)
-    fig.tight_layout()
+        ax.set_title(f"image {ids[j]} crop {seeds[j]}: {name(report.labels[ids[j]])}\n{top3}", fontsize=7)
     _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
