@@ -16,7 +16,6 @@ Results: ``benchmarks/results/drift-scale[-quick].json`` and a table. Reads hit 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -27,9 +26,9 @@ from typing import Any
 import torch
 
 from common import busy_cpu_seconds
-from scale import BUILD_DEFAULTS, RESULTS, SYNTHETIC_NOTE, disk_usage, in_child, peak_rss_mib, write_phase
+from scale import BUILD_DEFAULTS, RESULTS, SYNTHETIC_NOTE, disk_usage, in_child, peak_rss_mib, save_results, write_phase
 
-from hald_store import LabelStore, __version__
+from hald_store import LabelStore
 from hald_store.drift import measure_drift
 
 
@@ -98,23 +97,13 @@ def main() -> None:
     busy0, own0 = busy_cpu_seconds()
     t0 = time.perf_counter()
     runs = [run_one(args, n) for n in args.num_images]
-    wall = time.perf_counter() - t0
-    busy1, own1 = busy_cpu_seconds()
-    other = max(busy1 - busy0 - (own1 - own0), 0.0)
     print(f"\n  {'records':>12} {'store MiB':>10} {'drift s':>8} {'records/s':>11} {'RSS open':>9} {'RSS peak':>9} "
           f"{'load 1m':>8}")
     for r in runs:
         d = r["drift"]
         print(f"  {r['records']:>12,} {r['disk']['bytes'] / 2**20:>10,.0f} {d['wall_s']:>8.1f} {d['records_per_s']:>11,.0f} "
               f"{d['peak_rss_mib_after_open']:>8,.0f}M {d['peak_rss_mib']:>8,.0f}M {r['load_before_drift'][0]:>8.2f}")
-    print(f"\nwall time {wall:.0f} s; CPU used by this benchmark {own1 - own0:.0f} s, by other processes {other:.0f} s "
-          f"(of {wall * os.cpu_count():.0f} CPU-s available)")
-    out = {"synthetic": True, "note": SYNTHETIC_NOTE, "settings": {k: v for k, v in vars(args).items() if k != "json"},
-           "cpus": os.cpu_count(), "own_cpu_s": own1 - own0, "other_processes_cpu_s": other,
-           "library_version": __version__, "wall_s": wall, "runs": runs}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {args.json}")
+    save_results(args, runs, t0, busy0, own0)
 
 
 if __name__ == "__main__":
