@@ -62,23 +62,30 @@ class DriftReport:
     top_crops: np.ndarray  # (n, 3) float64 rows (image, crop seed, score), most drifting first
     notes: list[str] = field(default_factory=list)
 
+    def class_name(self, c: int) -> str:
+        """The name of class ``c`` (a teacher may have more outputs than the store has class folders)."""
+        return self.class_names[c] if c < len(self.class_names) else f"class {c}"
+
     def stats(self) -> dict[str, np.ndarray]:
         """The defined per-image statistics by name."""
         return {k: v for k in STATS if (v := getattr(self, k)) is not None}
 
     def summary(self) -> dict[str, Any]:
         """``{"overall": ..., "per_class": {name: ...}}``: images, and mean/median/p90 per statistic."""
+        stats = self.stats()
+
         def describe(rows: np.ndarray) -> dict[str, Any]:
-            out: dict[str, Any] = {"images": int(rows.sum())}
-            for name, values in self.stats().items():
+            out: dict[str, Any] = {"images": len(rows)}
+            for name, values in stats.items():
                 v = values[rows]
-                out[name] = ({"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.quantile(v, 0.9))}
-                             if v.size else None)
+                out[name] = {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.quantile(v, 0.9))}
             return out
 
-        return {"overall": describe(np.ones(len(self.labels), bool)),
-                "per_class": {name: describe(self.labels == c) for c, name in enumerate(self.class_names)
-                              if (self.labels == c).any()}}
+        order = np.argsort(self.labels, kind="stable")
+        groups = np.split(order, np.cumsum(np.bincount(self.labels))[:-1])
+        return {"overall": describe(order),
+                "per_class": {self.class_name(c): describe(rows)
+                              for c, rows in enumerate(groups) if len(rows)}}
 
     def to_dict(self) -> dict[str, Any]:
         """What ``drift.json`` holds (per-image rows go to ``drift_per_image.csv``)."""
@@ -229,9 +236,6 @@ def _gallery(report: DriftReport, store: LabelStore, images: Path, path: Path) -
     pixels = renderer.render_uint8(read_files(_image_files(store, images, ids)), boxes, flips).cpu().numpy()
     idx, probs, _ = store.read(ids, seeds).topk_probs(report.temperature)
 
-    def name(c: int) -> str:  # a teacher may have more outputs than the store has class folders
-        return report.class_names[c][:14] if c < len(report.class_names) else f"class {c}"
-
     cols = min(8, len(ids))
     rows = -(-len(ids) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.8 * rows), squeeze=False, layout="constrained")
@@ -239,8 +243,8 @@ def _gallery(report: DriftReport, store: LabelStore, images: Path, path: Path) -
         ax.axis("off")
     for j, ax in enumerate(axes.flat[: len(ids)]):
         ax.imshow(pixels[j])
-        top3 = "\n".join(f"{name(c)} {p:.2f}" for c, p in zip(idx[j, :3].tolist(), probs[j, :3].tolist()))
-        ax.set_title(f"image {ids[j]} crop {seeds[j]}: {name(report.labels[ids[j]])}\n{top3}", fontsize=7)
+        top3 = "\n".join(f"{report.class_name(c)[:14]} {p:.2f}" for c, p in zip(idx[j, :3].tolist(), probs[j, :3].tolist()))
+        ax.set_title(f"image {ids[j]} crop {seeds[j]}: {report.class_name(report.labels[ids[j]])[:14]}\n{top3}", fontsize=7)
     _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
