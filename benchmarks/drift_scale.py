@@ -101,7 +101,8 @@ def main() -> None:
           f"{'load 1m':>8}")
     for r in runs:
         d = r["drift"]
-        print(f"  {r['records']:>12,} {r['disk']['bytes'] / 2**20:>10,.0f} {d['wall_s']:>8.1f} {d['records_per_s']:>11,.0f} "
+        print(f"  {r['records']:>12,} {r['disk']['bytes'] / 2**20:>10,.0f} {d['wall_s']:>8.1f} "
+              f"{d['records_per_s']:>11,.0f} "
               f"{d['peak_rss_mib_after_open']:>8,.0f}M {d['peak_rss_mib']:>8,.0f}M {r['load_before_drift'][0]:>8.2f}")
     save_results(args, runs, t0, busy0, own0)
 

@@ -213,7 +213,8 @@ def _image_files(store: LabelStore, images: Path, ids: np.ndarray) -> list[Path]
     for i in ids:
         path = (root / manifest.paths[i]).resolve()
         if not path.is_relative_to(root):
-            raise ImageError(f"store {store.path!r}: manifest path {manifest.paths[i]!r} leaves the image root {str(images)!r}")
+            raise ImageError(f"store {store.path!r}: manifest path {manifest.paths[i]!r} leaves the image root "
+                             f"{str(images)!r}")
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -243,8 +244,9 @@ def _gallery(report: DriftReport, store: LabelStore, images: Path, path: Path) -
         ax.axis("off")
     for j, ax in enumerate(axes.flat[: len(ids)]):
         ax.imshow(pixels[j])
-        top3 = "\n".join(f"{report.class_name(c)[:14]} {p:.2f}" for c, p in zip(idx[j, :3].tolist(), probs[j, :3].tolist()))
-        ax.set_title(f"image {ids[j]} crop {seeds[j]}: {report.class_name(report.labels[ids[j]])[:14]}\n{top3}", fontsize=7)
+        top3 = [f"{report.class_name(c)[:14]} {p:.2f}" for c, p in zip(idx[j, :3].tolist(), probs[j, :3].tolist())]
+        title = f"image {ids[j]} crop {seeds[j]}: {report.class_name(report.labels[ids[j]])[:14]}"
+        ax.set_title("\n".join([title, *top3]), fontsize=7)
     _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from click.testing import CliRunner
 from PIL import Image
 
 from hald_store import CropPolicy, LabelStore, build_store
 from hald_store.cli import main
 from hald_store.drift import S1_NOTE, measure_drift, write_drift
-from hald_store.errors import StoreError
+from hald_store.errors import ImageError, StoreError
 
 from .conftest import copy_subset, require_data
 
@@ -102,8 +105,8 @@ def test_planted_distractors_drift_more(images, resnet20, tmp_path):
     clean, mixed = lossless(images, tmp_path / "clean"), planted(images, tmp_path / "planted")
     reports = {}
     for name, root in (("clean", clean), ("planted", mixed)):
-        build_store(root, tmp_path / f"{name}.zarr", resnet20, crops_per_image=8, crop_policy=CropPolicy(scale=(0.6, 1)),
-                    **SMALL)  # the same crop windows in both stores
+        build_store(root, tmp_path / f"{name}.zarr", resnet20, crops_per_image=8,
+                    crop_policy=CropPolicy(scale=(0.6, 1)), **SMALL)  # the same crop windows in both stores
         reports[name] = measure_drift(tmp_path / f"{name}.zarr", temperature=1.0, progress=False)
     a, b = reports["clean"], reports["planted"]
     np.testing.assert_array_equal(a.labels, b.labels)
@@ -157,7 +160,19 @@ def test_cli_writes_summary_table_plots_and_gallery(store, images, tmp_path):
 
 def test_cli_bad_input_is_one_line(store, tmp_path):
     result = CliRunner().invoke(main, ["drift", store.path, "--out", str(tmp_path / "o"), "-T", "0"])
-    assert result.exit_code == 1 and "--temperature must be a finite number > 0, got 0.0" in result.output and len(result.output.splitlines()) == 1
+    assert result.exit_code == 1 and len(result.output.splitlines()) == 1
+    assert "--temperature must be a finite number > 0, got 0.0" in result.output
     assert not (tmp_path / "o").exists()
     result = CliRunner().invoke(main, ["drift", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_gallery_refuses_manifest_paths_outside_the_image_root(store, images, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store.path, copy)
+    zarr.open_group(str(copy), mode="r+")["images/path"][0] = "../../outside.jpg"
+    report = replace(measure_drift(copy, top=1, progress=False), top_crops=np.array([[0.0, 0.0, 1.0]]))
+    with pytest.raises(ImageError, match=r"manifest path '../../outside.jpg' leaves the image root"):
+        write_drift(report, tmp_path / "out", images)
+    assert not (tmp_path / "out" / "drift_gallery.png").exists()
+    assert (tmp_path / "out" / "drift.json").exists()  # what was written before stays
