@@ -17,7 +17,7 @@ from PIL import Image
 from hald_store import CropPolicy, LabelStore, build_store
 from hald_store.cli import main
 from hald_store.drift import S1_NOTE, measure_drift, write_drift
-from hald_store.errors import ImageError, StoreError
+from hald_store.errors import StoreError
 
 from .conftest import copy_subset, require_data
 
@@ -168,11 +168,12 @@ def test_cli_bad_input_is_one_line(store, tmp_path):
 
 
 def test_gallery_refuses_manifest_paths_outside_the_image_root(store, images, tmp_path):
+    report = measure_drift(store.path, top=1, progress=False)
+    write_drift(report, tmp_path / "out")  # drift.json and friends, no gallery yet
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store.path, copy)
     zarr.open_group(str(copy), mode="r+")["images/path"][0] = "../../outside.jpg"
-    report = replace(measure_drift(copy, top=1, progress=False), top_crops=np.array([[0.0, 0.0, 1.0]]))
-    with pytest.raises(ImageError, match=r"manifest path '../../outside.jpg' leaves the image root"):
-        write_drift(report, tmp_path / "out", images)
+    with pytest.raises(StoreError, match=r"image path 0 \('../../outside.jpg'\) is not a normalized relative path"):
+        write_drift(replace(report, store=str(copy), top_crops=np.array([[0.0, 0.0, 1.0]])), tmp_path / "out", images)
     assert not (tmp_path / "out" / "drift_gallery.png").exists()
     assert (tmp_path / "out" / "drift.json").exists()  # what was written before stays
