@@ -43,6 +43,10 @@ class TeacherOutputError(HaldStoreError):
     """The teacher produced NaN/Inf or an output of the wrong width."""
 
 
+class TrainingDivergedError(HaldStoreError):
+    """A training loss became NaN or infinite."""
+
+
 class LockError(HaldStoreError):
     """Another process is writing the same store or run directory."""
 
@@ -54,9 +58,26 @@ def check_positive_finite(name: str, value: float | None) -> None:
 
 
 def check_at_least(name: str, value: int | float | None, low: int | float) -> None:
-    """Raise :class:`OptionError` unless ``value`` (the parameter ``name``) is None or ``>= low``."""
-    if value is not None and not value >= low:
-        raise OptionError(f"{name} must be >= {low}, got {value}", name)
+    """Raise :class:`OptionError` unless ``value`` (the parameter ``name``) is None or a finite ``>= low``."""
+    if value is not None and not (value >= low and math.isfinite(value)):
+        kind = "a finite number " if isinstance(value, float) else ""
+        raise OptionError(f"{name} must be {kind}>= {low}, got {value}", name)
+
+
+def check_in_range(name: str, value: float | None, low: float, high: float, high_open: bool = True) -> None:
+    """Raise :class:`OptionError` unless ``value`` (the parameter ``name``) is None or in
+    ``[low, high)`` (``[low, high]`` with ``high_open=False``); NaN is never in range."""
+    if value is not None and not (low <= value < high if high_open else low <= value <= high):
+        raise OptionError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}", name)
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's SeedSequence both take it
+
+
+def check_seed(name: str, value: int | None) -> None:
+    """Raise :class:`OptionError` unless ``value`` (the parameter ``name``) is None or a whole number in [0, 2**63 - 1]."""
+    if value is not None and not (isinstance(value, int) and 0 <= value <= SEED_MAX):
+        raise OptionError(f"{name} must be a whole number from 0 to 2**63 - 1, got {value}", name)
 
 
 def preview(items: Iterable[Any], limit: int = 5) -> str:
