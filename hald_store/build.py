@@ -273,7 +273,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
         todo = writer.todo()
         stream = open_stream(renderer, [root / p for p in manifest.paths], manifest.heights, manifest.widths,
                              batch_size=c.batch_size if plan is None else plan.batch_size, workers=c.workers,
-                             cache_decoded=c.cache_decoded)
+                             cache_decoded=c.cache_decoded, digests=manifest.digests)
         if plan is not None:
             batches = _recorded_batches(store, stream, todo)
             if c.teacher_mode == "train":

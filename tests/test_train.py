@@ -569,3 +569,23 @@ def test_the_end_of_a_run_is_a_human_summary(tiny, tmp_path):
     assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
     q = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "q"), "-q"])
     assert q.exit_code == 0 and len(q.output.splitlines()) == 2 and str(tmp_path / "q" / "model.pt") in q.output
+
+
+def test_an_image_replaced_by_random_bytes_is_one_line_not_a_segfault(tmp_path, resnet20):
+    """DALI 2.4 crashes the process (SIGSEGV, in 3 of 4 runs before the fix) when one image of a
+    60-image batch fails to decode; the loader now checks the files' hashes before DALI sees them."""
+    pytest.importorskip("nvidia.dali", reason="the crash is DALI's")
+    root = copy_subset(require_data("cifar10-mini", "train"), tmp_path / "images", classes=10, per_class=7)
+    build_store(root, tmp_path / "s.zarr", resnet20, crops_per_image=1, top_k=4, input_size=32, progress=False)
+    bad = sorted((root / "airplane").iterdir())[5]
+    stat = bad.stat()
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, stat.st_size, dtype=np.uint8).tobytes())
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same time: only the content changed
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for run in range(3):
+        proc = subprocess.run([sys.executable, "-m", "hald_train", str(tmp_path / "s.zarr"), str(root), "--out",
+                               str(tmp_path / f"run{run}"), "--schedule", "soft:2", "--batch-size", "60",
+                               "--workers", "1", "--backend", "dali", "-q"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr and "changed since the store was built" in proc.stderr
