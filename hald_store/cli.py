@@ -14,7 +14,7 @@ from .build import BuildConfig, build_store
 from .codec import VALUE_CODECS
 from .convert import reencode_store
 from .crop_plan import CropPolicy
-from .errors import HaldStoreError, StoreError
+from .errors import HaldStoreError, StoreError, environment_failure
 from .images import class_names, scan_image_folder
 from .importer import import_reference
 from .mixing import MIXES
@@ -43,18 +43,31 @@ def flag_message(error: HaldStoreError, command: click.Command) -> str:
     return message
 
 
+_OUTPUTS = ("out_store", "out_dir", "dst", "manifest", "store")  # the parameters naming what a command writes
+
+
 def _friendly_errors(fn):
-    """Turn library errors into a one-line ``Error: ...`` (parameters named as flags) and exit status 1."""
+    """Turn library errors and environment failures (full disk, read-only file system, too many
+    open files, out of memory) into a one-line ``Error: ...`` (parameters named as flags), exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (OSError, MemoryError) as e:
+            failure = environment_failure(e, next((str(kwargs[k]) for k in _OUTPUTS if kwargs.get(k)), None))
+            if failure is None:
+                raise
+            raise click.ClickException(_message(failure)) from e
         except HaldStoreError as e:
-            ctx = click.get_current_context(silent=True)
-            raise click.ClickException(str(e) if ctx is None else flag_message(e, ctx.command)) from e
+            raise click.ClickException(_message(e)) from e
 
     return wrapper
+
+
+def _message(error: HaldStoreError) -> str:
+    ctx = click.get_current_context(silent=True)
+    return str(error) if ctx is None else flag_message(error, ctx.command)
 
 
 def _teacher_options(required: bool):

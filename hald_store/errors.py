@@ -1,5 +1,6 @@
 """Exceptions raised by hald-store. Every message names the thing that is wrong."""
 
+import errno
 import math
 from typing import Any, Iterable
 
@@ -49,6 +50,33 @@ class TrainingDivergedError(HaldStoreError):
 
 class LockError(HaldStoreError):
     """Another process is writing the same store or run directory."""
+
+
+class EnvironmentFailure(HaldStoreError):
+    """The machine failed an operation: disk full, read-only file system, too many open files, out of memory."""
+
+
+_ENVIRONMENT = {
+    errno.ENOSPC: "no space left on the device of {path}: free space there or write to another disk",
+    errno.EDQUOT: "disk quota exceeded writing {path}: free space there or write to another disk",
+    errno.EROFS: "{path} is on a read-only file system: write to a writable location",
+    errno.EMFILE: "too many open files (at {path}): raise the limit (ulimit -n) or use fewer workers",
+    errno.ENFILE: "the system ran out of open files (at {path}): close other programs or use fewer workers",
+}
+
+
+def environment_failure(exc: BaseException, path: str | None = None) -> EnvironmentFailure | None:
+    """A one-line :class:`EnvironmentFailure` for a full disk, read-only file system, too many
+    open files or ``MemoryError`` (``path``: what was being written when the error names no file);
+    None for any other exception."""
+    if isinstance(exc, MemoryError):
+        return EnvironmentFailure(f"out of memory{f' writing {path}' if path else ''}: lower batch_size or workers, "
+                                  "or run where more memory is free; finished work is kept", "batch_size", "workers")
+    template = _ENVIRONMENT.get(getattr(exc, "errno", None)) if isinstance(exc, OSError) else None
+    if template is None:
+        return None
+    where = exc.filename or exc.filename2 or path or "the output"
+    return EnvironmentFailure(template.format(path=repr(str(where))) + "; finished work is kept", "workers")
 
 
 def check_positive_finite(name: str, value: float | None) -> None:

@@ -17,6 +17,7 @@ moves a staged store into place: an existing store at ``out`` survives until the
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import ExitStack
 from typing import Callable
 
@@ -26,7 +27,8 @@ from .distributed import DistContext
 from .errors import ManifestMismatchError, SettingsMismatchError
 from .images import Manifest
 from .schema import StoreSettings
-from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
+from .safety import sibling
+from .store import LabelStore, check_output, finish_output, is_remote, output_lock, prepare_output
 
 __all__ = ["StoreWriter", "BlockAssembler"]
 
@@ -72,7 +74,9 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self.store is not None:
+            if exc_type is not None and not self.resumable and self.ranks.is_main and not is_remote(self.out):
+                shutil.rmtree(sibling(self.out, "new"), ignore_errors=True)  # it cannot be resumed: leave nothing
+            elif exc_type is None and self.store is not None:
                 self.ranks.barrier()  # every rank's blocks are on disk
                 if self.ranks.is_main and LabelStore.open(self.target, allow_incomplete=True,
                                                           storage_options=self.storage_options).complete:
