@@ -124,7 +124,7 @@ class DaliStream(CropStream):
     def decoded(self) -> list[np.ndarray] | np.ndarray:
         """Every image decoded (HWC uint8), once: the cache of ``cache_decoded`` (one
         ``(N, H, W, 3)`` array when all images have the same size). The files are read here and,
-        given ``digests`` (the manifest's BLAKE2b-128), checked before DALI sees them: DALI 2.4
+        given ``digests`` (the manifest's BLAKE2b-128; rows of zeros are not checked), checked before DALI sees them: DALI 2.4
         often crashes the process (SIGSEGV) when one image of a large batch fails to decode."""
         if self._decoded is None:
             data = read_files(self.files)
@@ -144,8 +144,9 @@ class DaliStream(CropStream):
     def _check_digests(self, data: list[np.ndarray]) -> None:
         if self.digests is None:
             return
-        changed = [self.files[i] for i, d in enumerate(data)
-                   if hashlib.blake2b(d, digest_size=DIGEST_SIZE).digest() != bytes(self.digests[i])]
+        known = np.flatnonzero(np.asarray(self.digests).any(axis=1))  # zeros: not recorded (a header-only scan)
+        changed = [self.files[i] for i in known
+                   if hashlib.blake2b(data[i], digest_size=DIGEST_SIZE).digest() != bytes(self.digests[i])]
         if changed:
             raise ImageError(f"{len(changed)} image file(s) changed since the store was built (their content differs "
                              f"from the manifest's hash): {preview(changed)}; restore them or rebuild the store")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 # The files of a finished run directory (beside checkpoint.pt)
@@ -23,9 +24,9 @@ def hard_spans(curve: list[dict]) -> list[tuple[float, float]]:
     return spans
 
 
-def plot_learning_curve(rows: list[dict], path: str | Path, schedule: str) -> None:
-    """Draw training loss and (where evaluated) validation top-1 per epoch of metrics ``rows``
-    into the PNG ``path``, hard phases shaded."""
+def learning_curve_png(rows: list[dict], schedule: str) -> bytes:
+    """A PNG of training loss and (where evaluated) validation top-1 per epoch of metrics ``rows``,
+    hard phases shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,8 +47,10 @@ def plot_learning_curve(rows: list[dict], path: str | Path, schedule: str) -> No
         bx.set_ylabel("val top-1 (%)", color="C2")
     ax.set_title(f"hald-train {schedule}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    return png.getvalue()
 
 
 def format_summary(final: dict, out_dir: str | Path, seconds: float, quiet: bool = False,

@@ -3,6 +3,7 @@ per-epoch checkpoints with exact resume, metrics as JSON lines."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
 from .optim import lr_factor, make_optimizer
-from .report import CURVE, FINAL, METRICS, MODEL, plot_learning_curve
+from .report import CURVE, FINAL, METRICS, MODEL, learning_curve_png
 from .schedule import Schedule, parse_schedule
 
 CHECKPOINT = "checkpoint.pt"
@@ -159,11 +160,27 @@ def evaluate(model: nn.Module, loader: EvalLoader, amp: bool = False) -> dict[st
     return {"top1": top1 / n, "top5": top5 / n}
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write ``path`` as ``write(tmp)`` then a rename: a kill leaves the old file or the new one, never a part."""
+def _atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a kill leaves the old file
+    or the new one, never a part; a failed write (full disk) leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
+
+
+def _serialized(obj: Any) -> bytes:
+    """``torch.save(obj)`` as bytes (written to disk by :func:`_atomic`, whose full-disk error is an OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -364,7 +381,7 @@ class Trainer:
                     f.write(json.dumps(last) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-                _atomic(checkpoint, lambda tmp: torch.save(self._state(), tmp))
+                _atomic(checkpoint, _serialized(self._state()))
             self.ranks.barrier()
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "train_top1", "val_top1") if k in last} | {"kind": last["kind"]})
             bar.update()
@@ -380,16 +397,15 @@ class Trainer:
         keep = [r for r in rows if r["epoch"] <= self.epoch]
         text = path.read_text() if path.exists() else ""
         if keep != rows or not text.endswith("\n") and text:
-            _atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
+            _atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
         return keep
 
     def _finish(self, last: dict) -> None:
         """Write ``model.pt``, the learning curve and, last, ``final.json`` (each atomically)."""
-        _atomic(self.out / MODEL, lambda tmp: torch.save(self.net.state_dict(), tmp))
-        _atomic(self.out / CURVE, lambda tmp: plot_learning_curve(read_metrics(self.out / METRICS), tmp,
-                                                                   str(self.schedule)))
+        _atomic(self.out / MODEL, _serialized(self.net.state_dict()))
+        _atomic(self.out / CURVE, learning_curve_png(read_metrics(self.out / METRICS), str(self.schedule)))
         final = {"schedule": str(self.schedule), **last, **self._best()}
-        _atomic(self.out / FINAL, lambda tmp: tmp.write_text(json.dumps(final, indent=2)))
+        _atomic(self.out / FINAL, json.dumps(final, indent=2).encode())
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Train a student as ``config`` says (see :class:`Trainer`)."""

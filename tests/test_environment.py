@@ -99,11 +99,13 @@ def test_full_disk_is_one_line_and_a_build_resumes_elsewhere_intact(small_folder
     assert LabelStore.open(store).complete  # the source is untouched
 
 
-def test_full_disk_during_training_is_one_line(tmpfs, store, small_folder):
-    disk = full_disk(tmpfs, free=4 << 10)  # room for the lock, not for a checkpoint
+@pytest.mark.parametrize("free", [4 << 10, 16 << 10])  # no room for the owner file / for a checkpoint
+def test_full_disk_during_training_is_one_line(tmpfs, store, small_folder, free):
+    disk = full_disk(tmpfs, free=free)
     r = CliRunner().invoke(train_cli, [str(store), str(small_folder), "--out", str(disk / "run"), "--schedule",
                                        "soft:1", "--batch-size", "8", "--backend", "torchvision", "-q"])
     one_line_error(r, "no space left on the device of", str(disk / "run"))
+    assert not [p.name for p in (disk / "run").iterdir() if p.suffix == ".tmp"]
 
 
 def test_read_only_file_system_is_one_line(tmpfs, store, small_folder):

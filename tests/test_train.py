@@ -417,28 +417,43 @@ def test_config_errors_name_parameters_and_the_cli_names_flags(tmp_path):
 
 
 # ------------------------------------------------------------- the run's ends, kills
-# Trains in a real process that kills itself (SIGKILL) at an exact point: when it opens the
-# n-th FILE for appending, or after it wrote the first 11 bytes of the n-th torch.save to FILE.
+# Trains in a real process that kills itself (SIGKILL) at an exact point: when it opens the n-th
+# FILE for appending, or once it wrote the first 11 bytes of the n-th FILE it writes whole
+# (through open(), or torch.save to a path).
 KILLED_RUN = """
 import builtins, json, os, signal, sys, torch
 from hald_train import TrainConfig, train
 config, target, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 seen = [0]
 def hit(path):
-    if os.path.basename(str(path)).startswith(target):
+    if isinstance(path, (str, os.PathLike)) and os.path.basename(path).startswith(target):
         seen[0] += 1
         return seen[0] == n
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+class Dies:
+    def __init__(self, f):
+        self.f = f
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def write(self, data):
+        self.f.write(data[:11])
+        self.f.flush()
+        die()
 real_open, real_save = builtins.open, torch.save
-def append(file, mode="r", *args, **kw):
+def open_(file, mode="r", *args, **kw):
     if "a" in mode and hit(file):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_open(file, mode, *args, **kw)
+        die()
+    f = real_open(file, mode, *args, **kw)
+    return Dies(f) if "w" in mode and hit(file) else f
 def save(obj, f, *args, **kw):
     real_save(obj, f, *args, **kw)
     if hit(f):
         os.truncate(f, 11)
-        os.kill(os.getpid(), signal.SIGKILL)
-builtins.open, torch.save = append, save
+        die()
+builtins.open, torch.save = open_, save
 train(TrainConfig(**config))
 """
 
