@@ -54,15 +54,23 @@ def _friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (OSError, MemoryError) as e:
-            failure = environment_failure(e, next((str(kwargs[k]) for k in _OUTPUTS if kwargs.get(k)), None))
-            if failure is None:
+        except (OSError, MemoryError, HaldStoreError) as e:
+            path = next((str(kwargs[k]) for k in _OUTPUTS if kwargs.get(k)), None)
+            failure = next(filter(None, (environment_failure(c, path) for c in _causes(e))), None)
+            if failure is None and not isinstance(e, HaldStoreError):
                 raise
-            raise click.ClickException(_message(failure)) from e
-        except HaldStoreError as e:
-            raise click.ClickException(_message(e)) from e
+            raise click.ClickException(_message(failure or e)) from e
 
     return wrapper
+
+
+def _causes(error: BaseException):
+    """``error`` and the exceptions it was raised from (a store error caused by a full disk is the full disk)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def _message(error: HaldStoreError) -> str:

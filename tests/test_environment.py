@@ -4,6 +4,7 @@ a build too large for the machine): one line naming the path and what to do, not
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -139,3 +140,21 @@ def test_convert_from_a_damaged_source_leaves_no_staging_folder(store, tmp_path)
 def test_environment_failures_name_the_path_and_what_to_do(exc, words):
     assert words in str(environment_failure(exc, "/out"))
     assert environment_failure(OSError(errno.ENOENT, "No such file"), "/out") is None  # not the machine's fault
+
+
+def test_too_many_open_files_is_one_line_naming_the_store(store, tmp_path):
+    """Under a real open-file limit (no descriptor left), not "not a Zarr group"."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    results = []
+    for args in (["info", str(store)], ["convert", str(store), str(tmp_path / "c.zarr"), "--top-k", "2", "--values",
+                                        "uint8", "-q"]):
+        lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new descriptor must be below the limit
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+        try:
+            results.append(CliRunner().invoke(main, args))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for r in results:
+        one_line_error(r, f"too many open files (at '{store}", "raise the limit (ulimit -n)")
