@@ -17,10 +17,7 @@ from hald_store.cli import main
 from hald_store.errors import environment_failure
 from hald_train.cli import main as train_cli
 
-from .conftest import require_data
-
-SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
-             backend="torchvision", progress=False)
+from .conftest import SMALL, require_data
 
 
 @pytest.fixture
