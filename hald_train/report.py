@@ -31,11 +31,13 @@ def learning_curve_png(rows: list[dict], schedule: str) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for lo, hi in hard_spans(rows):
         ax.axvspan(lo, hi, color="C1", alpha=0.12, lw=0)
     ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows], color="C0", marker=".", label="training loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (shaded: hard-label phase)")
     ax.set_ylabel("training loss", color="C0")
     ax.grid(alpha=0.3)
@@ -69,7 +71,7 @@ def format_summary(final: dict, out_dir: str | Path, seconds: float, quiet: bool
     if quiet:
         return "\n".join(lines + [head, f"{acc}; model {out / MODEL}"])
     lines += [head,
-              f"schedule    {final['schedule']} (phases: soft = teacher's soft labels, hard = labels with CutMix)",
+              f"schedule    {final['schedule']} (soft: the store's soft labels; hard: hard labels with CutMix)",
               f"accuracy    {acc}",
               f"last epoch  {final['kind']}, loss {final['loss']:.4f}, train top-1 {100 * final['train_top1']:.2f}%",
               f"model       {out / MODEL}",
