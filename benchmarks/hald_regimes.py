@@ -141,7 +141,7 @@ def table(rows: list[dict], drift: dict[str, dict] | None = None) -> str:
     """The regime table in Markdown (drift columns when measured)."""
     drift = drift or {}
     head = ("| data | labels | S | steps/epoch | schedule | top-1 | soft-only | hard-only | vs better control "
-            "(95% interval) | drift tr(Σ) | off-class crops |")
+            "(95% interval) | drift tr(Σ), T=1 | off-class crops |")
     lines = [head, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
         dr = drift.get(regime_name(r), {})
@@ -161,33 +161,39 @@ def regime_name(r: dict) -> str:
 
 
 def measure_drifts(rows: list[dict], stores: Path) -> dict[str, dict]:
-    """Drift summaries of each regime's full store under ``stores`` (cached in ``OUT/drift``)."""
+    """Drift of each regime's full store under ``stores`` at T = 1 (the teacher's own softmax,
+    as the reference's LVSD) and at the store's T, cached in ``OUT/drift``. A reference-label
+    store holds mixed crops, whose drift is undefined: it gets its eval-label sibling's (same
+    images, crops and teacher)."""
     from hald_store.drift import measure_drift
 
     out = {}
     (OUT / "drift").mkdir(parents=True, exist_ok=True)
     for r in rows:
-        name = regime_name(r)
+        name = regime_name({**r, "labels": "eval"})
         cache = OUT / "drift" / f"{name}.json"
-        if not cache.exists():
-            suffix = "" if r["labels"] == "eval" else f"-{r['labels']}-labels"
-            store = stores / f"storage-{r['dataset']}{suffix}-e300" / "stores" / f"s{r['crops_per_image']}-full.zarr"
-            if not store.exists():
-                continue
-            cache.write_text(json.dumps(measure_drift(store).summary(), indent=2))
-        out[name] = json.loads(cache.read_text())
+        store = stores / f"storage-{r['dataset']}-e300" / "stores" / f"s{r['crops_per_image']}-full.zarr"
+        if not cache.exists() and store.exists():
+            t1, ts = measure_drift(store, temperature=1.0, progress=False), measure_drift(store, progress=False)
+            cache.write_text(json.dumps({"T=1": t1.summary()["overall"], "store T": ts.summary()["overall"],
+                                         "store_temperature": ts.temperature, "notes": t1.notes}, indent=2))
+        if cache.exists():
+            d = json.loads(cache.read_text())["T=1"]
+            out[regime_name(r)] = {"tr_cov_mean": d.get("tr_cov", {}).get("mean"),
+                                   "off_class_mean": d["off_class"]["mean"],
+                                   "off_majority_mean": d["off_majority"]["mean"]}
     return out
 
 
 def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
-    """shs (and variants) minus the better control against the regime's measured drift."""
+    """shs (and variants) minus the better control against the regime's measured drift (T = 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, stat, label in ((axes[0], "tr_cov_mean", "mean per-image drift tr(Σ) of stored crops"),
+    for ax, stat, label in ((axes[0], "tr_cov_mean", "mean per-image drift tr(Σ) of stored crops (T = 1)"),
                             (axes[1], "off_class_mean", "share of stored crops whose top-1 is not the class")):
         for i, schedule in enumerate(sorted({r["schedule"] for r in rows})):
             pts = [(drift[regime_name(r)].get(stat), r) for r in rows
@@ -257,8 +263,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = regimes(load_runs(Path(args.results)))
     OUT.mkdir(parents=True, exist_ok=True)
-    drift = measure_drifts(rows, Path(args.stores)) if args.stores else {
-        p.stem: json.loads(p.read_text()) for p in sorted((OUT / "drift").glob("*.json"))}
+    drift = measure_drifts(rows, Path(args.stores or "/nonexistent"))  # cached measurements without --stores
     text = table(rows, drift)
     (OUT / "regimes.md").write_text(text + "\n")
     (OUT / "regimes.json").write_text(json.dumps({"rows": rows, "drift": drift}, indent=2))

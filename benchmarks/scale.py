@@ -352,6 +352,11 @@ def main() -> None:
         print_table(table(res))
     if args.compare_chunking:
         print_comparison(results)
+    save_results(args, results, t0, busy0, own0)
+
+
+def save_results(args: argparse.Namespace, runs: list[dict[str, Any]], t0: float, busy0: float, own0: float) -> None:
+    """Print the wall time and the CPU other processes took since ``t0``; write ``args.json``."""
     wall = time.perf_counter() - t0
     busy1, own1 = busy_cpu_seconds()
     other = max(busy1 - busy0 - (own1 - own0), 0.0)
@@ -360,7 +365,7 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     out = {"synthetic": True, "note": SYNTHETIC_NOTE, "settings": settings, "cpus": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "own_cpu_s": own1 - own0, "other_processes_cpu_s": other,
-           "library_version": __version__, "wall_s": wall, "runs": results}
+           "load_avg_at_end": os.getloadavg(), "library_version": __version__, "wall_s": wall, "runs": runs}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {args.json}")

@@ -14,6 +14,7 @@ from .build import BuildConfig, build_store
 from .codec import VALUE_CODECS
 from .convert import reencode_store
 from .crop_plan import CropPolicy
+from .drift import measure_drift, write_drift
 from .errors import HaldStoreError, StoreError, environment_failure
 from .images import class_names, scan_image_folder
 from .importer import import_reference
@@ -301,6 +302,22 @@ def import_(labels_dir, images_dir, out_store, quiet, **options) -> None:
     """Import reference soft labels (LABELS_DIR/epoch_<e>.tar, SRe2L/LPLD/HALD layout) of IMAGES_DIR into OUT_STORE."""
     summary = import_reference(labels_dir, images_dir, out_store, progress=not quiet, **options)
     click.echo(str(summary))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False), required=False)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for drift.json, the CSV and PNGs.")
+@click.option("--temperature", "-T", type=float, default=None, help="Softmax temperature [default: the store's].")
+@click.option("--top", type=int, default=16, help="Most drifting crops kept (and drawn with IMAGES_DIR).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_friendly_errors
+def drift(store, images_dir, out, temperature, top, quiet) -> None:
+    """Per-image drift of STORE's crop labels (trace of their covariance, off-class and off-majority
+    top-1 shares) into --out; with IMAGES_DIR, a gallery of the --top most drifting crops."""
+    report = measure_drift(store, temperature=temperature, top=top, progress=not quiet)
+    written = write_drift(report, out, images_dir)
+    click.echo(f"{report}\nwrote {', '.join(p.name for p in written)} to {out}")
 
 
 if __name__ == "__main__":
