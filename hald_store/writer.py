@@ -74,8 +74,11 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is not None and not self.resumable and self.ranks.is_main and not is_remote(self.out):
-                shutil.rmtree(sibling(self.out, "new"), ignore_errors=True)  # it cannot be resumed: leave nothing
+            if exc_type is not None and self.ranks.is_main and not is_remote(self.out):
+                # a half-made creation is never resumed, nor is a non-resumable writer's staged store
+                staged = [sibling(self.out, "tmp"), sibling(sibling(self.out, "new"), "tmp")]
+                for path in staged + ([] if self.resumable else [sibling(self.out, "new")]):
+                    shutil.rmtree(path, ignore_errors=True)
             elif exc_type is None and self.store is not None:
                 self.ranks.barrier()  # every rank's blocks are on disk
                 if self.ranks.is_main and LabelStore.open(self.target, allow_incomplete=True,
