@@ -88,7 +88,7 @@ class CropLoader:
         self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
-                                              workers=workers, cache_decoded=cache_decoded)
+                                              workers=workers, cache_decoded=cache_decoded, digests=manifest.digests)
 
     @property
     def device(self) -> torch.device:
