@@ -20,7 +20,7 @@ from .importer import import_reference
 from .mixing import MIXES
 from .models import load_teacher
 from .render import IMAGENET_MEAN, IMAGENET_STD
-from .schema import TEACHER_MODES
+from .schema import LAYOUTS, TEACHER_MODES
 from .store import LabelStore
 from .verify import check_integrity, reopen_damaged_blocks, verify_store
 
@@ -125,6 +125,9 @@ def main() -> None:
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="block",
+              help="sharded: one file per chunk of images, an inner chunk per crop seed; an epoch reads ~1/S of the "
+                   "labels, each rank only its chunks (per-crop labels only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")

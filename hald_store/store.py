@@ -15,7 +15,11 @@ Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
 
 Label arrays are chunked ``(chunk_images, S, ...)`` and compressed with Blosc/zstd: one
 chunk file per block, so a block is written by exactly one writer and a resumed build
-redoes only blocks whose ``block_done`` marker is missing.
+redoes only blocks whose ``block_done`` marker is missing. With the ``"sharded"`` layout
+(attribute ``layout``) the per-crop arrays (labels, boxes, flips) keep one file per block, a
+Zarr v3 shard, made of one inner chunk per crop seed ``(chunk_images, 1, ...)``: an epoch, whose
+images of a block share one crop seed (:func:`~hald_store.order.epoch_crop_seeds`), reads one
+inner chunk per block and array (plus the shard's index) instead of the whole file.
 
 Every chunk carries a CRC32C checksum (Zarr's ``crc32c`` codec) and is written even when it
 holds only fill values, so a damaged or missing chunk is an error when read, never zeros
@@ -40,6 +44,7 @@ from . import safety
 from .codec import TopKLabels
 from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
+from .order import epoch_crop_seeds
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
@@ -209,6 +214,11 @@ class CheckedArray:
     def __setitem__(self, selection: Any, value: Any) -> None:
         self.zarr[selection] = value
 
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Chunks (shards, for a sharded array) along each dimension: the files of the array."""
+        return tuple(-(-n // c) for n, c in zip(self.zarr.shape, self.zarr.metadata.chunk_grid.chunk_shape))
+
     def chunk_key(self, coords: tuple[int, ...]) -> str:
         """The chunk's path relative to the store root, e.g. ``labels/indices/c/3/0/0``."""
         return f"{self.zarr.path}/{self.zarr.metadata.encode_chunk_key(coords)}"
@@ -240,7 +250,7 @@ class CheckedArray:
         try:
             return sorted({p.chunk_coords for p in indexer(sel, self.zarr.shape, self.zarr.metadata.chunk_grid)})
         except Exception:  # a selection the indexer does not take: assume every chunk
-            return [tuple(c) for c in np.ndindex(*self.zarr.cdata_shape)]
+            return [tuple(c) for c in np.ndindex(*self.grid_shape)]
 
     def _read(self, indexer: type, selection: Any, read: Any) -> Any:
         coords = self._touched(indexer, selection)
@@ -388,24 +398,30 @@ class LabelStore:
                                      compressors=default_codecs(), config=_WRITE_EMPTY)
                 arr[...] = data
 
+            def per_crop(name: str, dtype: Any, tail: tuple[int, ...], seeds: int, **kw: Any) -> zarr.Array:
+                """A (N, S, *tail) array: one chunk of ``seeds`` crop seeds per block, or a shard per block."""
+                grid = dict(chunks=(ci, 1, *tail), shards=(ci, s, *tail)) if sharded else dict(chunks=(ci, seeds, *tail))
+                return g.create_array(name, shape=(n, s, *tail), dtype=dtype, compressors=default_codecs(),
+                                      config=_WRITE_EMPTY, **grid, **kw)
+
             ci = min(chunk_images, n)
+            sharded = settings.layout == "sharded"
+            if sharded and batches is not None:
+                raise StoreError("the sharded layout is for per-crop labels; batch-specific labels are already "
+                                 "chunked by crop seed")
             put("images/path", np.array(manifest.paths, dtype=object), (ci,), dtype=str)
             put("images/label", manifest.labels.astype(np.int32), (ci,))
             put("images/nbytes", manifest.nbytes.astype(np.int64), (ci,))
             put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
-            box = g.create_array("crops/box", shape=(n, s, 4), dtype=np.int32, chunks=(ci, s, 4),
-                                 compressors=default_codecs(), config=_WRITE_EMPTY)
-            flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_codecs(),
-                                  config=_WRITE_EMPTY)
+            box, flip = per_crop("crops/box", np.int32, (4,), s), per_crop("crops/flip", bool, (), s)
             for start in range(0, n, ci):
                 stop = min(start + ci, n)
                 box[start:stop], flip[start:stop] = crops(start, stop)
             label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
-                g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
-                               compressors=default_codecs(), fill_value=0)
+                per_crop(f"labels/{name}", dtype, tuple(shape), label_seeds, fill_value=0)
             for name, data in (batches or {}).items():
                 put(f"batches/{name}", data, (1, *data.shape[1:]))
             blocks = math.ceil(n / ci) if batches is None else s
@@ -453,7 +469,18 @@ class LabelStore:
 
     @property
     def chunk_images(self) -> int:
-        return int(self.array("crops/box").chunks[0])
+        return int(self.array("crops/box").metadata.chunk_grid.chunk_shape[0])
+
+    @property
+    def layout(self) -> str:
+        """``"block"`` or ``"sharded"`` (see the module docstring)."""
+        return self.settings.layout
+
+    def epoch_crop_seeds(self, epoch: int, seed: int = 0) -> np.ndarray:
+        """The crop seed each image uses in ``epoch`` (:func:`~hald_store.order.epoch_crop_seeds`;
+        a sharded store's blocks share one)."""
+        blk = self.chunk_images if self.layout == "sharded" else 1
+        return epoch_crop_seeds(self.num_images, self.crops_per_image, epoch, seed, blk)
 
     @property
     def num_blocks(self) -> int:
@@ -556,20 +583,25 @@ class LabelStore:
         images, seeds = self._coords(images, seeds)
         return self._gather("crops/box", images, seeds), self._gather("crops/flip", images, seeds)
 
-    def read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i``, in one
-        sequential pass over the store (each chunk read once): how a loader fetches an epoch."""
+    def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images
+        outside ``images``, when given, are left zero), reading each block that holds one of those
+        images once, and of it only the crop seeds between the smallest and largest used there
+        (one inner chunk per block of a sharded store): how a loader fetches an epoch."""
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
         self._coords(np.arange(self.num_images), seeds)
+        images = np.arange(self.num_images) if images is None else np.unique(self._coords(images, 0)[0])
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
-        out = {name: np.empty((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
-        for start in range(0, self.num_images, self.chunk_images):
-            stop = min(start + self.chunk_images, self.num_images)
-            rows = np.arange(stop - start)
+        out = {name: np.zeros((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
+        ci = self.chunk_images
+        for block in np.unique(images // ci):
+            start, stop = self.block_range(int(block))
+            ids = images[slice(*np.searchsorted(images, [start, stop]))]
+            lo, hi = int(seeds[ids].min()), int(seeds[ids].max()) + 1
             for name in names:
-                out[name][start:stop] = self.array(name)[start:stop][rows, seeds[start:stop]]
+                out[name][ids] = self.array(name)[start:stop, lo:hi][ids - start, seeds[ids] - lo]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         return fields, out["crops/box"], out["crops/flip"]
 
@@ -604,7 +636,7 @@ class LabelStore:
         written at creation and the label chunks of blocks marked done (markers excluded)."""
         done = self.block_done()
         for name in self.array_names()[:-1]:
-            for coords in np.ndindex(*self.array(name).cdata_shape):
+            for coords in np.ndindex(*self.array(name).grid_shape):
                 block = self.block_of_chunk(name, coords)
                 if block is None or done[block]:
                     yield name, coords
