@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
+from zarr.core.indexing import BasicIndexer, CoordinateIndexer, OrthogonalIndexer
 
 from . import safety
 from .codec import TopKLabels
@@ -210,6 +210,9 @@ class CheckedArray:
 
     def get_orthogonal_selection(self, selection: Any) -> Any:
         return self._read(OrthogonalIndexer, selection, self.zarr.get_orthogonal_selection)
+
+    def get_coordinate_selection(self, selection: Any) -> Any:
+        return self._read(CoordinateIndexer, selection, self.zarr.get_coordinate_selection)
 
     def __setitem__(self, selection: Any, value: Any) -> None:
         self.zarr[selection] = value
@@ -585,23 +588,23 @@ class LabelStore:
 
     def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images
-        outside ``images``, when given, are left zero), reading each block that holds one of those
-        images once, and of it only the crop seeds between the smallest and largest used there
-        (one inner chunk per block of a sharded store): how a loader fetches an epoch."""
+        outside ``images``, when given, are left zero): how a loader fetches an epoch. One
+        coordinate selection per array, so the chunks are fetched concurrently and, in a sharded
+        store, only the inner chunks of the crop seeds used."""
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
         self._coords(np.arange(self.num_images), seeds)
         images = np.arange(self.num_images) if images is None else np.unique(self._coords(images, 0)[0])
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
-        out = {name: np.zeros((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
-        ci = self.chunk_images
-        for block in np.unique(images // ci):
-            start, stop = self.block_range(int(block))
-            ids = images[slice(*np.searchsorted(images, [start, stop]))]
-            lo, hi = int(seeds[ids].min()), int(seeds[ids].max()) + 1
-            for name in names:
-                out[name][ids] = self.array(name)[start:stop, lo:hi][ids - start, seeds[ids] - lo]
+        out = {}
+        for name in names:
+            arr = self.array(name)
+            tail = arr.shape[2:]
+            sel = [images.reshape(-1, *[1] * len(tail)), seeds[images].reshape(-1, *[1] * len(tail))]
+            sel += [np.arange(k).reshape(k, *[1] * (len(tail) - 1 - j)) for j, k in enumerate(tail)]
+            out[name] = np.zeros((self.num_images, *tail), arr.dtype)
+            out[name][images] = arr.get_coordinate_selection(tuple(sel))
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         return fields, out["crops/box"], out["crops/flip"]
 
@@ -673,6 +676,7 @@ class LabelStore:
             "missing_chunks": len(missing),
             "blocks_done": int(done.sum()),
             "num_blocks": self.num_blocks,
+            "layout": self.layout,
             "num_images": self.num_images,
             "crops_per_image": self.crops_per_image,
             "num_crops": self.num_crops,
