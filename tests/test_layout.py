@@ -122,3 +122,28 @@ def test_sharded_layout_is_refused_for_batch_labels(tmp_path, resnet20, small_fo
     with pytest.raises(OptionError, match="layout"):
         build_store(small_folder, tmp_path / "s.zarr", resnet20, num_classes=10, crops_per_image=2,
                     teacher_mode="train", layout="sharded", progress=False)
+
+
+@pytest.mark.parametrize("where", ["data", "index"])
+def test_a_damaged_shard_is_named_by_readers_loaders_and_verify(stores, tmp_path, where):
+    import shutil
+
+    from hald_store.errors import StoreError
+    from hald_store.verify import check_integrity
+
+    out = tmp_path / "s.zarr"
+    shutil.copytree(stores[0]["sharded"].path, out)
+    shard = out / "labels" / "indices" / "c" / "1" / "0" / "0"  # block 1 (images 8..15)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2 if where == "data" else -20] ^= 0xFF  # an inner chunk, or the index at the end
+    shard.write_bytes(bytes(data))
+    store = LabelStore.open(out)
+    store.read([0], [0])  # other blocks still read
+    with pytest.raises(StoreError, match=r"array 'labels/indices' chunk \(1, 0, 0\) \(file labels/indices/c/1/0/0\)"):
+        store.read(np.arange(8, 16), np.arange(8) % S)
+    loader = SoftLabelLoader(store, stores[1], batch_size=8, backend="torchvision")
+    with pytest.raises(StoreError, match="labels/indices/c/1/0/0"):
+        for e in range(S):  # a cycle reads every inner chunk once
+            loader.source.crops(loader.manifest, e)
+    report = check_integrity(out)
+    assert not report.passed and report.damaged_blocks == [1] and "labels/indices/c/1/0/0" in report.problems[0]
