@@ -561,12 +561,14 @@ class LabelStore:
         return images, seeds
 
     def _gather(self, name: str, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """Values of array ``name`` at ``(images[i], seeds[i])``: one orthogonal read of the
-        distinct images' rows (all their crops), then a NumPy gather."""
-        unique, inverse = np.unique(images, return_inverse=True)
+        """Values of array ``name`` at ``(images[i], seeds[i])``: one coordinate selection, so the
+        chunks touched are fetched concurrently and, in a sharded store, only the inner chunks
+        of those crop seeds."""
         arr = self.array(name)
-        rows = arr.get_orthogonal_selection((unique,) + (slice(None),) * (arr.ndim - 1))
-        return rows[inverse, seeds]
+        tail = arr.shape[2:]
+        sel = [images.reshape(-1, *[1] * len(tail)), seeds.reshape(-1, *[1] * len(tail))]
+        sel += [np.arange(k).reshape(k, *[1] * (len(tail) - 1 - j)) for j, k in enumerate(tail)]
+        return arr.get_coordinate_selection(tuple(sel))
 
     def read_fields(self, images, seeds) -> dict[str, np.ndarray]:
         """Raw codec fields for crops ``(images[i], seeds[i])``."""
@@ -588,23 +590,22 @@ class LabelStore:
 
     def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images
-        outside ``images``, when given, are left zero): how a loader fetches an epoch. One
-        coordinate selection per array, so the chunks are fetched concurrently and, in a sharded
-        store, only the inner chunks of the crop seeds used."""
+        outside ``images``, when given, are left zero), reading each block that holds one of those
+        images once, and of it only the crop seeds from the smallest to the largest used there
+        (one inner chunk per block of a sharded store): how a loader fetches an epoch."""
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
         self._coords(np.arange(self.num_images), seeds)
         images = np.arange(self.num_images) if images is None else np.unique(self._coords(images, 0)[0])
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
-        out = {}
-        for name in names:
-            arr = self.array(name)
-            tail = arr.shape[2:]
-            sel = [images.reshape(-1, *[1] * len(tail)), seeds[images].reshape(-1, *[1] * len(tail))]
-            sel += [np.arange(k).reshape(k, *[1] * (len(tail) - 1 - j)) for j, k in enumerate(tail)]
-            out[name] = np.zeros((self.num_images, *tail), arr.dtype)
-            out[name][images] = arr.get_coordinate_selection(tuple(sel))
+        out = {name: np.zeros((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
+        for block in np.unique(images // self.chunk_images):
+            start, stop = self.block_range(int(block))
+            ids = images[slice(*np.searchsorted(images, [start, stop]))]
+            lo, hi = int(seeds[ids].min()), int(seeds[ids].max()) + 1
+            for name in names:
+                out[name][ids] = self.array(name)[start:stop, lo:hi][ids - start, seeds[ids] - lo]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         return fields, out["crops/box"], out["crops/flip"]
 

@@ -140,7 +140,7 @@ def test_a_damaged_shard_is_named_by_readers_loaders_and_verify(stores, tmp_path
     store = LabelStore.open(out)
     store.read([0], [0])  # other blocks still read
     with pytest.raises(StoreError, match=r"array 'labels/indices' chunk \(1, 0, 0\) \(file labels/indices/c/1/0/0\)"):
-        store.read(np.arange(8, 16), np.arange(8) % S)
+        store.read(np.repeat(np.arange(8, 16), S), np.tile(np.arange(S), 8))  # every inner chunk of block 1
     loader = SoftLabelLoader(store, stores[1], batch_size=8, backend="torchvision")
     with pytest.raises(StoreError, match="labels/indices/c/1/0/0"):
         for e in range(S):  # a cycle reads every inner chunk once
