@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from hald_store import LabelStore, SoftLabelLoader, build_store
-from hald_store.errors import OptionError
 from hald_store.order import block_epoch_order
 from hald_store.render import read_files
 from hald_store.testing import open_counted
@@ -118,10 +117,17 @@ def test_an_epoch_reads_a_fraction_of_the_label_bytes(stores):
     assert got["sharded"] - index >= 0.5 * data / S  # the labels an epoch uses are read
 
 
-def test_sharded_layout_is_refused_for_batch_labels(tmp_path, resnet20, small_folder):
-    with pytest.raises(OptionError, match="layout"):
-        build_store(small_folder, tmp_path / "s.zarr", resnet20, num_classes=10, crops_per_image=2,
-                    teacher_mode="train", layout="sharded", progress=False)
+def test_sharded_layout_is_refused_for_batch_labels(tmp_path, small_folder):
+    from click.testing import CliRunner
+
+    from hald_store.cli import main
+
+    out = tmp_path / "s.zarr"
+    r = CliRunner().invoke(main, ["build", str(small_folder), str(out), "--teacher", "cifar_resnet20", "--checkpoint",
+                                  str(require_data("teachers", "cifar10-resnet20.th")), "--num-classes", "10", "-s", "2",
+                                  "--input-size", "32", "-q", "--layout", "sharded", "--teacher-mode", "train"])
+    assert r.exit_code == 1 and "Error: --layout sharded is for per-crop labels" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("where", ["data", "index"])
