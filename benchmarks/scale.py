@@ -11,8 +11,9 @@ random batches), each phase in its own process so that its peak RSS is its own.
     .venv/bin/python benchmarks/scale.py                      # 20,000 x 500 (10M) and 200,000 x 500 (100M)
     .venv/bin/python benchmarks/scale.py --compare-chunking   # chunk_images 256/1024/4096 at 20,000 x 500
     .venv/bin/python benchmarks/scale.py --keep               # keep the stores afterwards
-    .venv/bin/python benchmarks/scale.py --epoch-bytes --num-images 200000   # bytes an epoch reads, per rank,
-                                                              # block vs sharded layout, local disk + S3 (moto)
+    .venv/bin/python benchmarks/scale.py --epoch-bytes        # bytes an epoch reads per rank (2 ranks), block
+                                                              # vs sharded layout, local disk + S3 (moto), 10M
+                                                              # records (--num-images 200000: 100M)
 
 Stores go to ``benchmarks/results/scale/`` (deleted unless ``--keep``); results to
 ``benchmarks/results/scale.json`` (``scale-quick.json``, ``scale-chunking.json``). Reads hit a
