@@ -19,7 +19,12 @@ For teacher logits ``z`` of shape ``(N, C)`` and a codec with ``top_k = k`` we s
 Because gaps (logit differences) are stored rather than temperature-baked probabilities, the
 softmax temperature can be chosen freely at training time (:meth:`TopKLabels.log_probs`).
 
-Value codecs (per crop; ``L`` = number of quantization levels)
+Value codecs (per crop; ``L`` = number of quantization levels): each is one
+:class:`ValueCodec` subclass registered under its name (:func:`register_value_codec`), which owns
+its fields, encoding, decoding, settings and version. A store records the codec zarr-style as
+``{"name": "uint8", "configuration": {"version": 1, "levels": 255, "bits": 8, "top_k": 5,
+"num_classes": 1000, "temperature": 20.0}}``; format-1 stores' ``{"version": 1, "values": ...}``
+still reads.
 
 =========  ==========================================================================
 ``fp32``   ``gaps`` float32 ``(m,)``.  Exact reference.
@@ -31,6 +36,8 @@ Value codecs (per crop; ``L`` = number of quantization levels)
 ``uint4``  as uint8 with L = 15 and two codes per byte: ``codes`` uint8 ``(ceil((m-1)/2),)``;
            code ``2j`` is in the low nibble of byte j, code ``2j+1`` in its high nibble.
            Error <= scale/30 + fp16 rounding of the scale.
+``uint2``  as uint4 with L = 3 and four codes per byte, the first in the lowest two bits.
+           Error <= scale/6 + fp16 rounding of the scale.
 =========  ==========================================================================
 
 The ``codes`` field is always present for the integer codecs, with width 0 when m == 1.
@@ -62,7 +69,9 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -71,20 +80,18 @@ from hald_store.errors import OptionError, StoreError, TeacherOutputError, previ
 
 __all__ = [
     "VALUE_CODECS",
+    "ValueCodec",
+    "register_value_codec",
     "LabelCodec",
     "TopKLabels",
     "dense_fp16_probs",
     "dense_fp16_bytes_per_crop",
 ]
 
-VALUE_CODECS = ("fp32", "fp16", "uint8", "uint4")
-
-_LEVELS = {"uint8": 255, "uint4": 15}
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 _FP32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 _FP32_MAX = float(np.finfo(np.float32).max)
-_CODEC_VERSION = 1
 # Rows per internal chunk are chosen so that one chunk holds about this many logits (keeps the
 # temporaries of encode small and cache friendly; the work inside a chunk is fully vectorized).
 _CHUNK_ELEMS = 1 << 21
@@ -175,14 +182,160 @@ def _topk_sorted(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, t
     return vals, idx, (rest_max if k < c else None)
 
 
+# ------------------------------------------------------------------ value codecs
+class ValueCodec:
+    """How a crop's ``m`` ascending, non-negative logit gaps are stored: one registered subclass
+    per value kind (as FFCV's fields and zarr's codecs). A subclass sets ``name`` and
+    ``version`` (bump it when what it writes changes meaning) and implements :meth:`fields`,
+    :meth:`encode` and :meth:`decode`; :meth:`settings` are recorded in the store beside them."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    def settings(self) -> dict[str, Any]:
+        """Its fixed parameters, recorded in the store's codec configuration."""
+        return {}
+
+    def fields(self, m: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Stored arrays per crop: name -> (dtype, per-crop trailing shape)."""
+        raise NotImplementedError
+
+    def encode(self, gaps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact gaps ``(N, m)`` (float32 or float64, ascending per row) -> field tensors."""
+        raise NotImplementedError
+
+    def decode(self, fields: Mapping[str, torch.Tensor], m: int) -> torch.Tensor:
+        """Field tensors (shapes checked) -> decoded gaps ``(N, m)`` float32."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[ValueCodec]] = {}
+VALUE_CODECS: Mapping[str, type[ValueCodec]] = MappingProxyType(_REGISTRY)  # name -> class, in registration order
+
+
+def register_value_codec(cls: type[ValueCodec]) -> type[ValueCodec]:
+    """Class decorator: make ``cls`` the value codec stored under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"a value codec named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+class _FloatGaps(ValueCodec):
+    """``gaps`` stored as floats; a gap > 0 never rounds to 0 (it becomes ``tiny``)."""
+
+    dtype: ClassVar[torch.dtype]
+    tiny: ClassVar[float]  # smallest positive value of the dtype
+    max: ClassVar[float]  # largest finite value of the dtype
+
+    def fields(self, m: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        return {"gaps": (torch.empty((), dtype=self.dtype).numpy().dtype, (m,))}
+
+    def encode(self, gaps: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"gaps": _keep_positive(gaps.clamp(max=self.max).to(self.dtype), gaps, self.tiny)}
+
+    def decode(self, fields: Mapping[str, torch.Tensor], m: int) -> torch.Tensor:
+        return fields["gaps"].to(torch.float32)
+
+
+@register_value_codec
+class Fp32Gaps(_FloatGaps):
+    """``gaps`` float32: the exact reference."""
+
+    name, dtype, tiny, max = "fp32", torch.float32, _FP32_TINY, _FP32_MAX
+
+
+@register_value_codec
+class Fp16Gaps(_FloatGaps):
+    """``gaps`` float16: relative error <= 2**-11."""
+
+    name, dtype, tiny, max = "fp16", torch.float16, _FP16_TINY, _FP16_MAX
+
+
+class _ScaledCodes(ValueCodec):
+    """``scale`` float16 = the last (largest) gap; ``codes`` = the other m-1 gaps as integers
+    0..levels against it, ``8 // bits`` codes per byte, the first in the lowest bits. A gap > 0
+    never becomes code 0. Subclasses may replace the linear :meth:`quantize`/:meth:`dequantize`."""
+
+    levels: ClassVar[int]
+    bits: ClassVar[int] = 8
+
+    def settings(self) -> dict[str, Any]:
+        return {"levels": self.levels, "bits": self.bits}
+
+    def fields(self, m: int) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        per_byte = 8 // self.bits
+        return {"codes": (np.dtype(np.uint8), (-(-(m - 1) // per_byte),)), "scale": (np.dtype(np.float16), ())}
+
+    def quantize(self, gaps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Unclamped float codes of ``gaps`` (N, m-1) against ``scale`` (N, 1)."""
+        factor = torch.where(scale > 0, self.levels / scale, torch.zeros_like(scale))
+        return torch.round(gaps * factor)
+
+    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Gaps (N, m-1) float32 of float32 ``codes`` against ``scale`` (N, 1) float32."""
+        # codes * scale is exact in float32 (8-bit int times 11-bit fp16 mantissa), so the
+        # single rounding of the division keeps decoded gaps monotone and code L == scale.
+        return codes * scale / self.levels
+
+    def encode(self, gaps: torch.Tensor) -> dict[str, torch.Tensor]:
+        last = gaps[:, -1]
+        scale16 = _keep_positive(last.clamp(max=_FP16_MAX).to(torch.float16), last, _FP16_TINY)
+        q = self.quantize(gaps[:, :-1], scale16.to(gaps.dtype)[:, None]).clamp_(0, self.levels)
+        # Strict top-1: a gap > 0 never decodes to 0 (codes stay ascending since gaps are).
+        q = torch.where((q == 0) & (gaps[:, :-1] > 0), torch.ones_like(q), q)
+        codes, per_byte = q.to(torch.uint8), 8 // self.bits
+        if codes.shape[1] % per_byte:
+            codes = torch.nn.functional.pad(codes, (0, per_byte - codes.shape[1] % per_byte))
+        packed = codes[:, 0::per_byte].clone()
+        for j in range(1, per_byte):
+            packed |= codes[:, j::per_byte] << (self.bits * j)
+        return {"codes": packed, "scale": scale16}
+
+    def decode(self, fields: Mapping[str, torch.Tensor], m: int) -> torch.Tensor:
+        scale, codes = fields["scale"].to(torch.float32)[:, None], fields["codes"]
+        per_byte, mask = 8 // self.bits, (1 << self.bits) - 1
+        if per_byte > 1:
+            parts = [(codes >> (self.bits * j)) & mask for j in range(per_byte)]
+            codes = torch.stack(parts, dim=2).reshape(codes.shape[0], per_byte * codes.shape[1])[:, : m - 1]
+        return torch.cat([self.dequantize(codes.to(torch.float32), scale), scale], dim=1)
+
+
+@register_value_codec
+class Uint8Codes(_ScaledCodes):
+    """8-bit codes: error <= scale/510 + fp16 rounding of the scale."""
+
+    name, levels, bits = "uint8", 255, 8
+
+
+@register_value_codec
+class Uint4Codes(_ScaledCodes):
+    """4-bit codes, two per byte (low nibble first): error <= scale/30 + fp16 rounding of the scale."""
+
+    name, levels, bits = "uint4", 15, 4
+
+
+@register_value_codec
+class Uint2Codes(_ScaledCodes):
+    """2-bit codes, four per byte (lowest bits first): error <= scale/6 + fp16 rounding of the scale."""
+
+    name, levels, bits = "uint2", 3, 2
+
+
+_FORMAT1_VALUES = ("fp32", "fp16", "uint8", "uint4")  # what format-1 stores ("version": 1, "values": ...) name
+
+
 @dataclass(frozen=True)
 class LabelCodec:
-    """How soft labels are stored per crop (see the module docstring for the exact layout)."""
+    """How soft labels are stored per crop: the top-k class indices plus the registered value
+    codec ``values`` (a name in :data:`VALUE_CODECS`) for the logit gaps (see the module docstring)."""
 
     values: str
     top_k: int
     num_classes: int
     temperature: float
+
+    index_field: ClassVar[str] = "indices"  # the field holding class indices (k per crop)
 
     def __post_init__(self) -> None:
         if self.values not in VALUE_CODECS:
@@ -211,6 +364,11 @@ class LabelCodec:
         object.__setattr__(self, "temperature", t)
 
     # ------------------------------------------------------------------ layout
+    @cached_property
+    def value_codec(self) -> ValueCodec:
+        """The registered codec of the gaps."""
+        return VALUE_CODECS[self.values]()
+
     @property
     def has_rest(self) -> bool:
         return self.top_k < self.num_classes
@@ -226,50 +384,54 @@ class LabelCodec:
 
     def fields(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """Stored arrays per crop: name -> (dtype, per-crop trailing shape)."""
-        k, m = self.top_k, self.num_gaps
-        out: dict[str, tuple[np.dtype, tuple[int, ...]]] = {"indices": (self.index_dtype, (k,))}
-        if self.values == "fp32":
-            out["gaps"] = (np.dtype(np.float32), (m,))
-        elif self.values == "fp16":
-            out["gaps"] = (np.dtype(np.float16), (m,))
-        elif self.values == "uint8":
-            out["codes"] = (np.dtype(np.uint8), (m - 1,))
-            out["scale"] = (np.dtype(np.float16), ())
-        else:  # uint4
-            out["codes"] = (np.dtype(np.uint8), ((m - 1 + 1) // 2,))
-            out["scale"] = (np.dtype(np.float16), ())
-        return out
+        return {self.index_field: (self.index_dtype, (self.top_k,)), **self.value_codec.fields(self.num_gaps)}
 
     def bytes_per_crop(self) -> int:
         """Raw (uncompressed) bytes of all fields per crop."""
         return sum(dt.itemsize * int(np.prod(shape, dtype=np.int64)) for dt, shape in self.fields().values())
 
     def to_dict(self) -> dict:
-        return {
-            "version": _CODEC_VERSION,
-            "values": self.values,
-            "top_k": self.top_k,
-            "num_classes": self.num_classes,
-            "temperature": self.temperature,
-        }
+        """zarr-style ``{"name", "configuration"}``: the value codec's name, version and settings
+        plus ``top_k``, ``num_classes`` and ``temperature``."""
+        v = self.value_codec
+        return {"name": v.name, "configuration": {"version": v.version, **v.settings(), "top_k": self.top_k,
+                                                  "num_classes": self.num_classes, "temperature": self.temperature}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LabelCodec":
-        version = d.get("version", _CODEC_VERSION)
-        if version != _CODEC_VERSION:
-            raise ValueError(
-                f"label codec version {version!r} is not supported (this hald-store reads "
-                f"version {_CODEC_VERSION})"
-            )
-        missing = [key for key in ("values", "top_k", "num_classes", "temperature") if key not in d]
+        """Read :meth:`to_dict`'s form, or format 1's ``{"version": 1, "values", "top_k", ...}``."""
+        if "name" not in d and "values" in d:
+            return cls._from_format1(d)
+        if "name" not in d or not isinstance(d.get("configuration"), Mapping):
+            raise ValueError("label codec settings lack 'name' and 'configuration'")
+        name, conf = d["name"], d["configuration"]
+        if name not in VALUE_CODECS:
+            raise ValueError(f"label codec {name!r} is not known to this hald-store (it reads "
+                             f"{', '.join(VALUE_CODECS)}): upgrade hald-store")
+        value_codec = VALUE_CODECS[name]()
+        if conf.get("version") != value_codec.version:
+            raise ValueError(f"label codec {name!r} version {conf.get('version')!r} is not supported (this "
+                             f"hald-store reads version {value_codec.version})")
+        for key, want in value_codec.settings().items():
+            if conf.get(key, want) != want:
+                raise ValueError(f"label codec {name!r} was written with {key}={conf[key]!r}; this hald-store's "
+                                 f"{name} has {key}={want!r}")
+        return cls._from_settings(name, conf)
+
+    @classmethod
+    def _from_format1(cls, d: Mapping[str, Any]) -> "LabelCodec":
+        if d.get("version", 1) != 1 or d["values"] not in _FORMAT1_VALUES:
+            raise ValueError(f"label codec version {d.get('version')!r} with values={d['values']!r} is not "
+                             "supported (format 1 has version 1 and values " + ", ".join(_FORMAT1_VALUES) + ")")
+        return cls._from_settings(d["values"], d)
+
+    @classmethod
+    def _from_settings(cls, values: str, conf: Mapping[str, Any]) -> "LabelCodec":
+        missing = [key for key in ("top_k", "num_classes", "temperature") if key not in conf]
         if missing:
             raise ValueError(f"label codec settings lack {', '.join(missing)}")
-        return cls(
-            values=d["values"],
-            top_k=d["top_k"],
-            num_classes=d["num_classes"],
-            temperature=d["temperature"],
-        )
+        return cls(values=values, top_k=conf["top_k"], num_classes=conf["num_classes"],
+                   temperature=conf["temperature"])
 
     @classmethod
     def checked(cls, values: str, top_k: int, num_classes: int, temperature: float) -> "LabelCodec":
@@ -296,9 +458,10 @@ class LabelCodec:
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
                 # contiguous: identical results whatever the input's memory layout
-                part = self._encode_chunk(z[start:stop].contiguous())
-                for name, arr in part.items():
-                    out[name][start:stop] = arr
+                gaps, idx = self._gaps(z[start:stop].contiguous())
+                out[self.index_field][start:stop] = idx.cpu().numpy()
+                for name, arr in self.value_codec.encode(gaps).items():
+                    out[name][start:stop] = arr.cpu().numpy()
         return out
 
     def _gaps(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,35 +488,6 @@ class LabelCodec:
             gaps = torch.cat([gaps, rest_gap], dim=1)
         return gaps, idx
 
-    def _encode_chunk(self, z: torch.Tensor) -> dict[str, np.ndarray]:
-        gaps, idx = self._gaps(z)
-        res: dict[str, np.ndarray] = {
-            "indices": idx.to(torch.int64).cpu().numpy().astype(self.index_dtype, copy=False)
-        }
-        if self.values == "fp32":
-            g = _keep_positive(gaps.clamp(max=_FP32_MAX).to(torch.float32), gaps, _FP32_TINY)
-            res["gaps"] = g.cpu().numpy()
-        elif self.values == "fp16":
-            g = _keep_positive(gaps.clamp(max=_FP16_MAX).to(torch.float16), gaps, _FP16_TINY)
-            res["gaps"] = g.cpu().numpy()
-        else:
-            levels = _LEVELS[self.values]
-            last = gaps[:, -1]
-            scale16 = _keep_positive(last.clamp(max=_FP16_MAX).to(torch.float16), last, _FP16_TINY)
-            scale = scale16.to(gaps.dtype)
-            factor = torch.where(scale > 0, levels / scale, torch.zeros_like(scale))
-            q = torch.round(gaps[:, :-1] * factor[:, None]).clamp_(0, levels)
-            # Strict top-1: a gap > 0 never decodes to 0 (codes stay ascending since gaps are).
-            q = torch.where((q == 0) & (gaps[:, :-1] > 0), torch.ones_like(q), q)
-            codes = q.to(torch.uint8)
-            if self.values == "uint4":
-                if codes.shape[1] % 2:
-                    codes = torch.nn.functional.pad(codes, (0, 1))
-                codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-            res["codes"] = codes.cpu().numpy()
-            res["scale"] = scale16.cpu().numpy()
-        return res
-
     # ------------------------------------------------------------------ decode
     def decode(self, fields: Mapping[str, Any]) -> "TopKLabels":
         """Rebuild :class:`TopKLabels` from stored fields (NumPy arrays or tensors, same rows)."""
@@ -365,7 +499,7 @@ class LabelCodec:
                 f"{', '.join(spec)})"
             )
         t = {name: _as_tensor(fields[name]) for name in spec}
-        n = t["indices"].shape[0] if t["indices"].ndim else -1
+        n = t[self.index_field].shape[0] if t[self.index_field].ndim else -1
         for name, (_, shape) in spec.items():
             if tuple(t[name].shape) != (n, *shape):
                 raise StoreError(
@@ -374,20 +508,9 @@ class LabelCodec:
                     f"num_classes={self.num_classes}"
                 )
         k = self.top_k
-        indices = t["indices"].to(torch.int64)
+        indices = t.pop(self.index_field).to(torch.int64)
         device = indices.device
-        if self.values in ("fp32", "fp16"):
-            gaps = t["gaps"].to(torch.float32)
-        else:
-            levels = _LEVELS[self.values]
-            scale = t["scale"].to(torch.float32)
-            codes = t["codes"]
-            if self.values == "uint4":
-                codes = torch.stack([codes & 15, codes >> 4], dim=2).reshape(n, 2 * codes.shape[1])
-                codes = codes[:, : self.num_gaps - 1]
-            # codes * scale is exact in float32 (8-bit int times 11-bit fp16 mantissa), so the
-            # single rounding of the division keeps decoded gaps monotone and code L == scale.
-            gaps = torch.cat([codes.to(torch.float32) * scale[:, None] / levels, scale[:, None]], dim=1)
+        gaps = self.value_codec.decode(t, self.num_gaps)
         logits = torch.cat([torch.zeros(n, 1, dtype=torch.float32, device=device), -gaps[:, : k - 1]], dim=1)
         if self.has_rest:
             rest = -gaps[:, k - 1]

@@ -52,8 +52,9 @@ def reencode_store(
             fields = {k: src.array(f"labels/{k}")[sel] for k in src.codec.fields()}
             lead = next(iter(fields.values())).shape[: 1 if out.batch_mode else 2]
             flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in fields.items()}
-            new = {k: np.empty((len(flat["indices"]), *shape), dtype) for k, (dtype, shape) in codec.fields().items()}
-            for a in range(0, len(new["indices"]), _ROWS):  # bounded memory: never a block of dense logits
+            rows_in_block = int(np.prod(lead))
+            new = {k: np.empty((rows_in_block, *shape), dtype) for k, (dtype, shape) in codec.fields().items()}
+            for a in range(0, rows_in_block, _ROWS):  # bounded memory: never a block of dense logits
                 rows = {k: v[a : a + _ROWS] for k, v in flat.items()}
                 for k, v in codec.encode(src.codec.decode(rows).dense_logits()).items():
                     new[k][a : a + _ROWS] = v

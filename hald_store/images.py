@@ -2,8 +2,10 @@
 
 An image folder is laid out like torchvision's ``ImageFolder``: one sub-folder per class,
 class indices in sorted folder-name order. A :class:`Manifest` records, per image, its
-relative path, class, byte size, content hash (BLAKE2b-128) and pixel size; a store keeps
-it so that training can prove it reads the very files the labels were computed on.
+relative path, class, byte size, modification time, content hash (BLAKE2b-128) and pixel
+size; a store keeps it so that training can prove it reads the very files the labels were
+computed on: :func:`check_image_root` compares sizes and modification times (one ``stat``
+per file) and re-hashes only files whose time differs (or all, on request).
 """
 
 from __future__ import annotations
@@ -12,22 +14,25 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .distributed import DistContext, default_threads
-from .errors import HaldStoreError, ImageError, ManifestMismatchError, preview
+from .errors import HaldStoreError, ImageError, ManifestMismatchError, StoreError, preview
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MANIFEST_FORMAT = "hald-store-manifest-1"
 DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP")  # what every crop renderer (DALI, torchvision) decodes
 DIGEST_SIZE = 16
+# an empty, "." or ".." component, or a leading "/" (one path per line)
+_UNSAFE_PATH = re.compile(r"(?:^|/)\.{0,2}(?:/|$)", re.MULTILINE)
 
 
 @dataclass
@@ -41,8 +46,13 @@ class Manifest:
     digests: np.ndarray  # (N, 16) uint8 BLAKE2b-128 of the file
     heights: np.ndarray  # (N,) int32
     widths: np.ndarray  # (N,) int32
+    mtimes: np.ndarray | None = None  # (N,) int64 modification time in ns (None: unknown, older manifests)
     skipped: list[dict] = field(default_factory=list)  # [{'path': ..., 'error': ...}]
     inspected_here: int = field(default=0, compare=False)  # files this process read in its scan
+    source: str = field(default="a manifest", compare=False)  # where it was read, for errors: "store '...'"
+
+    def __post_init__(self) -> None:
+        check_relative_paths(self.paths, self.source)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,7 +68,8 @@ class Manifest:
         with open(tmp, "wb") as f:
             np.savez(f, format=MANIFEST_FORMAT, paths=np.array(self.paths, dtype=str), labels=self.labels,
                      class_names=np.array(self.class_names, dtype=str), nbytes=self.nbytes, digests=self.digests,
-                     heights=self.heights, widths=self.widths, skipped=json.dumps(self.skipped))
+                     heights=self.heights, widths=self.widths, skipped=json.dumps(self.skipped),
+                     **({} if self.mtimes is None else {"mtimes": self.mtimes}))
         os.replace(tmp, path)
 
     @classmethod
@@ -70,7 +81,9 @@ class Manifest:
                     raise ValueError(f"format {str(z['format'])!r}")
                 return cls(paths=[str(p) for p in z["paths"]], labels=z["labels"].astype(np.int64),
                            class_names=[str(c) for c in z["class_names"]], nbytes=z["nbytes"], digests=z["digests"],
-                           heights=z["heights"], widths=z["widths"], skipped=json.loads(str(z["skipped"])))
+                           heights=z["heights"], widths=z["widths"], skipped=json.loads(str(z["skipped"])),
+                           mtimes=z["mtimes"].astype(np.int64) if "mtimes" in z.files else None,
+                           source=f"manifest file {os.fspath(path)!r}")
         except (OSError, ValueError, KeyError) as e:
             raise ImageError(f"{os.fspath(path)!r} is not a manifest written by 'hald-store scan': {e}") from e
 
@@ -83,6 +96,47 @@ class Manifest:
         return h.hexdigest()
 
 
+def check_relative_paths(paths: Sequence[str], source: str) -> None:
+    """Raise :class:`StoreError` naming ``source`` and the first bad entry unless every path is
+    relative, '/'-separated and normalized (no empty, ``.`` or ``..`` component): what a store or
+    manifest from elsewhere must hold before any file is opened."""
+    if not paths:
+        return
+    joined = "\n".join(paths)
+    hit = _UNSAFE_PATH.search(joined)
+    if hit is not None:
+        i = joined.count("\n", 0, hit.start())
+    elif "\x00" in joined or joined.count("\n") != max(len(paths) - 1, 0):
+        i = next(i for i, p in enumerate(paths) if "\n" in p or "\x00" in p)
+    else:
+        return
+    raise StoreError(f"{source}: image path {i} ({paths[i][:200]!r}) is not a normalized relative path inside the "
+                     "image folder (absolute, '..', '.' or empty part); the file was not opened and the store or "
+                     "manifest cannot be used (rebuild it)")
+
+
+def outside_class_folders(root: str | os.PathLike, paths: Sequence[str]) -> list[str]:
+    """The paths (relative to ``root``) whose real location, links resolved, is not inside the real
+    location of their class folder (their first part): a link into another class, or out of the
+    image folder through a linked folder or file. A class folder itself may be a link anywhere."""
+    real: dict[str, str] = {}
+
+    def real_dir(d: str) -> str:
+        if d not in real:
+            real[d] = os.path.realpath(os.path.join(root, d))
+        return real[d]
+
+    bad = []
+    for rel in paths:
+        parent, _, name = rel.rpartition("/")
+        full = os.path.join(real_dir(parent), name) if parent else ""
+        if full and os.path.islink(full):
+            full = os.path.realpath(full)
+        if not full.startswith(real_dir(rel.partition("/")[0]) + os.sep):
+            bad.append(rel)
+    return bad
+
+
 def _is_folder(d: Path) -> bool:
     """A directory that may hold images: not hidden, not a Zarr store (e.g. a store written inside
     the image folder)."""
@@ -90,14 +144,13 @@ def _is_folder(d: Path) -> bool:
 
 
 def _class_files(root: Path, name: str, label: int) -> list[tuple[str, int]]:
-    """Images under class folder ``name`` (links followed); a link back into the image folder
-    outside this class (a loop, or another class) is an error naming it."""
-    top, real_root = (root / name).resolve(), root.resolve()
+    """Images under class folder ``name`` (links followed); a link that loops or leads outside the
+    class folder (into another class, or out of the image folder) is an error naming it."""
+    top = (root / name).resolve()
     files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
         real = Path(dirpath).resolve()
-        bad = real in seen or (real_root in (real, *real.parents) and top not in (real, *real.parents))
-        if bad or (real != top and real in top.parents):
+        if real in seen or top not in (real, *real.parents):
             rel = Path(dirpath).relative_to(root).as_posix()
             raise ImageError(f"image folder {str(root)!r}: {rel!r} links to {str(real)!r}, which is a loop or lies "
                              f"outside class folder {name!r}; its images would be counted again under the wrong "
@@ -107,6 +160,11 @@ def _class_files(root: Path, name: str, label: int) -> list[tuple[str, int]]:
         for fname in sorted(filenames):
             if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
                 files.append((Path(dirpath, fname).relative_to(root).as_posix(), label))
+    outside = outside_class_folders(root, [f for f, _ in files])
+    if outside:
+        raise ImageError(f"image folder {str(root)!r}: {preview(map(repr, outside))} link(s) to a file outside class "
+                         f"folder {name!r}; an image in another class would carry two classes (copy it, or remove "
+                         "the link)")
     return files
 
 
@@ -116,6 +174,11 @@ def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not root.is_dir():
         raise ImageError(f"image folder {str(root)!r} is not a directory")
     classes = sorted(d.name for d in root.iterdir() if _is_folder(d))
+    real = sorted(((root / c).resolve().parts, c) for c in classes)
+    for (a, name_a), (b, name_b) in zip(real, real[1:]):  # a folder's first descendant sorts right after it
+        if b[: len(a)] == a:
+            raise ImageError(f"image folder {str(root)!r}: class folders {name_a!r} and {name_b!r} are the same folder "
+                             "or one lies inside the other (through a link); their images would carry two classes")
     if not classes:
         raise ImageError(
             f"image folder {str(root)!r} has no class sub-folders (expected ROOT/<class>/<image>)"
@@ -136,9 +199,15 @@ def _list_class_folders(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def _inspect(path: Path) -> tuple[int, bytes, int, int]:
-    """Read one file, hash it and fully decode it; returns (nbytes, digest, height, width)."""
-    data = path.read_bytes()
+def _read(path: Path) -> tuple[bytes, int]:
+    """A file's bytes and modification time (ns) of the very file read."""
+    with open(path, "rb") as f:
+        return f.read(), os.fstat(f.fileno()).st_mtime_ns
+
+
+def _inspect(path: Path) -> tuple[int, bytes, int, int, int]:
+    """Read one file, hash it and fully decode it; returns (nbytes, digest, height, width, mtime)."""
+    data, mtime = _read(path)
     digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
     with Image.open(io.BytesIO(data)) as img:
         if img.format not in DECODABLE_FORMATS:
@@ -146,14 +215,14 @@ def _inspect(path: Path) -> tuple[int, bytes, int, int]:
                              f"{', '.join(DECODABLE_FORMATS)} (convert it)")
         width, height = img.size
         img.load()  # a full decode catches truncated and corrupt files
-    return len(data), digest, height, width
+    return len(data), digest, height, width, mtime
 
 
-def _header(path: Path) -> tuple[int, bytes, int, int]:
-    """Read one file's header only: (nbytes, zero digest, height, width)."""
-    data = np.fromfile(path, dtype=np.uint8)
-    height, width = image_size(data)
-    return len(data), bytes(DIGEST_SIZE), height, width
+def _header(path: Path) -> tuple[int, bytes, int, int, int]:
+    """Read one file's header only: (nbytes, zero digest, height, width, mtime)."""
+    data, mtime = _read(path)
+    height, width = image_size(np.frombuffer(data, dtype=np.uint8))
+    return len(data), bytes(DIGEST_SIZE), height, width, mtime
 
 
 def scan_image_folder(
@@ -209,40 +278,53 @@ def scan_image_folder(
         digests=np.frombuffer(b"".join(r[1] for r in info), dtype=np.uint8).reshape(-1, DIGEST_SIZE).copy(),
         heights=np.array([r[2] for r in info], dtype=np.int32),
         widths=np.array([r[3] for r in info], dtype=np.int32),
+        mtimes=np.array([r[4] for r in info], dtype=np.int64),
         skipped=skipped,
         inspected_here=len(mine),
+        source=f"image folder {str(root)!r}",
     )
 
 
 def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
-    """Raise :class:`ManifestMismatchError` unless ``root`` holds the manifest's files.
+    """Raise :class:`ManifestMismatchError` naming the files unless ``root`` holds the manifest's.
 
-    Sizes are always compared; ``check_hashes`` also re-hashes every file (slower).
+    One ``stat`` per file: sizes are compared, and so are modification times where the manifest
+    has them; a file whose time differs (a copy, or a replaced file) is re-hashed and accepted
+    only if its content is unchanged (its new time is then remembered). ``check_hashes``
+    re-hashes every file (slower). Files without a recorded hash (``verify=False`` scans) that
+    changed time count as changed.
     """
     root = Path(root)
     if not root.is_dir():
         raise ManifestMismatchError(f"image root {str(root)!r} is not a directory")
-    missing, changed = [], []
+    outside = outside_class_folders(root, manifest.paths)
+    if outside:
+        raise ManifestMismatchError(f"{manifest.source}: image path(s) {preview(map(repr, outside))} lead outside their "
+                                    f"class folder in {str(root)!r} through a link; they were not opened")
+    stats = np.full((len(manifest), 2), -1, dtype=np.int64)  # size, mtime
     for i, rel in enumerate(manifest.paths):
-        path = root / rel
         try:
-            size = path.stat().st_size
+            st = os.stat(os.path.join(root, rel))
         except OSError:
-            missing.append(rel)
             continue
-        if size != manifest.nbytes[i]:
-            changed.append(rel)
-        elif check_hashes:
-            digest = hashlib.blake2b(path.read_bytes(), digest_size=DIGEST_SIZE).digest()
-            if digest != manifest.digests[i].tobytes():
-                changed.append(rel)
-    if missing or changed:
-        parts = []
-        for label, items in (("missing", missing), ("changed", changed)):
-            if items:
-                parts.append(f"{len(items)} {label} ({preview(items)})")
+        stats[i] = st.st_size, st.st_mtime_ns
+    missing = stats[:, 0] < 0
+    changed = ~missing & (stats[:, 0] != manifest.nbytes)
+    rehash = ~missing & ~changed
+    if not check_hashes:
+        rehash &= np.zeros(len(manifest), bool) if manifest.mtimes is None else stats[:, 1] != manifest.mtimes
+    for i in np.flatnonzero(rehash):
+        digest = hashlib.blake2b((root / manifest.paths[i]).read_bytes(), digest_size=DIGEST_SIZE).digest()
+        changed[i] = digest != manifest.digests[i].tobytes() or not manifest.digests[i].any()
+    if manifest.mtimes is not None:
+        verified = rehash & ~changed
+        manifest.mtimes[verified] = stats[verified, 1]
+    if missing.any() or changed.any():
+        parts = [f"{int(mask.sum())} {label} ({preview(manifest.paths[i] for i in np.flatnonzero(mask))})"
+                 for label, mask in (("missing", missing), ("changed", changed)) if mask.any()]
         raise ManifestMismatchError(
-            f"image root {str(root)!r} does not match the store's manifest: {'; '.join(parts)}"
+            f"image root {str(root)!r} does not match the images recorded in {manifest.source}: {'; '.join(parts)}"
+            " (changed: other size, or other content; the labels would not match these pixels)"
         )
 
 
@@ -331,7 +413,6 @@ def image_size(encoded: np.ndarray | bytes, index: int = 0) -> tuple[int, int]:
             w, h = im.size
     except Exception as exc:
         raise ImageError(
-            f"sample {index}: not a readable image ({len(arr)} bytes, starting "
-            f"{arr[:8].tobytes()!r}): {exc}"
+            f"sample {index}: not a readable image ({len(arr)} bytes): {exc}"
         ) from exc
     return int(h), int(w)

@@ -131,6 +131,7 @@ class CropLoader:
         """The source's crops of ``epoch``; for sources that read the store (or plan every image),
         the next epoch's are then computed on a background thread while this one trains (at
         FKD scale the pass over the store takes tens of seconds). Errors surface here."""
+        check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
             crops = ahead[2]()

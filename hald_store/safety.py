@@ -8,6 +8,11 @@
   ``DIR/.hald-store-lock-labels.zarr`` and ``DIR/.hald-store-owner-labels.zarr`` (outside the
   store, which an overwrite replaces). Object stores (``s3://...``) get no lock: a warning says
   that concurrent writers there are not detected.
+* **Links.** Lock and owner files are opened without following links (a planted link is
+  refused or removed, never written through), and helper files sit beside the store's real
+  location (``DIR`` with its links resolved), so two names of one store share one lock. A store
+  path that is itself a symbolic link is refused for writing (pass its target): an overwrite
+  would otherwise replace the link, not the store. Reading through a link is fine.
 * **Overwrites** write the new store beside the old one (``DIR/.hald-store-new-labels.zarr``)
   and swap it in only once it is complete; a killed overwrite leaves the old store readable
   and continues with ``--resume``. A kill between the two renames of the swap is repaired by
@@ -17,6 +22,8 @@
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -26,17 +33,16 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
-from filelock import FileLock, Timeout
-
 from .errors import LockError
 
 SIBLING_PREFIX = ".hald-store-"
 
 
 def sibling(path: str | os.PathLike, kind: str) -> str:
-    """``DIR/.hald-store-<kind>-<name>`` for ``path = DIR/<name>``: a helper file or folder of a store."""
+    """``DIR/.hald-store-<kind>-<name>`` for ``path = DIR/<name>``: a helper file or folder of a store
+    (``DIR`` with its links resolved, so that every name of a store finds the same helpers)."""
     path = os.path.abspath(os.fspath(path))
-    return os.path.join(os.path.dirname(path), f"{SIBLING_PREFIX}{kind}-{os.path.basename(path)}")
+    return os.path.join(os.path.realpath(os.path.dirname(path)), f"{SIBLING_PREFIX}{kind}-{os.path.basename(path)}")
 
 
 def _holder(owner_file: str) -> str:
@@ -48,19 +54,46 @@ def _holder(owner_file: str) -> str:
         return "another process (it has not recorded itself)"
 
 
+def _open_nofollow(path: str, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LockError(f"{path!r} is a symbolic link; hald-store never makes one there and does not write "
+                            "through it (remove it)") from None
+        raise
+
+
+def _try_lock(lock_file: str) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on ``lock_file``, or None while another process holds it."""
+    while True:
+        fd = _open_nofollow(lock_file, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the last holder unlinks the file on release: a lock on an unlinked inode is no lock, retry
+            if os.stat(lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 @contextmanager
 def exclusive_lock(lock_file: str, owner_file: str, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``what`` or raise :class:`LockError` naming its holder."""
-    lock = FileLock(lock_file, timeout=0, thread_local=False)
-    try:
-        lock.acquire()
-    except Timeout:
+    fd = _try_lock(lock_file)
+    if fd is None:
         raise LockError(f"{what} is being written by {_holder(owner_file)}; wait for it to finish or stop it "
-                        f"(lock file {lock_file})") from None
+                        f"(lock file {lock_file})")
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        with open(owner_file, "w") as f:
+        if os.path.lexists(owner_file):  # a killed holder's, or a planted link: removed, never written through
+            os.remove(owner_file)
+        with os.fdopen(_open_nofollow(owner_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "w") as f:
             json.dump(owner, f)
         yield
     finally:
@@ -69,7 +102,7 @@ def exclusive_lock(lock_file: str, owner_file: str, what: str) -> Iterator[None]
                 os.remove(path)
             except OSError:
                 pass
-        lock.release()
+        os.close(fd)
 
 
 def store_lock(out: str | os.PathLike, remote: bool) -> ContextManager:
@@ -79,6 +112,9 @@ def store_lock(out: str | os.PathLike, remote: bool) -> ContextManager:
                       "(another build, convert or import of the same URL) is not detected; run one at a time",
                       stacklevel=3)
         return nullcontext()
+    if os.path.islink(out):
+        raise LockError(f"store {os.fspath(out)!r} is a symbolic link (to {os.path.realpath(out)!r}); writers refuse "
+                        "links (an overwrite would replace the link, not the store): pass its target")
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
     return exclusive_lock(sibling(out, "lock"), sibling(out, "owner"), f"store {os.fspath(out)!r}")
 

@@ -1,4 +1,5 @@
-"""The store schema: the typed form of a store's ``hald_store`` attributes (format version 1).
+"""The store schema: the typed form of a store's ``hald_store`` attributes (format version 2;
+format 1 differs only in the codec's form, which :meth:`LabelCodec.from_dict` reads).
 
 :class:`StoreSettings` says everything needed to reproduce a store: the teacher, the label
 codec, the crop policy, how crops are rendered (:class:`RenderSpec`), the plan seed, the counts,
@@ -30,7 +31,7 @@ TEACHER_MODES = ("eval", "train")  # train: BatchNorm on each labelling batch's 
 # and every image of a block uses the same crop seed in an epoch, so an epoch reads ~1/S of the labels.
 LAYOUTS = ("block", "sharded")
 # Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
-NOT_SETTINGS = ("format", "format_version", "integrity")
+NOT_SETTINGS = ("format", "format_version", "integrity", "identity")
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -42,8 +43,8 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
 def _require(d: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
-        raise StoreError(f"{what} lacks {preview(map(repr, missing))}: the store is damaged or not hald-store "
-                         "format 1")
+        raise StoreError(f"{what} lacks {preview(map(repr, missing))}: the store is damaged or not a hald-store "
+                         "store")
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,7 @@ class StoreSettings:
                 library_version=d.get("library_version", "unknown"),
                 extra={k: v for k, v in d.items() if k not in known})
         except (TypeError, ValueError) as e:
-            raise StoreError(f"the store attributes are not valid hald-store format 1: {e}") from e
+            raise StoreError(f"the store attributes are not valid hald-store settings: {e}") from e
 
     def reencoded(self, codec: LabelCodec) -> "StoreSettings":
         """These settings with the labels re-encoded as ``codec``."""

@@ -7,6 +7,7 @@ Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
     images/label   (N,)       int32   hard label (class index)
     images/nbytes  (N,)       int64   file size in bytes
     images/blake2b (N, 16)    uint8   BLAKE2b-128 of the file
+    images/mtime_ns (N,)      int64   modification time in ns (absent in older stores: unknown)
     images/height, images/width (N,) int32
     crops/box      (N, S, 4)  int32   (top, left, height, width) in image pixels
     crops/flip     (N, S)     bool    horizontal flip
@@ -22,12 +23,15 @@ images of a block share one crop seed (:func:`~hald_store.order.epoch_crop_seeds
 inner chunk per block and array (plus the shard's index) instead of the whole file.
 
 Every chunk carries a CRC32C checksum (Zarr's ``crc32c`` codec) and is written even when it
-holds only fill values, so a damaged or missing chunk is an error when read, never zeros
-(stores made before checksums, without the ``integrity`` attribute, are still read).
+holds only fill values, so a damaged or missing chunk is an error when read, never zeros. A
+store counts as checksummed when its arrays' own metadata lists the codec, whatever its root
+attributes say (stores made before checksums, without the codec, are still read).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -48,13 +52,23 @@ from .order import epoch_crop_seeds
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the label codec is recorded as {"name", "configuration"}
+READABLE_FORMAT_VERSIONS = (1, 2)
 ATTR_KEY = "hald_store"
 # Recorded by stores whose chunks all carry a checksum and are all written (fill values too).
 INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
 # Attributes that describe the store but are not build settings (ignored by resume checks).
 _NON_SETTINGS = (*NOT_SETTINGS, "library_version")
 _WRITE_EMPTY = {"write_empty_chunks": True}  # a missing chunk then always means a lost one
+
+
+def store_identity(settings: StoreSettings) -> str:
+    """The content fingerprint of a store with these settings (which include the images' content
+    hashes, the teacher's weights, the codec and the crop plan): written as the ``identity``
+    attribute at creation, so every swap brings the new store's; readers and training checkpoints
+    compare it to notice a store rebuilt differently under the same path."""
+    d = {k: v for k, v in settings.to_dict().items() if k not in _NON_SETTINGS}
+    return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 def default_compressor() -> BloscCodec:
@@ -283,15 +297,22 @@ class LabelStore:
             raise StoreError(f"store {path!r}: {e}") from e
         self.codec = self.settings.codec
         self.crop_policy = self.settings.crop_policy
+        self.identity: str = self.attrs.get("identity") or store_identity(self.settings)
         self._done_cache: np.ndarray | None = None
         self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
+        # every chunk carries a checksum and is written (older stores read the same, without these guarantees)
+        self.checksums = self.attrs.get("integrity") == INTEGRITY or self._crc32c_codec()
 
-    @property
-    def checksums(self) -> bool:
-        """Whether every chunk carries a checksum and every chunk is written (stores made since
-        checksums were introduced); older stores read the same, without these guarantees."""
-        return self.attrs.get("integrity") == INTEGRITY
+    def _crc32c_codec(self) -> bool:
+        """Whether the arrays' own metadata lists the crc32c codec (so deleting the ``integrity``
+        attribute does not turn damaged chunks into zeros)."""
+        for name in ("crops/box", "images/path"):
+            try:
+                return any(isinstance(c, Crc32cCodec) for c in self.group[name].metadata.codecs)
+            except Exception:  # a missing array is reported by whoever reads it
+                continue
+        return False
 
     def array(self, name: str) -> CheckedArray:
         """The array ``name`` (e.g. ``"labels/indices"``), opened once and cached; its reads
@@ -314,6 +335,7 @@ class LabelStore:
     def array_names(self) -> list[str]:
         """Every array a store of this kind holds."""
         names = [f"images/{k}" for k in ("path", "label", "nbytes", "blake2b", "height", "width")]
+        names += ["images/mtime_ns"] if "images/mtime_ns" in self.group else []
         names += ["crops/box", "crops/flip"] + [f"labels/{k}" for k in self.codec.fields()]
         if self.batch_mode:
             names += [f"batches/{k}" for k in ("members", "perm", "lam", "box")]
@@ -343,10 +365,10 @@ class LabelStore:
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{path!r} is a Zarr group but not a hald-store store (no '{ATTR_KEY}' attributes)")
         version = attrs.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise StoreError(
-                f"store {path!r} has format version {version!r}; this hald-store reads version "
-                f"{FORMAT_VERSION} only (upgrade hald-store, or rebuild the store)"
+                f"store {path!r} has format version {version!r}; this hald-store reads versions "
+                f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))} (upgrade hald-store, or rebuild the store)"
             )
         store = cls(group, path, storage_options)
         if not allow_incomplete and not store.complete:
@@ -418,6 +440,8 @@ class LabelStore:
             put("images/blake2b", manifest.digests, (ci, manifest.digests.shape[1]))
             put("images/height", manifest.heights.astype(np.int32), (ci,))
             put("images/width", manifest.widths.astype(np.int32), (ci,))
+            if manifest.mtimes is not None:
+                put("images/mtime_ns", manifest.mtimes.astype(np.int64), (ci,))
             box, flip = per_crop("crops/box", np.int32, (4,), s), per_crop("crops/flip", bool, (), s)
             for start in range(0, n, ci):
                 stop = min(start + ci, n)
@@ -431,7 +455,7 @@ class LabelStore:
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=[Crc32cCodec()])
             g.attrs[ATTR_KEY] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **settings.to_dict(),
-                                 "integrity": INTEGRITY}
+                                 "integrity": INTEGRITY, "identity": store_identity(settings)}
             if not remote:
                 os.rename(tmp, path)
         except BaseException:
@@ -526,19 +550,31 @@ class LabelStore:
             )
 
     # ---------------------------------------------------------------- manifest
+    def check_classes(self, name: str, values: np.ndarray) -> np.ndarray:
+        """``values`` (class indices read from array ``name``), or a :class:`StoreError` naming the
+        store and the array when one lies outside ``[0, num_classes)``."""
+        if values.size and (int(values.min()) < 0 or int(values.max()) >= self.num_classes):
+            bad = int(values.min()) if int(values.min()) < 0 else int(values.max())
+            raise StoreError(f"store {self.path!r}: array {name!r} holds class index {bad}, outside [0, "
+                             f"{self.num_classes}) of this store: the store is damaged; rebuild it, or restore it "
+                             "from a copy")
+        return values
+
     def manifest(self) -> Manifest:
         """The images the store was built from (read once, then cached)."""
         if self._manifest is None:
             a = self.array
             self._manifest = Manifest(
                 paths=[str(p) for p in a("images/path")[:]],
-                labels=a("images/label")[:].astype(np.int64),
+                labels=self.check_classes("images/label", a("images/label")[:].astype(np.int64)),
                 class_names=self.class_names,
                 nbytes=a("images/nbytes")[:],
                 digests=a("images/blake2b")[:],
                 heights=a("images/height")[:],
                 widths=a("images/width")[:],
+                mtimes=a("images/mtime_ns")[:] if "images/mtime_ns" in self.group else None,
                 skipped=[dict(s) for s in self.settings.skipped],
+                source=f"store {self.path!r}",
             )
         return self._manifest
 
@@ -573,7 +609,9 @@ class LabelStore:
     def read_fields(self, images, seeds) -> dict[str, np.ndarray]:
         """Raw codec fields for crops ``(images[i], seeds[i])``."""
         images, seeds = self._coords(images, seeds)
-        return {name: self._gather(f"labels/{name}", images, seeds) for name in self.codec.fields()}
+        fields = {name: self._gather(f"labels/{name}", images, seeds) for name in self.codec.fields()}
+        self.check_classes("labels/indices", fields["indices"])
+        return fields
 
     def read(self, images, seeds) -> TopKLabels:
         """Decoded top-k labels for crops ``(images[i], seeds[i])``."""
@@ -588,11 +626,33 @@ class LabelStore:
         images, seeds = self._coords(images, seeds)
         return self._gather("crops/box", images, seeds), self._gather("crops/flip", images, seeds)
 
+    def check_identity(self) -> None:
+        """Raise :class:`StoreError` if the store at this path is no longer the one opened (rebuilt or
+        converted with other settings or images, or removed): its labels would not match."""
+        try:
+            now = LabelStore(_open_group(self.path, "r", self.storage_options), self.path, self.storage_options).identity
+        except Exception as e:  # gone, mid-swap, or no longer a store
+            now = f"unreadable ({type(e).__name__})"
+        if now != self.identity:
+            raise StoreError(f"store {self.path!r} was replaced while in use (identity {self.identity} is now {now}): "
+                             "the labels read so far belong to the old store; restart with the new one")
+
     def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images
         outside ``images``, when given, are left zero), reading each block that holds one of those
         images once, and of it only the crop seeds from the smallest to the largest used there
-        (one inner chunk per block of a sharded store): how a loader fetches an epoch."""
+        (one inner chunk per block of a sharded store): how a loader fetches an epoch. The
+        store's identity is checked before and after (:meth:`check_identity`)."""
+        self.check_identity()
+        try:
+            out = self._read_one_crop_per_image(seeds, images)
+        except StoreError:
+            self.check_identity()  # a store swapped under the read looks damaged: say what happened
+            raise
+        self.check_identity()
+        return out
+
+    def _read_one_crop_per_image(self, seeds, images) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
@@ -607,6 +667,7 @@ class LabelStore:
             for name in names:
                 out[name][ids] = self.array(name)[start:stop, lo:hi][ids - start, seeds[ids] - lo]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
+        self.check_classes("labels/indices", fields["indices"])
         return fields, out["crops/box"], out["crops/flip"]
 
     def block_shape(self, block: int) -> tuple[int, ...]:

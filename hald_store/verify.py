@@ -102,12 +102,17 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
                 report.problems.append(str(e))
                 _damaged(report, block)
                 continue
-            if name == "labels/indices" and data.size and int(data.max()) >= store.num_classes:
+            if name == f"labels/{store.codec.index_field}" and data.size and int(data.max()) >= store.num_classes:
                 report.problems.append(f"store {store.path!r}: array {name!r} chunk {coords} (file "
                                        f"{arr.chunk_key(coords)}) holds class index {int(data.max())} of a "
                                        f"{store.num_classes}-class store: the chunk is damaged")
                 _damaged(report, block)
     report.arrays += 1  # progress/block_done, read above
+    try:  # the image paths are what a loader would open
+        store.manifest()
+    except StoreError as e:
+        report.problems.append(str(e))
+        report.only_label_damage = False
     return report
 
 

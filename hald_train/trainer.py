@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -223,19 +225,29 @@ class Trainer:
         return {
             "epoch": self.epoch, "config": self.config.settings(), "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "store_identity": self.store.identity,
         }
 
     def _resume(self) -> None:
         path = self.out / CHECKPOINT
         if not path.exists():
             raise HaldStoreError(f"cannot resume: no {CHECKPOINT} in {str(self.out)!r}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        try:  # weights_only: tensors, dicts, lists, numbers and strings; a pickled object cannot run code
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise HaldStoreError(f"cannot resume from {str(path)!r}: it holds objects other than tensors, numbers and "
+                                 f"strings{f' ({what[1]})' if what else ''}; hald-train did not write it, and it was "
+                                 "not loaded") from None
         diff = settings_diff(state["config"], self.config.settings())
         if diff:
             raise SettingsMismatchError(
                 f"cannot resume the run in {str(self.out)!r} with different settings:\n  " + "\n  ".join(diff)
             )
+        if state.get("store_identity", self.store.identity) != self.store.identity:
+            raise SettingsMismatchError(f"cannot resume the run in {str(self.out)!r}: store {self.config.store!r} is not "
+                                        "the one it trained on (rebuilt with other settings or images); use that "
+                                        "store, or start a new run")
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -1,4 +1,5 @@
-"""Shared fixtures: real data from ../shared/data (skipped with a reason when absent)."""
+"""Shared fixtures and helpers: real data from ../shared/data (skipped with a reason when absent),
+small real stores, a teacher that breaks, the CLI runner."""
 
 from __future__ import annotations
 
@@ -9,11 +10,22 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zarr
+from click.testing import CliRunner
+from torch import nn
 
-from hald_store.models import load_teacher
+from hald_store import EvalLoader, LabelStore, build_store
+from hald_store.cli import main
+from hald_store.models import load_teacher, resolve_model
 from hald_store.testing import shared_data_dir, shared_data_path
+from hald_train.trainer import evaluate
+
+# A small, fast build: 4 crops of 32 px per image, top-3 uint8, blocks of 8 images.
+SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
+             backend="torchvision", progress=False)
 
 
 def require_data(*parts: str) -> Path:
@@ -53,6 +65,17 @@ def small_folder(tmp_path, cifar_mini_train) -> Path:
     return copy_subset(cifar_mini_train, tmp_path / "images", classes=3, per_class=8)
 
 
+def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, textured, photo-like RGB array (what JPEG is made for)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 128 + 90 * np.sin(x / 23.0 + y / 41.0) + 20 * np.sin(x / 3.1)
+    g = 128 + 80 * np.cos(y / 17.0) * np.sin(x / 57.0) + 15 * np.cos((x + y) / 4.3)
+    b = 128 + 100 * np.sin((x - 2 * y) / 35.0)
+    arr = np.stack([r, g, b], -1) + rng.normal(0, 6, (h, w, 3))
+    return arr.clip(0, 255).astype(np.uint8)
+
+
 def agreeing(teacher, batch) -> int:
     """How many crops of a SoftBatch the teacher, re-run on its images, gives the stored top-1."""
     with torch.inference_mode():
@@ -72,3 +95,56 @@ def kill_after_blocks(cmd: list[str], store: Path, blocks: int = 3) -> None:
     assert proc.poll() is None, "build finished before it could be killed: " + proc.stdout.read().decode()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def tiny_store(root: Path, teacher: nn.Module, classes: int, per_class: int, **options) -> tuple[Path, Path]:
+    """Copy ``classes`` x ``per_class`` real cifar10-mini images to ``root/images`` and label them
+    with ``teacher`` into ``root/s.zarr`` (``options``: :class:`~hald_store.BuildConfig` keywords);
+    returns (store, images)."""
+    images = copy_subset(require_data("cifar10-mini", "train"), root / "images", classes, per_class)
+    build_store(images, root / "s.zarr", teacher, **{"progress": False, **options})
+    return root / "s.zarr", images
+
+
+class NaNTeacher(nn.Module):
+    """A real teacher that breaks (NaN outputs) from its ``from_call``-th forward pass on (a build's
+    probe is call 1) and for images whose mean pixel exceeds ``bright_from``; None: never."""
+
+    def __init__(self, teacher: nn.Module, from_call: int | None = None, bright_from: float | None = None) -> None:
+        super().__init__()
+        self.teacher, self.from_call, self.bright_from, self.calls = teacher, from_call, bright_from, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.teacher(x)
+        if self.from_call is not None and self.calls >= self.from_call:
+            return out * float("nan")
+        if self.bright_from is not None:
+            return torch.where(x.mean(dim=(1, 2, 3))[:, None] > self.bright_from, out * float("nan"), out)
+        return out
+
+
+def run_cli(*args):
+    """``hald-store ARGS`` in-process (arguments may be paths)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_stores_equal(a: Path, b: Path) -> None:
+    """Same attributes, same arrays, same values."""
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    assert dict(ga.attrs) == dict(gb.attrs)
+    names_a = sorted(name for name, _ in ga.arrays()) + sorted(f"{g}/{n}" for g, sub in ga.groups() for n, _ in sub.arrays())
+    names_b = sorted(name for name, _ in gb.arrays()) + sorted(f"{g}/{n}" for g, sub in gb.groups() for n, _ in sub.arrays())
+    assert names_a == names_b and names_a
+    for name in names_a:
+        np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
+
+
+def reevaluate(run: Path, store: Path, val: Path, student: str = "cifar_resnet20") -> dict[str, float]:
+    """Top-1/top-5 of a finished run's ``model.pt`` on ``val``, computed anew (to check ``final.json``)."""
+    s = LabelStore.open(store)
+    spec = s.render_spec
+    net = resolve_model(student, s.num_classes)
+    net.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    return evaluate(net, EvalLoader(val, input_size=spec.size, mean=spec.mean, std=spec.std,
+                                    class_names=s.class_names, device="cpu"))

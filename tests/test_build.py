@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from torch import nn
 
 from hald_store import LabelStore, build_store
 from hald_store.cli import main
@@ -21,21 +19,7 @@ from hald_store.errors import (HaldStoreError, ImageError, ManifestMismatchError
 from hald_store.models import load_checkpoint, resolve_model
 from hald_store.render import make_renderer, read_files
 
-from .conftest import require_data
-
-SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
-             backend="torchvision", progress=False)
-
-
-def assert_stores_equal(a: Path, b: Path) -> None:
-    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
-    assert dict(ga.attrs) == dict(gb.attrs)
-    names_a = sorted(name for name, _ in ga.arrays()) + sorted(f"{g}/{n}" for g, sub in ga.groups() for n, _ in sub.arrays())
-    names_b = sorted(name for name, _ in gb.arrays()) + sorted(f"{g}/{n}" for g, sub in gb.groups() for n, _ in sub.arrays())
-    assert names_a == names_b and names_a
-    for name in names_a:
-        np.testing.assert_array_equal(ga[name][...], gb[name][...], err_msg=name)
-
+from .conftest import SMALL, NaNTeacher, assert_stores_equal, copy_subset, kill_after_blocks, require_data, run_cli
 
 def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
     out = tmp_path / "s.zarr"
@@ -64,7 +48,7 @@ def test_round_trip_matches_teacher(small_folder, tmp_path, resnet20):
     # Attributes say how it was made.
     a = store.attrs
     assert a["teacher"]["name"] == "cifar_resnet20" and a["plan_seed"] == 0 and a["input_size"] == 32
-    assert a["codec"]["values"] == "uint8" and a["renderer"]["backend"] == "torchvision"
+    assert a["codec"]["name"] == "uint8" and a["renderer"]["backend"] == "torchvision"
 
 
 def test_rebuild_is_identical_and_resume_of_complete_store_is_noop(small_folder, tmp_path, resnet20):
@@ -149,7 +133,6 @@ def test_verify_fails_against_other_teacher(mini_store, cifar_mini_train):
 
 
 def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
-    from .conftest import copy_subset, kill_after_blocks
 
     images = copy_subset(cifar_mini_train, tmp_path / "images", classes=10, per_class=8)
     ckpt = require_data("teachers", "cifar10-resnet56.th")
@@ -171,10 +154,6 @@ def test_kill_9_then_resume_gives_identical_store(tmp_path, cifar_mini_train):
 
 
 # ------------------------------------------------------------------ bad input
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
 def test_missing_and_empty_image_folder(tmp_path, resnet20):
     with pytest.raises(ImageError, match="does not exist"):
         build_store(tmp_path / "nope", tmp_path / "s.zarr", resnet20, **SMALL)
@@ -278,25 +257,13 @@ def test_resume_with_changed_images_is_refused(small_folder, tmp_path, resnet20)
         LabelStore.open(out).check_images(small_folder)
 
 
-class NaNAfter(nn.Module):
-    """A real teacher whose outputs turn NaN for images of one class (a broken teacher)."""
-
-    def __init__(self, teacher: nn.Module, bad_from: float) -> None:
-        super().__init__()
-        self.teacher, self.bad_from = teacher, bad_from
-
-    def forward(self, x):
-        out = self.teacher(x)
-        return torch.where(x.mean(dim=(1, 2, 3), keepdim=False)[:, None] > self.bad_from, out * float("nan"), out)
-
-
 def test_nan_teacher_names_images_and_keeps_finished_blocks(small_folder, tmp_path, resnet20):
     out = tmp_path / "s.zarr"
     with pytest.raises(TeacherOutputError, match="NaN/Inf .*jpg"):
-        build_store(small_folder, out, NaNAfter(resnet20, bad_from=-10.0), **SMALL)
+        build_store(small_folder, out, NaNTeacher(resnet20, bright_from=-10.0), **SMALL)
     assert not out.exists()  # caught by the probe before anything was written
     # A teacher that breaks mid-build keeps the blocks finished before.
-    flaky = NaNAfter(resnet20, bad_from=0.6)
+    flaky = NaNTeacher(resnet20, bright_from=0.6)
     with pytest.raises(TeacherOutputError, match="finished blocks are kept"):
         build_store(small_folder, out, flaky, **SMALL)
 
@@ -306,7 +273,7 @@ def test_unknown_format_version_and_non_store(tmp_path, small_folder, resnet20):
     build_store(small_folder, out, resnet20, **SMALL)
     g = zarr.open_group(str(out), mode="r+")
     g.attrs["hald_store"] = {**g.attrs["hald_store"], "format_version": 99}
-    with pytest.raises(StoreError, match="format version 99; this hald-store reads version 1"):
+    with pytest.raises(StoreError, match="format version 99; this hald-store reads versions 1, 2"):
         LabelStore.open(out)
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(StoreError, match="not a hald-store store"):
@@ -327,7 +294,7 @@ def test_convert_reencodes_labels_and_keeps_crops(tmp_path, small_folder, resnet
     assert r.exit_code == 0, r.output
     assert "label bytes" in r.output and "B/crop" in r.output
     conv, ref = LabelStore.open(tmp_path / "conv.zarr"), LabelStore.open(direct)
-    assert conv.attrs["codec"] == ref.attrs["codec"] and conv.attrs["reencoded_from"]["values"] == "fp32"
+    assert conv.attrs["codec"] == ref.attrs["codec"] and conv.attrs["reencoded_from"]["name"] == "fp32"
     assert np.array_equal(conv.array("crops/box")[:], ref.array("crops/box")[:])
     i, s = np.divmod(np.arange(conv.num_crops), 3)
     a, b = conv.read(i, s), ref.read(i, s)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,14 +28,20 @@ from hald_store.codec import (
     VALUE_CODECS,
     LabelCodec,
     TopKLabels,
+    ValueCodec,
     dense_fp16_bytes_per_crop,
     dense_fp16_probs,
+    register_value_codec,
 )
+from hald_store.convert import reencode_store
 from hald_store.errors import HaldStoreError, StoreError, TeacherOutputError
+from hald_store.store import LabelStore
+from hald_store.verify import check_integrity, verify_store
+from hald_train import TrainConfig, Trainer
 
 T_BUILD = 4.0
 TEMPS = (T_BUILD, 1.0, 20.0)
-LEVELS = {"uint8": 255, "uint4": 15}
+LEVELS = {"uint8": 255, "uint4": 15, "uint2": 3}
 CASES = [(10, 1), (10, 5), (10, 9), (10, 10), (100, 5), (100, 20), (1000, 10), (1000, 1)]
 
 
@@ -339,7 +347,7 @@ def test_huge_logit_range_clamps_to_fp16_max(values):
         # documented: gaps are clamped to 65504 (the largest float16)
         assert np.all(dg <= 65504.0)
         assert np.all(dg[:, -1] == 65504.0)
-        assert np.all(np.abs(dg[:10, 0] - 3.0) <= (65504.0 / 15 if values == "uint4" else 65504 / 255))
+        assert np.all(np.abs(dg[:10, 0] - 3.0) <= 65504.0 / LEVELS.get(values, 255))  # a tiny gap: code 1, not 0
     # the clamp is invisible in the probabilities for any practical temperature
     for t in (1.0, 20.0, 100.0):
         ref = torch.from_numpy(np.exp(log_softmax(smoothed_dense(idx, g, c), t))).float()
@@ -467,15 +475,58 @@ def test_uint4_packing_low_nibble_first():
     assert np.all(codes <= 15)
 
 
+def test_uint2_packs_four_codes_per_byte_lowest_bits_first():
+    z = realistic_logits(50, 100, seed=16)
+    codec = LabelCodec("uint2", 7, 100, T_BUILD)  # m - 1 = 6 codes -> 2 bytes, the last 2 pairs padding
+    enc = codec.encode(z)
+    assert enc["codes"].shape == (50, 2) and codec.bytes_per_crop() == 7 + 2 + 2
+    assert np.all(enc["codes"][:, -1] >> 4 == 0)
+    codes = np.stack([(enc["codes"] >> s) & 3 for s in (0, 2, 4, 6)], axis=2).reshape(50, 8)[:, :6]
+    assert np.all(np.diff(codes, axis=1) >= 0) and codes.max() == 3  # ascending gaps, all four levels used
+    s = enc["scale"].astype(np.float32)[:, None]
+    assert np.allclose(-codec.decode(enc).logits.numpy()[:, 1:], codes * s / 3, rtol=1e-6)
+
+
 def test_codec_dict_roundtrip():
     for values in VALUE_CODECS:
         codec = LabelCodec(values, 10, 1000, 4.0)
         d = json.loads(json.dumps(codec.to_dict()))
         assert LabelCodec.from_dict(d) == codec
-    with pytest.raises(ValueError, match="version"):
-        LabelCodec.from_dict({**LabelCodec("fp16", 1, 2, 1.0).to_dict(), "version": 99})
+    assert LabelCodec("uint4", 3, 10, 2.0).to_dict() == {
+        "name": "uint4", "configuration": {"version": 1, "levels": 15, "bits": 4, "top_k": 3, "num_classes": 10,
+                                           "temperature": 2.0}}
+    conf = LabelCodec("fp16", 1, 2, 1.0).to_dict()["configuration"]
+    with pytest.raises(ValueError, match="'fp16' version 99 is not supported"):
+        LabelCodec.from_dict({"name": "fp16", "configuration": {**conf, "version": 99}})
+    with pytest.raises(ValueError, match="'int3' is not known"):
+        LabelCodec.from_dict({"name": "int3", "configuration": conf})
+    with pytest.raises(ValueError, match="written with levels=127"):
+        LabelCodec.from_dict({"name": "uint8", "configuration": {**conf, "version": 1, "levels": 127}})
+    with pytest.raises(ValueError, match="lack 'name' and 'configuration'"):
+        LabelCodec.from_dict({"name": "fp16"})
     with pytest.raises(ValueError, match="top_k"):
-        LabelCodec.from_dict({"values": "fp16", "num_classes": 2, "temperature": 1.0})
+        LabelCodec.from_dict({"name": "fp16", "configuration": {"version": 1, "num_classes": 2, "temperature": 1.0}})
+
+
+@pytest.mark.parametrize("values", ["fp32", "fp16", "uint8", "uint4"])
+def test_format_1_codec_settings_still_read(values):
+    old = {"version": 1, "values": values, "top_k": 3, "num_classes": 10, "temperature": 20.0}
+    assert LabelCodec.from_dict(old) == LabelCodec(values, 3, 10, 20.0)
+    with pytest.raises(ValueError, match="version 2"):
+        LabelCodec.from_dict({**old, "version": 2})
+    with pytest.raises(ValueError, match="top_k"):
+        LabelCodec.from_dict({k: v for k, v in old.items() if k != "top_k"})
+
+
+def test_value_codecs_are_registered_classes():
+    assert list(VALUE_CODECS)[:4] == ["fp32", "fp16", "uint8", "uint4"]
+    assert all(issubclass(cls, ValueCodec) and cls.name == name for name, cls in VALUE_CODECS.items())
+    codec = LabelCodec("uint4", 3, 10, 1.0)
+    assert isinstance(codec.value_codec, VALUE_CODECS["uint4"]) and codec.index_field in codec.fields()
+    with pytest.raises(ValueError, match="'uint8' is already registered"):
+        register_value_codec(type("Again", (ValueCodec,), {"name": "uint8"}))
+    with pytest.raises(TypeError):
+        VALUE_CODECS["x"] = ValueCodec  # read-only: register_value_codec is the one way in
 
 
 def test_dense_fp16_probs():
@@ -543,3 +594,31 @@ def test_decode_rejects_inconsistent_fields():
         codec.decode({**enc, "codes": enc["codes"][:, :1]})
     with pytest.raises(StoreError, match="scale"):
         codec.decode({**enc, "scale": enc["scale"][:4]})
+
+
+# ---------------------------------------------------------------------------------- format 1
+FORMAT1 = Path(__file__).resolve().parent / "data" / "format1"  # written by make_format1.py (format-1 code)
+
+
+def test_format_1_store_opens_reads_trains_verifies_and_converts(tmp_path, resnet20):
+    root = Path(shutil.copytree(FORMAT1, tmp_path / "format1"))
+    store = LabelStore.open(root / "store")
+    assert store.attrs["format_version"] == 1 and store.attrs["codec"]["values"] == "uint4"
+    assert store.codec == LabelCodec("uint4", 3, 10, 20.0)
+    images, seeds = np.divmod(np.arange(store.num_images * store.crops_per_image), store.crops_per_image)
+    labels, want = store.read(images, seeds), np.load(root / "labels.npz")
+    for name in ("indices", "logits", "rest_logit"):
+        assert np.array_equal(getattr(labels, name).numpy(), want[name]), name
+    assert check_integrity(store).passed
+    report = verify_store(store, root / "images", resnet20, sample=18, device="cpu")
+    assert report.passed and report.num_crops == 18, str(report)
+    run = tmp_path / "run"
+    Trainer(TrainConfig(store=str(root / "store"), images=str(root / "images"), out_dir=str(run), schedule="soft:1",
+                        batch_size=6, device="cpu", progress=False)).run()
+    (line,) = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line["kind"] == "soft" and math.isfinite(line["loss"]) and line["loss"] > 0
+    new = reencode_store(store, tmp_path / "new", top_k=2, values="uint8", progress=False)
+    assert new.attrs["format_version"] == 2 and new.attrs["codec"]["name"] == "uint8"
+    assert new.settings.reencoded_from == store.codec
+    expect = new.codec.encode(labels.dense_logits())  # what convert promises: decode, then encode anew
+    assert all(np.array_equal(got, expect[k]) for k, got in new.read_fields(images, seeds).items())

@@ -15,7 +15,7 @@ from hald_store import LabelStore, build_store, scan_image_folder
 from hald_store.errors import ImageError
 from hald_store.render import dali_available, make_renderer
 
-from .test_build import SMALL
+from .conftest import SMALL
 
 
 def test_gif_named_jpg_is_caught_by_the_scan(small_folder, tmp_path, resnet20):

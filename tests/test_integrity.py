@@ -8,6 +8,7 @@ disk, a sync tool or a careless `rm` would, and checks that readers, loaders, `i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,24 +18,17 @@ import zarr
 from click.testing import CliRunner
 
 from hald_store import LabelStore, SoftLabelLoader, build_store
-from hald_store.cli import main
 from hald_store.errors import StoreError
 from hald_store.store import ATTR_KEY, default_compressor
 from hald_store.verify import check_integrity
 
-from .conftest import copy_subset, require_data
-
-SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
-             backend="torchvision", progress=False)
+from .conftest import SMALL, require_data, run_cli, tiny_store
 CHUNK = "labels/indices/c/1/0/0"  # the label chunk of block 1 (images 8..15)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, cifar_mini_train, resnet20):
-    root = tmp_path_factory.mktemp("integrity")
-    images = copy_subset(cifar_mini_train, root / "images", classes=3, per_class=8)
-    build_store(images, root / "good.zarr", resnet20, **SMALL)
-    return root / "good.zarr", images
+def built(tmp_path_factory, resnet20):
+    return tiny_store(tmp_path_factory.mktemp("integrity"), resnet20, classes=3, per_class=8, **SMALL)
 
 
 @pytest.fixture
@@ -56,10 +50,6 @@ TAMPER = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
     "zero-length": lambda p: p.write_bytes(b""),
 }
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("how", list(TAMPER))
@@ -116,7 +106,7 @@ def test_deleted_metadata_is_a_clear_error(store_copy, what):
     name = what.removesuffix("/zarr.json") if what.endswith("zarr.json") else "progress/block_done"
     for args in (["info", out], ["verify", out]):
         r = run_cli(*args)
-        assert r.exit_code == 1 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+        assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
         assert f"has no array '{name}'" in r.output, r.output
         assert "Traceback" not in r.output
 
@@ -165,7 +155,13 @@ def test_verify_modes_and_image_hashes(built, tmp_path, cifar_mini_train):
     _flip(swapped / "bird" / "0002.jpg")
     r = run_cli("verify", good, swapped)
     assert r.exit_code == 1 and "1 changed (bird/0002.jpg)" in r.output, r.output
+    r = run_cli("verify", good, swapped, "--no-check-hashes")  # its modification time gives it away
+    assert r.exit_code == 1 and "1 changed (bird/0002.jpg)" in r.output, r.output
+    manifest = LabelStore.open(good).manifest()
+    recorded = int(manifest.mtimes[manifest.paths.index("bird/0002.jpg")])
+    os.utime(swapped / "bird" / "0002.jpg", ns=(recorded, recorded))  # a forger who keeps the time: only hashes see it
     assert run_cli("verify", good, swapped, "--no-check-hashes").exit_code == 0
+    assert run_cli("verify", good, swapped).exit_code == 1
     r = run_cli("verify", good, swapped, "--deep", "--teacher", "cifar_resnet20", "--checkpoint", ckpt)
     assert r.exit_code == 1 and "bird/0002.jpg" in r.output
     # flags that need --deep, and bad numbers

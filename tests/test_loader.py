@@ -20,17 +20,14 @@ from hald_store.loader import HARD_CROP_STREAM, in_background
 from hald_store.crop_plan import plan_crops
 from hald_store.render import default_threads, read_files
 
-from .conftest import agreeing, copy_subset, require_data
+from .conftest import agreeing, tiny_store
 
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, resnet20):
     """A store over 3 classes x 8 real CIFAR images, 5 crops each (copy of the images alongside)."""
-    src = require_data("cifar10-mini", "train")
-    root = copy_subset(src, tmp_path_factory.mktemp("loader") / "images", classes=3, per_class=8)
-    out = root.parent / "s.zarr"
-    build_store(root, out, resnet20, num_classes=10, crops_per_image=5, top_k=3, values="uint8", input_size=32,
-                progress=False)
+    out, root = tiny_store(tmp_path_factory.mktemp("loader"), resnet20, classes=3, per_class=8, num_classes=10,
+                           crops_per_image=5, top_k=3, values="uint8", input_size=32)
     return LabelStore.open(out), root
 
 
@@ -157,7 +154,9 @@ def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
         assert np.array_equal(ahead.extra["fields"][name], values)
     replaced = type(loader.source)(store, 5.0, True, loader.seed)
     loader.source = replaced  # a plan made for the old source is not used
-    assert loader._ahead[0] is not replaced and loader.epoch_crops(2) is not None
+    assert loader._ahead[0] is not replaced
+    got, want = loader.epoch_crops(2), replaced.crops(loader.manifest, 2)
+    assert np.array_equal(got.boxes, want.boxes) and not np.array_equal(got.boxes, ahead.boxes)
     assert loader._ahead[0] is replaced and loader._ahead[1] == 3
 
 

@@ -12,6 +12,8 @@ import torch
 from hald_store import LabelStore, SoftLabelLoader, build_store
 from hald_store.errors import StoreError, TeacherOutputError
 
+from .conftest import NaNTeacher
+
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the loopback S3 server")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is needed for s3:// stores")
 
@@ -64,25 +66,13 @@ def test_interrupted_remote_build_is_not_valid_and_resumes(s3, tmp_path, small_f
     kw = dict(num_classes=10, crops_per_image=3, top_k=4, input_size=32, chunk_images=4, batch_size=6,
               progress=False)
     url = "s3://labels/run2/store.zarr"
-    calls = {"n": 0}
-
-    class Flaky(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            calls["n"] += 1
-            out = self.inner(x)
-            return out * float("nan") if calls["n"] == 4 else out  # the probe is call 1
-
     with pytest.raises(TeacherOutputError):
-        build_store(small_folder, url, Flaky(resnet20), storage_options=s3, **kw)
+        build_store(small_folder, url, NaNTeacher(resnet20, from_call=4), storage_options=s3, **kw)
     with pytest.raises(StoreError, match="incomplete"):
         LabelStore.open(url, storage_options=s3)
     partial = LabelStore.open(url, storage_options=s3, allow_incomplete=True)
     assert 0 < partial.block_done().sum() < partial.num_blocks
-    build_store(small_folder, url, Flaky(resnet20), storage_options=s3, resume=True, **kw)
+    build_store(small_folder, url, NaNTeacher(resnet20), storage_options=s3, resume=True, **kw)
     build_store(small_folder, tmp_path / "clean.zarr", resnet20, **kw)
     clean, resumed = LabelStore.open(tmp_path / "clean.zarr"), LabelStore.open(url, storage_options=s3)
     for name in ("labels/indices", "labels/codes", "labels/scale"):

@@ -33,6 +33,8 @@ from hald_store.render import (
     read_files,
 )
 
+from .conftest import photo
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HALD_DATA", REPO_ROOT.parent / "shared" / "data"))
 CIFAR_MINI = DATA / "cifar10-mini" / "train"
@@ -89,17 +91,6 @@ def _coord_rgb(h: int, w: int) -> np.ndarray:
     return np.stack([x % 256, y % 256, (7 * x + 13 * y + 5) % 256], axis=-1).astype(np.uint8)
 
 
-def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
-    """A smooth, textured, photo-like RGB array (what JPEG is made for)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
-    r = 128 + 90 * np.sin(x / 23.0 + y / 41.0) + 20 * np.sin(x / 3.1)
-    g = 128 + 80 * np.cos(y / 17.0) * np.sin(x / 57.0) + 15 * np.cos((x + y) / 4.3)
-    b = 128 + 100 * np.sin((x - 2 * y) / 35.0)
-    arr = np.stack([r, g, b], -1) + rng.normal(0, 6, (h, w, 3))
-    return arr.clip(0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (encoded bytes read back from a file, expected decoded RGB (H, W, 3) uint8)."""
@@ -122,9 +113,9 @@ def synthetic(tmp_path_factory) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     add("rgba_64x48.png", Image.fromarray(rgba, "RGBA"), "PNG", rgba[..., :3])
     gray = ((np.add.outer(np.arange(53) * 3, np.arange(41) * 5)) % 256).astype(np.uint8)  # 53 x 41
     add("gray_53x41.png", Image.fromarray(gray, "L"), "PNG", np.repeat(gray[..., None], 3, -1))
-    add("gray_48x64.jpg", Image.fromarray(_photo(48, 64)[..., 0], "L"), "JPEG", quality=90)
-    add("photo_375x500.jpg", Image.fromarray(_photo(375, 500)), "JPEG", quality=90)  # 4:2:0 chroma
-    add("photo_61x45_444.jpg", Image.fromarray(_photo(61, 45, 2)), "JPEG", quality=95, subsampling=0)
+    add("gray_48x64.jpg", Image.fromarray(photo(48, 64)[..., 0], "L"), "JPEG", quality=90)
+    add("photo_375x500.jpg", Image.fromarray(photo(375, 500)), "JPEG", quality=90)  # 4:2:0 chroma
+    add("photo_61x45_444.jpg", Image.fromarray(photo(61, 45, 2)), "JPEG", quality=95, subsampling=0)
     return out
 
 
@@ -219,7 +210,7 @@ def test_exact_window_every_small_box_jpeg420(backend):
     """
     h, w = 19, 23
     buf = io.BytesIO()
-    Image.fromarray(_photo(h, w, 7)).save(buf, format="JPEG", quality=90, subsampling=2)
+    Image.fromarray(photo(h, w, 7)).save(buf, format="JPEG", quality=90, subsampling=2)
     data = np.frombuffer(buf.getvalue(), np.uint8).copy()
     full = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     cases = [((t, l, s, s), s) for s in (1, 2, 3) for t in range(h - s + 1) for l in range(w - s + 1)]

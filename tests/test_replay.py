@@ -132,7 +132,7 @@ def test_replay_bad_input(replay_store, tmp_path, small_folder, resnet20):
         SoftLabelLoader(store, images, batch_size=100)
     with pytest.raises(HaldStoreError, match="holds batch-specific labels: read it with replay=True"):
         SoftLabelLoader(store, images, batch_size=64, replay=False)
-    with pytest.raises(HaldStoreError, match="does not match the store's manifest"):
+    with pytest.raises(HaldStoreError, match="does not match the images recorded in store"):
         SoftLabelLoader(store, require_data("cifar10-mini", "train"), batch_size=64)
     plain = tmp_path / "plain.zarr"
     build_store(small_folder, plain, resnet20, num_classes=10, crops_per_image=2, input_size=32, progress=False)

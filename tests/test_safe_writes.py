@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from torch import nn
 
 from hald_store import LabelStore, build_store
 from hald_store.cli import main
 from hald_store.errors import LockError, TeacherOutputError
 from hald_store.safety import sibling
 
-from .conftest import copy_subset, kill_after_blocks, require_data
-from .test_build import SMALL, assert_stores_equal
+from .conftest import SMALL, NaNTeacher, assert_stores_equal, copy_subset, kill_after_blocks, require_data
 
 HOLD = ("import sys, time\nfrom hald_store.safety import {fn}\nwith {fn}(sys.argv[1]{extra}):\n"
         "    print('held', flush=True)\n    time.sleep(120)\n")
@@ -59,35 +57,22 @@ def test_convert_refuses_its_own_source(small_folder, tmp_path, resnet20):
     assert LabelStore.open(src).complete and LabelStore.open(src).codec.top_k == 3
 
 
-class NaNAfterCalls(nn.Module):
-    """A real teacher that breaks (NaN) from its ``n``-th forward pass on: a build that dies mid-way."""
-
-    def __init__(self, teacher: nn.Module, n: int) -> None:
-        super().__init__()
-        self.teacher, self.n, self.calls = teacher, n, 0
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.teacher(x)
-        return out * float("nan") if self.calls >= self.n else out
-
-
 def test_failed_overwrite_keeps_the_old_store_and_resume_finishes_it(small_folder, tmp_path, resnet20):
     out, fresh = tmp_path / "s.zarr", tmp_path / "fresh.zarr"
     build_store(small_folder, out, resnet20, **SMALL)
     before = LabelStore.open(out).read_fields(np.arange(24), 0)
     new = {**SMALL, "values": "uint4", "teacher_name": "r20"}
     with pytest.raises(TeacherOutputError, match="finished blocks are kept"):  # breaks mid-way, like a crash
-        build_store(small_folder, out, NaNAfterCalls(resnet20, 4), overwrite=True, **new)
+        build_store(small_folder, out, NaNTeacher(resnet20, from_call=4), overwrite=True, **new)
     old = LabelStore.open(out)  # still the old, complete store
     assert old.codec.values == "uint8" and old.complete
     for name, value in old.read_fields(np.arange(24), 0).items():
         np.testing.assert_array_equal(value, before[name])
     staged = LabelStore.open(sibling(out, "new"), allow_incomplete=True)
     assert 0 < staged.block_done().sum() < staged.num_blocks
-    summary = build_store(small_folder, out, NaNAfterCalls(resnet20, 10**9), overwrite=True, resume=True, **new)
+    summary = build_store(small_folder, out, NaNTeacher(resnet20), overwrite=True, resume=True, **new)
     assert summary.blocks_skipped > 0
-    build_store(small_folder, fresh, NaNAfterCalls(resnet20, 10**9), **new)
+    build_store(small_folder, fresh, NaNTeacher(resnet20), **new)
     assert_stores_equal(out, fresh)
     assert leftovers(tmp_path) == []
 

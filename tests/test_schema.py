@@ -1,5 +1,5 @@
-"""The typed store schema: format-1 attributes round-trip exactly, and the render spec is the
-one way to rebuild a store's renderer."""
+"""The typed store schema: format-1 attributes still read (their codec in format 2's form),
+format-2 attributes round-trip exactly, and the render spec is the one way to rebuild a store's renderer."""
 
 import json
 
@@ -45,10 +45,18 @@ SYNTHETIC = {"library_version": "0.1.0", **{k: v for k, v in _COMMON.items() if 
              "codec": _UINT8, **_TAIL}
 
 
+def _format_2(codec: dict) -> dict:
+    return LabelCodec.from_dict(codec).to_dict()
+
+
 @pytest.mark.parametrize("attrs", [BUILT, BATCH, IMPORTED, CONVERTED], ids=["built", "batch", "imported", "converted"])
-def test_format_1_attributes_round_trip_exactly(attrs):
+def test_format_1_attributes_read_and_format_2_round_trips_exactly(attrs):
     settings = StoreSettings.from_dict(attrs)
     expected = {k: v for k, v in attrs.items() if k not in ("format", "format_version", "integrity")}
+    for key in ("codec", "reencoded_from"):
+        if key in expected:
+            expected[key] = _format_2(expected[key])
+    assert expected["codec"]["name"] == attrs["codec"]["values"]
     assert json.dumps(settings.to_dict()) == json.dumps(expected)  # same keys, values and order
     assert StoreSettings.from_dict(settings.to_dict()) == settings
 
@@ -62,7 +70,7 @@ def test_typed_fields():
     assert s.labelling == LabellingPlan("train", 12, 2, 4, 0, "cutmix", 1.0, 16)
     assert StoreSettings.from_dict(BUILT).labelling is None
     conv = StoreSettings.from_dict(BUILT).reencoded(LabelCodec("uint8", 2, 3, 20.0))
-    assert conv.reencoded_from == LabelCodec.from_dict(_FP32) and conv.to_dict()["reencoded_from"] == _FP32
+    assert conv.reencoded_from == LabelCodec.from_dict(_FP32) and conv.to_dict()["reencoded_from"] == _format_2(_FP32)
 
 
 def test_partial_attributes_read_with_defaults():

@@ -15,7 +15,7 @@ from hald_store.images import scan_image_folder
 from hald_store.render import dali_available, make_renderer, read_files
 from hald_store.stream import DaliStream, WorkerStream, open_stream
 
-from .conftest import copy_subset, require_data
+from .conftest import copy_subset, photo, require_data
 
 BACKENDS = ["torchvision"] + (["dali"] if dali_available() else [])
 
@@ -76,12 +76,10 @@ def test_one_pixel_wide_columns_of_a_420_jpeg(tmp_path):
     gets wrong at left == 0 of a 4:2:0 JPEG) are re-rendered exactly."""
     from PIL import Image
 
-    from .test_render import _photo
-
     h, w = 19, 23
     (tmp_path / "c").mkdir()
     path = tmp_path / "c" / "photo.jpg"
-    Image.fromarray(_photo(h, w, 7)).save(path, format="JPEG", quality=90, subsampling=2)
+    Image.fromarray(photo(h, w, 7)).save(path, format="JPEG", quality=90, subsampling=2)
     renderer = make_renderer("dali", size=8, device="cpu")
     stream = open_stream(renderer, [path], [h], [w], batch_size=2 * w, cache_decoded=False)
     boxes = np.array([(t, left, h - t, 1) for t in (0, 5) for left in range(w)])

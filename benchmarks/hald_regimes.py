@@ -1,0 +1,273 @@
+"""When does ``shs`` help? Every regime of the storage sweeps side by side, with controls.
+
+    python benchmarks/hald_regimes.py                 # tables, JSON and plots from runs.jsonl
+    python benchmarks/hald_regimes.py --stores DIR    # also measure drift of each regime's store
+
+Reads every ``benchmarks/results/storage-*/runs.jsonl`` (written by ``storage_vs_accuracy.py``)
+and writes ``benchmarks/results/hald-regimes/``: ``regimes.md`` (the table the README quotes),
+``regimes.json``, ``shs_vs_drift.png`` and, with ``--stores``, ``drift/*.json``.
+
+A regime is (data set, how the labels were made, crops per image S). In each regime:
+
+* every schedule's test top-1 is first averaged over the label codecs it ran with, within a seed
+  (codecs are a storage axis, not a replicate), so a regime has one value per schedule and seed;
+* the **controls** are ``soft-only`` and ``hard-only`` (hard-only reads no soft labels, so one
+  hard-only run per data set and seed serves every S and label build);
+* every other schedule is paired by seed against the **better control** (the one with the higher
+  mean), with a 95% t interval over the seeds: the verdict says whether that schedule beats the
+  best thing a user could have trained instead.
+
+Drift (``--stores``): the store of each regime (``stores/s{S}-full.zarr`` under the sweep's work
+directory) is measured with :func:`hald_store.drift.measure_drift`; the plot puts ``shs`` minus the
+better control against the regime's mean per-image drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path("benchmarks/results")
+OUT = RESULTS / "hald-regimes"
+CONTROLS = ("soft-only", "hard-only")
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+IMAGES = {"ipc10": 100, "ipc50": 500, "dc-ipc50": 500, "ipc100": 1000}  # training images per data set
+BATCH = 16  # the hald-reference preset's batch size: optimizer steps per epoch = images / 16
+
+
+def load_runs(root: Path = RESULTS) -> list[dict]:
+    """Every logged run of every storage sweep (last line per key wins)."""
+    runs: dict[tuple, dict] = {}
+    for path in sorted(root.glob("storage-*/runs.jsonl")):
+        if "-curves-" in path.parent.name:  # single-seed reruns for learning curves, not replicates
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                r.setdefault("labels", "eval")
+                runs[r["dataset"], r["labels"], r["key"]] = r
+    return list(runs.values())
+
+
+def by_seed(runs: list[dict]) -> dict[tuple, dict[int, dict[str, dict]]]:
+    """(dataset, labels, S, schedule) -> seed -> codec -> run."""
+    out: dict[tuple, dict[int, dict[str, dict]]] = {}
+    for r in runs:
+        key = (r["dataset"], r["labels"], r["crops_per_image"], r["schedule"])
+        out.setdefault(key, {}).setdefault(r["seed"], {})[r["codec"]] = r
+    return out
+
+
+def pooled(seeds: dict[int, dict[str, dict]], codecs: set[str] | None = None) -> dict[int, dict]:
+    """Seed -> final and best top-1 (points) averaged over ``codecs`` (all when None); seeds
+    missing one of them are left out, so two schedules pool the same codecs."""
+    out = {}
+    for seed, runs in seeds.items():
+        rs = list(runs.values()) if codecs is None else [runs[c] for c in codecs if c in runs]
+        if not rs or (codecs is not None and len(rs) < len(codecs)):
+            continue
+        best = [r.get("best_test_top1") for r in rs]
+        out[seed] = {"final": 100 * float(np.mean([r["test_top1"] for r in rs])),
+                     "best": None if None in best else 100 * float(np.mean(best))}
+    return out
+
+
+def _control(values: dict, dataset: str, labels: str, s: int, name: str, codecs: set[str]) -> dict[int, dict] | None:
+    """A control's per-seed values in a regime, over the same codecs; hard-only reads no soft
+    labels, so its runs at any S or label build of the data set serve (codec irrelevant)."""
+    if name == "hard-only":
+        for (d, lab, _s, sch), v in sorted(values.items(), key=lambda kv: (kv[0][1] != labels, kv[0][2])):
+            if d == dataset and sch == name:
+                return pooled(v)
+        return None
+    v = values.get((dataset, labels, s, name))
+    return pooled(v, codecs) or None if v else None
+
+
+def interval(diffs: list[float]) -> dict:
+    """Mean, std and 95% t interval of paired differences."""
+    n = len(diffs)
+    mean = float(np.mean(diffs)) if n else math.nan
+    std = float(np.std(diffs, ddof=1)) if n > 1 else math.nan
+    half = T95.get(n - 1, 2.0) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "n": n, "low": mean - half, "high": mean + half}
+
+
+def regimes(runs: list[dict]) -> list[dict]:
+    """One row per (regime, schedule other than the controls), with both controls beside it."""
+    values = by_seed(runs)
+    rows = []
+    for (dataset, labels, s, schedule), seeds in sorted(values.items()):
+        if schedule in CONTROLS:
+            continue
+        codecs = set.intersection(*(set(v) for v in seeds.values()))
+        mine = pooled(seeds, codecs)
+        controls = {c: _control(values, dataset, labels, s, c, codecs) for c in CONTROLS}
+        means = {c: float(np.mean([v["final"] for v in cs.values()])) for c, cs in controls.items() if cs}
+        row = {"dataset": dataset, "labels": labels, "crops_per_image": s, "schedule": schedule,
+               "steps_per_epoch": -(-IMAGES.get(dataset, 0) // BATCH), "codecs": sorted(codecs), "seeds": len(mine),
+               "top1": interval([v["final"] for v in mine.values()]),
+               "best_top1": interval([v["best"] for v in mine.values() if v["best"] is not None])}
+        for c, cs in controls.items():
+            row[c] = interval([v["final"] for v in cs.values()]) if cs else None
+        if means:
+            better = max(means, key=means.get)
+            row["better_control"] = better
+            row["vs_better_control"] = interval([mine[k]["final"] - v["final"] for k, v in controls[better].items()
+                                                 if k in mine])
+        rows.append(row)
+    return rows
+
+
+def verdict(d: dict) -> str:
+    """Plain words for a paired difference against the better control."""
+    if d["n"] < 2 or math.isnan(d["low"]):
+        return f"{d['mean']:+.2f} (n={d['n']}: too few seeds)"
+    word = "beats it" if d["low"] > 0 else "below it" if d["high"] < 0 else "within noise"
+    return f"{d['mean']:+.2f} ({d['low']:+.2f} .. {d['high']:+.2f}): {word}"
+
+
+def _cell(d: dict | None) -> str:
+    if not d or not d["n"]:
+        return "not run"
+    return f"{d['mean']:.2f} ± {d['std']:.2f}" if d["n"] > 1 else f"{d['mean']:.2f} (1 seed)"
+
+
+def table(rows: list[dict], drift: dict[str, dict] | None = None) -> str:
+    """The regime table in Markdown (drift columns when measured)."""
+    drift = drift or {}
+    head = ("| data | labels | S | steps/epoch | schedule | top-1 | soft-only | hard-only | vs better control "
+            "(95% interval) | drift tr(Σ) | off-class crops |")
+    lines = [head, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        dr = drift.get(regime_name(r), {})
+        tr = dr.get("tr_cov_mean")
+        off = dr.get("off_class_mean")
+        vs = r.get("vs_better_control")
+        lines.append(
+            f"| {r['dataset']} | {r['labels']} | {r['crops_per_image']} | {r['steps_per_epoch']} | {r['schedule']} | "
+            f"{_cell(r['top1'])} | {_cell(r['soft-only'])} | {_cell(r['hard-only'])} | "
+            f"{(r['better_control'] + ': ' + verdict(vs)) if vs else 'no control'} | "
+            f"{'' if tr is None else f'{tr:.4f}'} | {'' if off is None else f'{100 * off:.1f}%'} |")
+    return "\n".join(lines)
+
+
+def regime_name(r: dict) -> str:
+    return f"{r['dataset']}-{r['labels']}-s{r['crops_per_image']}"
+
+
+def measure_drifts(rows: list[dict], stores: Path) -> dict[str, dict]:
+    """Drift summaries of each regime's full store under ``stores`` (cached in ``OUT/drift``)."""
+    from hald_store.drift import measure_drift
+
+    out = {}
+    (OUT / "drift").mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        name = regime_name(r)
+        cache = OUT / "drift" / f"{name}.json"
+        if not cache.exists():
+            suffix = "" if r["labels"] == "eval" else f"-{r['labels']}-labels"
+            store = stores / f"storage-{r['dataset']}{suffix}-e300" / "stores" / f"s{r['crops_per_image']}-full.zarr"
+            if not store.exists():
+                continue
+            cache.write_text(json.dumps(measure_drift(store).summary(), indent=2))
+        out[name] = json.loads(cache.read_text())
+    return out
+
+
+def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
+    """shs (and variants) minus the better control against the regime's measured drift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, stat, label in ((axes[0], "tr_cov_mean", "mean per-image drift tr(Σ) of stored crops"),
+                            (axes[1], "off_class_mean", "share of stored crops whose top-1 is not the class")):
+        for i, schedule in enumerate(sorted({r["schedule"] for r in rows})):
+            pts = [(drift[regime_name(r)].get(stat), r) for r in rows
+                   if r["schedule"] == schedule and regime_name(r) in drift and r.get("vs_better_control")]
+            pts = [(x, r) for x, r in pts if x is not None]
+            if not pts:
+                continue
+            d = [r["vs_better_control"] for _, r in pts]
+            ax.errorbar([x for x, _ in pts], [v["mean"] for v in d],
+                        yerr=[[v["mean"] - v["low"] if v["n"] > 1 else 0 for v in d],
+                              [v["high"] - v["mean"] if v["n"] > 1 else 0 for v in d]],
+                        fmt="o" if schedule == "shs" else "x", color=f"C{i}", capsize=3, label=schedule, alpha=0.8)
+            for x, r in pts:
+                ax.annotate(f"{r['dataset']} {r['labels'][:3]} S{r['crops_per_image']}", (x, r["vs_better_control"]["mean"]),
+                            fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 minus the better control (points, 95% CI)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Does drift predict when shs beats the better of soft-only and hard-only?", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def curves(work: Path, path: Path) -> None:
+    """Test top-1 and training loss per epoch of the IPC 10, S = 16 collapse diagnostics (every
+    schedule run there with periodic evaluation), mean over the seeds that have the curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found: dict[str, list[list[dict]]] = {}
+    for metrics in sorted(work.glob("storage-ipc10*-e300/runs/s16-fp16-probs-*/metrics.jsonl")):
+        schedule = metrics.parent.name.removeprefix("s16-fp16-probs-").rsplit("-seed", 1)[0]
+        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        if sum("val_top1" in r for r in rows) > 3 and "reference" not in str(metrics):
+            found.setdefault(schedule, []).append(rows)
+    if not found:
+        return
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    for i, (schedule, runs) in enumerate(sorted(found.items())):
+        epochs = sorted({r["epoch"] for run in runs for r in run if "val_top1" in r})
+        acc = [np.mean([r["val_top1"] for run in runs for r in run if r["epoch"] == e and "val_top1" in r]) for e in epochs]
+        top.plot(epochs, 100 * np.asarray(acc), "-o", ms=2, color=f"C{i}", label=f"{schedule} ({len(runs)} seed(s))")
+        loss = [np.mean([r["loss"] for run in runs for r in run if r["epoch"] == e]) for e in range(1, 301)]
+        bottom.semilogy(range(1, 301), loss, color=f"C{i}", lw=0.8)
+    for ax in (top, bottom):
+        ax.axvspan(75.5, 225.5, color="grey", alpha=0.12)
+        ax.grid(alpha=0.3)
+    top.set_ylabel("test top-1 (%)")
+    bottom.set_ylabel("training loss (KL or CE)")
+    bottom.set_xlabel("epoch (hard phase shaded)")
+    top.legend(fontsize=7)
+    top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", default=str(RESULTS), help="where the storage-*/runs.jsonl are")
+    ap.add_argument("--stores", default=None, help="root holding the sweeps' work dirs with their stores (drift)")
+    args = ap.parse_args()
+    rows = regimes(load_runs(Path(args.results)))
+    OUT.mkdir(parents=True, exist_ok=True)
+    drift = measure_drifts(rows, Path(args.stores)) if args.stores else {
+        p.stem: json.loads(p.read_text()) for p in sorted((OUT / "drift").glob("*.json"))}
+    text = table(rows, drift)
+    (OUT / "regimes.md").write_text(text + "\n")
+    (OUT / "regimes.json").write_text(json.dumps({"rows": rows, "drift": drift}, indent=2))
+    if drift:
+        plot(rows, drift, OUT / "shs_vs_drift.png")
+    if args.stores:
+        curves(Path(args.stores), OUT / "collapse_curves.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
