@@ -32,7 +32,7 @@ from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
 from .models import model_name, weights_sha256
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
-from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
+from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore, is_remote
 from .stream import CropStream, open_stream
 from .writer import BlockAssembler, StoreWriter
@@ -159,6 +159,7 @@ class BuildConfig:
     cache_decoded: bool | str = "auto"  # as for the loaders
     manifest: Manifest | str | os.PathLike | None = None  # a scan made earlier: skips the scan
     chunk_images: int = 1024
+    layout: str = "block"  # "sharded": an epoch reads ~1/S of the labels (see hald_store.store)
     resume: bool = False
     overwrite: bool = False
     skip_bad: bool = False
@@ -181,6 +182,10 @@ class BuildConfig:
         check_choice("values", self.values, VALUE_CODECS)
         check_choice("teacher_mode", self.teacher_mode, TEACHER_MODES)
         check_choice("mix", self.mix, MIXES)
+        check_choice("layout", self.layout, LAYOUTS)
+        if self.layout != "block" and self.batch_mode:
+            raise OptionError("layout='sharded' is for per-crop labels; batch-specific labels (teacher_mode='train' "
+                              "or a mix) are already chunked by crop seed", "layout", "teacher_mode", "mix")
         if self.mix == "none" and self.mix_alpha is not None:
             raise OptionError("mix_alpha needs mix='cutmix' or mix='mixup' (it has no effect with mix='none')",
                               "mix_alpha", "mix")
@@ -262,7 +267,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
             plan_seed=int(c.seed), crop_policy=c.crop_policy, render_spec=RenderSpec.of(renderer),
             teacher=TeacherInfo(c.teacher_name or model_name(teacher), weights_sha256(teacher), c.teacher_mode),
             codec=codec, manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
-            labelling=None if plan is None else LabellingPlan.of(plan, c.teacher_mode))
+            labelling=None if plan is None else LabellingPlan.of(plan, c.teacher_mode), layout=c.layout)
 
         def crops(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
             return plan_image_crops(c.seed, start, stop, s, manifest.heights, manifest.widths, c.crop_policy)

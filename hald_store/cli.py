@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from .choices import IMAGENET_MEAN, IMAGENET_STD, MIXES, TEACHER_MODES
+from .choices import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, MIXES, TEACHER_MODES
 from .errors import HaldStoreError, StoreError, environment_failure
 
 
@@ -153,6 +153,9 @@ def main() -> None:
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="block",
+              help="sharded: one file per chunk of images, an inner chunk per crop seed; an epoch reads ~1/S of the "
+                   "labels, each rank only its chunks (per-crop labels only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")
