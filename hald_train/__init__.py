@@ -15,6 +15,7 @@ _EXPORTS = {
     **dict.fromkeys(("PRESETS", "Phase", "Schedule", "ScheduleError", "parse_schedule", "preset"), "schedule"),
     **dict.fromkeys(("lr_factor", "make_optimizer", "param_groups"), "optim"),
     "TRAIN_PRESETS": "presets",
+    **dict.fromkeys(("PHASE_KINDS", "PhaseKind", "register_phase_kind"), "phases"),
     **dict.fromkeys(("TrainConfig", "Trainer", "evaluate", "train"), "trainer"),
 }
 

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 import click
 
 from hald_store.cli import _friendly_errors
 
+from .phases import option_fields
 from .presets import RESETS, TRAIN_PRESETS
 from .schedule import PRESETS
+
+
+def _phase_options(command: Callable) -> Callable:
+    """One flag per phase option (``--cutmix-alpha``, ``-T/--temperature``, ...), from the kinds' definitions."""
+    for f in reversed(option_fields()):
+        meta = f.metadata
+        command = click.option(f"--{f.name.replace('_', '-')}", *meta["aliases"], f.name, type=meta["type"],
+                               default=f.default, help=meta["help"])(command)
+    return command
 
 
 def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | None) -> str | None:
@@ -37,7 +48,6 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--hard-epochs", type=int, default=None,
               help="Hard epochs of a named schedule [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
-@click.option("--hard-batch-size", type=int, default=None, help="Hard phases' batch size [default: --batch-size].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
 @click.option("--lr", type=float, default=1e-3)
 @click.option("--lr-eta", type=float, default=2.0,
@@ -47,9 +57,7 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
               help="weights: decay only conv/linear weights (name has 'weight', ndim > 1), as the reference.")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
 @click.option("--warmup-epochs", type=int, default=0)
-@click.option("--temperature", "-T", type=float, default=None, help="Soft-label temperature [default: the store's].")
-@click.option("--cutmix-alpha", type=float, default=1.0, help="Hard phases: CutMix Beta(alpha, alpha); 0 turns it off.")
-@click.option("--label-smoothing", type=float, default=0.8, help="Hard phases: label smoothing.")
+@_phase_options
 @click.option("--reset-optimizer", type=click.Choice(list(RESETS)), default="never", is_flag=False, flag_value="every",
               help="Fresh optimizer moments at phase changes: every one (the bare flag), only into hard phases "
               "(to-hard) or only into soft ones (to-soft); the reference keeps one optimizer state.")

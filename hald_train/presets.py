@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-# When fresh optimizer moments start: phase changes into which kind (None: any change).
-RESETS = {"never": (), "every": ("soft", "hard"), "to-hard": ("hard",), "to-soft": ("soft",)}
+from .phases import PHASE_KINDS
+
+# When fresh optimizer moments start: at phase changes into which kinds.
+RESETS = {"never": (), "every": tuple(PHASE_KINDS), **{f"to-{kind}": (kind,) for kind in PHASE_KINDS}}
 # Settings of named recipes; each value cites the HALD code (Jiacheng8/HALD) it reproduces.
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "hald-reference": {  # validate/scripts/imagenet1k/train.sh, hyper.yaml imagenet1k ResNet18 IPC 10

@@ -1,4 +1,5 @@
-"""Training schedules as data: a list of phases, each ``soft`` or ``hard`` for some epochs.
+"""Training schedules as data: a list of phases, each a registered phase kind (``soft``, ``hard``:
+:mod:`hald_train.phases`) for some epochs.
 
 Write one explicitly (``"soft:75,hard:150,soft:75"``) or name a preset, sized by the total
 number of epochs and the number of hard epochs (half the run by default, as HALD does):
@@ -22,7 +23,8 @@ from typing import Iterable, Sequence
 
 from hald_store.errors import HaldStoreError
 
-KINDS = ("soft", "hard")
+from .phases import PHASE_KINDS
+
 PRESETS = ("shs", "hs", "sh", "hsh", "soft-only", "hard-only", "alt-soft:N", "alt-hard:N")
 
 
@@ -32,12 +34,12 @@ class ScheduleError(HaldStoreError, ValueError):
 
 @dataclass(frozen=True)
 class Phase:
-    kind: str  # "soft" or "hard"
+    kind: str  # a name in PHASE_KINDS
     epochs: int
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ScheduleError(f"phase kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind not in PHASE_KINDS:
+            raise ScheduleError(f"phase kind must be one of {', '.join(PHASE_KINDS)}, got {self.kind!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ScheduleError(f"a {self.kind} phase needs a positive whole number of epochs, got {self.epochs!r}")
 
@@ -62,7 +64,7 @@ class Schedule:
         return sum(p.epochs for p in self.phases)
 
     def kind_at(self, epoch: int) -> str:
-        """``"soft"`` or ``"hard"``: the kind of epoch ``epoch``."""
+        """The kind of epoch ``epoch`` (a name in ``PHASE_KINDS``)."""
         return self.phases[self.phase_at(epoch)].kind
 
     def phase_at(self, epoch: int) -> int:
@@ -163,12 +165,14 @@ def _parse_phases(spec: str) -> list[Phase]:
         where = f"\n  {spec}\n  {' ' * pos}{'^' * max(1, len(part))}"
         if not m:
             raise ScheduleError(
-                f"cannot parse schedule {spec!r} at character {pos}: expected 'soft:EPOCHS' or 'hard:EPOCHS' "
+                f"cannot parse schedule {spec!r} at character {pos}: expected "
+                f"{' or '.join(repr(k + ':EPOCHS') for k in PHASE_KINDS)} "
                 f"(or a preset: {', '.join(PRESETS)}){where}"
             )
         kind, n = m.group(1), int(m.group(2))
-        if kind not in KINDS:
-            raise ScheduleError(f"unknown phase kind {kind!r} at character {pos} of {spec!r}; use soft or hard{where}")
+        if kind not in PHASE_KINDS:
+            raise ScheduleError(f"unknown phase kind {kind!r} at character {pos} of {spec!r}; use "
+                                f"{' or '.join(PHASE_KINDS)}{where}")
         if n < 1:
             raise ScheduleError(f"phase {part.strip()!r} at character {pos} of {spec!r} needs epochs >= 1{where}")
         phases.append(Phase(kind, n))

@@ -27,8 +27,8 @@ from hald_store.errors import (HaldStoreError, OptionError, SettingsMismatchErro
 from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
-from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
 from .optim import lr_factor, make_optimizer
+from .phases import PHASE_KINDS, PhaseKind, option_fields, options_dataclass, options_of
 from .presets import RESETS, TRAIN_PRESETS
 from .report import CURVE, FINAL, METRICS, MODEL, learning_curve_png
 from .schedule import Schedule, parse_schedule
@@ -39,8 +39,13 @@ _RESUME_FREE = ("device", "workers", "progress", "stop_after")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run depends on (``hald-train`` flags map one to one)."""
+class TrainConfig(options_dataclass()):
+    """Everything a run depends on (``hald-train`` flags map one to one).
+
+    Each phase kind's options (:mod:`hald_train.phases`: ``temperature``; ``cutmix_alpha``,
+    ``label_smoothing``, ``hard_batch_size``) are keyword fields declared by that kind;
+    :meth:`phase_options` gives one kind's as its typed dataclass.
+    """
 
     store: str
     images: str
@@ -51,7 +56,6 @@ class TrainConfig:
     epochs: int | None = None  # needed by named schedules (shs, ...); an explicit schedule sums its own
     hard_epochs: int | None = None
     batch_size: int = 64
-    hard_batch_size: int | None = None  # hard phases' batch size; None: batch_size (the reference uses 16)
     optimizer: str = "adamw"
     lr: float = 1e-3
     lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
@@ -59,9 +63,6 @@ class TrainConfig:
     decay_params: str = "weights"  # "weights": conv/linear weights only, as the reference; "all"
     momentum: float = 0.9
     warmup_epochs: int = 0
-    temperature: float | None = None  # None: the store's build temperature
-    cutmix_alpha: float = 1.0
-    label_smoothing: float = 0.8
     reset_optimizer: str = "never"  # fresh optimizer moments at phase changes: never (reference), every,
     # to-hard (soft -> hard only) or to-soft (hard -> soft only); True/False mean every/never
     adam_beta2: float = 0.999  # AdamW's second-moment decay
@@ -80,20 +81,21 @@ class TrainConfig:
             self.reset_optimizer = "every" if self.reset_optimizer else "never"
 
     def check(self) -> None:
-        for name, v in {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch}.items():
-            if not v > 0:
-                raise OptionError(f"{name} must be > 0, got {v}", name)
-        for name in ("lr", "lr_eta", "temperature"):
+        if not self.batch_size > 0:
+            raise OptionError(f"batch_size must be > 0, got {self.batch_size}", "batch_size")
+        for kind in PHASE_KINDS:
+            self.phase_options(kind).check()
+        for name in ("lr", "lr_eta"):
             check_positive_finite(name, getattr(self, name))
         if self.optimizer not in ("adamw", "sgd"):
             raise OptionError(f"optimizer must be adamw or sgd, got {self.optimizer!r}", "optimizer")
         if self.reset_optimizer not in RESETS:
             raise OptionError(f"reset_optimizer must be one of {', '.join(RESETS)}, got {self.reset_optimizer!r}",
                               "reset_optimizer")
-        for name in ("adam_beta2", "label_smoothing", "momentum"):
+        for name in ("adam_beta2", "momentum"):
             check_in_range(name, getattr(self, name), 0, 1)
         check_in_range("eval_crop_fraction", self.eval_crop_fraction, 0, 1, high_open=False)
-        for name in ("workers", "warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
+        for name in ("workers", "warmup_epochs", "eval_every", "weight_decay"):
             check_at_least(name, getattr(self, name), 0)
         check_at_least("stop_after", self.stop_after, 1)
         check_seed("seed", self.seed)
@@ -105,10 +107,14 @@ class TrainConfig:
             raise HaldStoreError(f"unknown preset {name!r}; presets: {', '.join(TRAIN_PRESETS)}")
         return cls(**{**TRAIN_PRESETS[name], **fields})
 
+    def phase_options(self, kind: str) -> Any:
+        """Phase kind ``kind``'s options (its ``Options`` dataclass)."""
+        return options_of(kind, self)
+
     @property
     def hard_batch(self) -> int:
         """The hard phases' batch size."""
-        return self.batch_size if self.hard_batch_size is None else self.hard_batch_size
+        return self.phase_options("hard").batch(self.batch_size)
 
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
@@ -189,23 +195,16 @@ class Trainer:
         self.out = Path(c.out_dir)
         self.store = LabelStore.open(c.store)
         self.schedule: Schedule = parse_schedule(c.schedule, c.epochs, c.hard_epochs)
-        kinds = set(self.schedule.kinds())
         self.ranks = distributed.context()
         common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device,
                       rank=self.ranks.rank, world_size=self.ranks.world_size, workers=c.workers)
         if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
             common.update(device="cuda", device_id=self.ranks.local_rank)
-        self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {}
-        if "soft" in kinds:
-            self.loaders["soft"] = SoftLabelLoader(self.store, c.images, temperature=c.temperature, **common)
-        if "hard" in kinds:
-            per_rank, low = -(-self.store.num_images // self.ranks.world_size), 2 if c.cutmix_alpha > 0 else 1
-            if not low <= c.hard_batch <= per_rank:
-                name = "batch_size" if c.hard_batch_size is None else "hard_batch_size"
-                raise OptionError(f"{name} of hard phases must be between {low} (CutMix pairs images) and the "
-                                  f"{per_rank} images each of {self.ranks.world_size} rank(s) gets, got {c.hard_batch}",
-                                  name)
-            self.loaders["hard"] = HardLabelLoader(self.store, c.images, **{**common, "batch_size": c.hard_batch})
+        self.phases: dict[str, PhaseKind] = {}  # the schedule's kinds, each with its loader
+        for kind in dict.fromkeys(self.schedule.kinds()):
+            self.phases[kind] = PHASE_KINDS[kind](c.phase_options(kind))
+            self.phases[kind].build(self.store, c.images, **common)
+        self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {k: p.loader for k, p in self.phases.items()}
         self.device = next(iter(self.loaders.values())).device
         spec = self.store.render_spec
         self.val = None if c.val is None or not self.ranks.is_main else EvalLoader(
@@ -254,7 +253,9 @@ class Trainer:
             raise HaldStoreError(f"cannot resume from {str(path)!r}: it holds objects other than tensors, numbers and "
                                  f"strings{f' ({what[1]})' if what else ''}; hald-train did not write it, and it was "
                                  "not loaded") from None
-        diff = settings_diff(state["config"], self.config.settings())
+        # a checkpoint from before a phase kind existed trained with that kind's (unused) defaults
+        stored = {**{f.name: f.default for f in option_fields()}, **state["config"]}
+        diff = settings_diff(stored, self.config.settings())
         if diff:
             raise SettingsMismatchError(
                 f"cannot resume the run in {str(self.out)!r} with different settings:\n  " + "\n  ".join(diff)
@@ -272,33 +273,26 @@ class Trainer:
     # ------------------------------------------------------------------ epochs
     def _train_epoch(self, epoch: int) -> dict:
         c, kind = self.config, self.schedule.kind_at(epoch)
-        loader = self.loaders[kind]
+        phase = self.phases[kind]
         rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
         changed = epoch > 0 and self.schedule.phase_at(epoch) != self.schedule.phase_at(epoch - 1)
         if changed and kind in RESETS[c.reset_optimizer]:
             self.optimizer.state.clear()  # Adam's moments of the last phase would scale this one's steps
-        temperature = loader.temperature if kind == "soft" else None
         lr = self.optimizer.param_groups[0]["lr"]
         self.model.train()
         loss_sum = correct = n = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader.iter_epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
+        bar = tqdm(phase.loader.iter_epoch(epoch), total=len(phase.loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
                    unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
         for i, batch in enumerate(bar):
-            if kind == "soft":
-                logits = forward(self.model, batch.images, self.amp)
-                loss = soft_kl_loss(logits, batch.soft, temperature)
-            else:
-                target = smooth_one_hot(batch.hard, self.store.num_classes, c.label_smoothing)
-                images, target = cutmix(batch.images, target, c.cutmix_alpha, rng)  # an odd batch loses its last
-                if not len(images):
-                    continue
-                logits = forward(self.model, images, self.amp)
-                loss = soft_target_cross_entropy(logits, target)
+            step = phase.loss(lambda images: forward(self.model, images, self.amp), batch, rng)
+            if step is None:
+                continue
+            logits, loss = step
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise TrainingDivergedError(
-                    f"epoch {epoch + 1} ({kind}): the loss became {value} at batch {i + 1} of {len(loader)}; training "
+                    f"epoch {epoch + 1} ({kind}): the loss became {value} at batch {i + 1} of {len(phase.loader)}; training "
                     f"diverged, so the run stops (checkpoint.pt keeps epoch {epoch}); try a smaller lr", "lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
