@@ -178,3 +178,28 @@ class HardPhase(PhaseKind):
             return None
         logits = model(images)
         return logits, soft_target_cross_entropy(logits, target)
+
+
+# ----------------------------------------------------------------------------- mixed
+@dataclass(frozen=True)
+class MixedOptions(SoftOptions):
+    mixed_weight: float = option(0.5, "Mixed phases: the soft KL's weight; the hard cross-entropy gets 1 - it.")
+
+    def check(self) -> None:
+        super().check()
+        check_in_range("mixed_weight", self.mixed_weight, 0, 1, high_open=False)
+
+
+@register_phase_kind
+class MixedPhase(SoftPhase):
+    """The stored crops; per batch ``w * KL(soft) + (1 - w) * CE(hard label)`` on the same images."""
+
+    name = "mixed"
+    Options = MixedOptions
+
+    def loss(self, model: Model, batch: Any, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from torch.nn.functional import cross_entropy
+
+        logits, soft = super().loss(model, batch, rng)
+        w = self.options.mixed_weight
+        return logits, w * soft + (1 - w) * cross_entropy(logits.float(), batch.hard)

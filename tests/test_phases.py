@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hald_store import build_store
 from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError
-from hald_train import PHASE_KINDS, PhaseKind, TrainConfig, parse_schedule, register_phase_kind, train
+from hald_train import (PHASE_KINDS, PhaseKind, TrainConfig, Trainer, parse_schedule, register_phase_kind, soft_kl_loss,
+                        train)
 from hald_train.cli import main as train_cli
 from hald_train.phases import HardOptions, option, option_fields
 from hald_train.presets import RESETS
@@ -103,3 +105,23 @@ def test_a_checkpoint_from_before_a_kinds_options_resumes(scenes, tmp_path):
     with pytest.raises(SettingsMismatchError, match="label_smoothing: 0.8 -> 0.5"):
         train(config(scenes, run, label_smoothing=0.5), resume=True)
     assert train(config(scenes, run), resume=True)["epoch"] == 2
+
+
+def test_mixed_phase_weighs_the_soft_kl_and_the_hard_cross_entropy_of_each_batch(scenes, tmp_path):
+    """``mixed`` with weight 1 is ``soft`` bit for bit; with 0.3 its epoch loss is the weighted sum,
+    recomputed here from the student's logits and the loader's own batches."""
+    train(config(scenes, tmp_path / "soft", schedule="soft:2"))
+    train(config(scenes, tmp_path / "w1", schedule="soft:1,mixed:1", mixed_weight=1.0))
+    a, b = (torch.load(tmp_path / d / "model.pt") for d in ("soft", "w1"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    trainer = Trainer(config(scenes, tmp_path / "w03", schedule="mixed:1", mixed_weight=0.3, temperature=4.0))
+    logits: list[torch.Tensor] = []
+    trainer.model.register_forward_hook(lambda m, args, out: logits.append(out.detach()) if m.training else None)
+    row = trainer.run()
+    batches = list(trainer.loaders["mixed"].iter_epoch(0))
+    assert len(batches) == len(logits) == 3 and row["kind"] == "mixed"
+    want = [0.3 * soft_kl_loss(z, b.soft, 4.0) + 0.7 * F.cross_entropy(z, b.hard) for z, b in zip(logits, batches)]
+    assert row["loss"] == pytest.approx(float(sum(w * len(b.hard) for w, b in zip(want, batches)) / 18), rel=1e-5)
+    with pytest.raises(OptionError, match="mixed_weight must be in \\[0, 1\\], got 1.5"):
+        Trainer(config(scenes, tmp_path / "bad", schedule="mixed:1", mixed_weight=1.5))
