@@ -10,7 +10,7 @@ import click
 
 from hald_store.cli import _friendly_errors
 
-from .phases import option_fields
+from .phases import PHASE_KINDS, option_fields
 from .presets import RESETS, TRAIN_PRESETS
 from .schedule import PRESETS
 
@@ -42,7 +42,8 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
               "run, see the README); flags given override them.")
 @click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
 @click.option("--schedule", default="shs",
-              help=f"A named schedule ({', '.join(PRESETS)}) or e.g. soft:75,hard:150,soft:75.")
+              help=f"A named schedule ({', '.join(PRESETS)}) or phases KIND:EPOCHS,... (kinds: "
+              f"{', '.join(PHASE_KINDS)}), e.g. soft:75,hard:150,soft:75.")
 @click.option("--epochs", type=int, default=None,
               help="Total epochs (named schedules need it; an explicit one sums its own).")
 @click.option("--hard-epochs", type=int, default=None,
@@ -59,8 +60,8 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--warmup-epochs", type=int, default=0)
 @_phase_options
 @click.option("--reset-optimizer", type=click.Choice(list(RESETS)), default="never", is_flag=False, flag_value="every",
-              help="Fresh optimizer moments at phase changes: every one (the bare flag), only into hard phases "
-              "(to-hard) or only into soft ones (to-soft); the reference keeps one optimizer state.")
+              help="Fresh optimizer moments at phase changes: every one (the bare flag) or only into phases of one "
+              "kind (to-KIND); the reference keeps one optimizer state.")
 @click.option("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay.")
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
 @click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")

@@ -25,7 +25,8 @@ from hald_store.errors import HaldStoreError
 
 from .phases import PHASE_KINDS
 
-PRESETS = ("shs", "hs", "sh", "hsh", "soft-only", "hard-only", "alt-soft:N", "alt-hard:N")
+SPLITS = ("shs", "hs", "sh", "hsh")  # presets that split the epochs into soft and hard ones
+PRESETS = (*SPLITS, "soft-only", "hard-only", "alt-soft:N", "alt-hard:N")
 
 
 class ScheduleError(HaldStoreError, ValueError):
@@ -116,7 +117,7 @@ def preset(name: str, epochs: int, hard_epochs: int | None = None) -> Schedule:
             phases.append((first if len(phases) % 2 == 0 else other, n))
             done += n
         return Schedule(phases)
-    if name not in ("shs", "hs", "sh", "hsh"):
+    if name not in SPLITS:
         raise ScheduleError(f"unknown schedule preset {name!r}; presets: {', '.join(PRESETS)}")
     hard = epochs // 2 if hard_epochs is None else hard_epochs
     if isinstance(hard, bool) or not isinstance(hard, int) or not 1 <= hard < epochs:
@@ -146,7 +147,7 @@ def parse_schedule(spec: str | Sequence[Phase | tuple[str, int]] | Schedule, epo
         sched = spec
     elif not isinstance(spec, str):
         sched = Schedule(spec)
-    elif spec.strip() in ("shs", "hs", "sh", "hsh", "soft-only", "hard-only") or spec.strip().startswith("alt-"):
+    elif spec.strip() in PRESETS or spec.strip().startswith("alt-"):
         if epochs is None:
             raise ScheduleError(f"schedule={spec.strip()!r} needs epochs=N, the total number of epochs over its "
                                 "phases (e.g. epochs=300)", "schedule", "epochs")
