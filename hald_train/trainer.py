@@ -63,8 +63,8 @@ class TrainConfig(options_dataclass()):
     decay_params: str = "weights"  # "weights": conv/linear weights only, as the reference; "all"
     momentum: float = 0.9
     warmup_epochs: int = 0
-    reset_optimizer: str = "never"  # fresh optimizer moments at phase changes: never (reference), every,
-    # to-hard (soft -> hard only) or to-soft (hard -> soft only); True/False mean every/never
+    reset_optimizer: str = "never"  # fresh optimizer moments at phase changes: never (reference), every, or
+    # to-KIND (only into phases of that kind: to-hard, to-soft, ...); True/False mean every/never
     adam_beta2: float = 0.999  # AdamW's second-moment decay
     eval_every: int = 0  # 0: evaluate at the end only
     eval_crop_fraction: float = 1.0
@@ -274,7 +274,7 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict:
         c, kind = self.config, self.schedule.kind_at(epoch)
         phase = self.phases[kind]
-        rng = np.random.default_rng([c.seed, epoch])  # CutMix draws: a pure function of (seed, epoch)
+        rng = np.random.default_rng([c.seed, epoch])  # the phase's draws (CutMix): a pure function of (seed, epoch)
         changed = epoch > 0 and self.schedule.phase_at(epoch) != self.schedule.phase_at(epoch - 1)
         if changed and kind in RESETS[c.reset_optimizer]:
             self.optimizer.state.clear()  # Adam's moments of the last phase would scale this one's steps
@@ -282,8 +282,9 @@ class Trainer:
         self.model.train()
         loss_sum = correct = n = 0
         t0 = time.perf_counter()
-        bar = tqdm(phase.loader.iter_epoch(epoch), total=len(phase.loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
-                   unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(phase.loader.iter_epoch(epoch), total=len(phase.loader),
+                   desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}", unit="batch", disable=not self.progress,
+                   leave=False, dynamic_ncols=True)
         for i, batch in enumerate(bar):
             step = phase.loss(lambda images: forward(self.model, images, self.amp), batch, rng)
             if step is None:

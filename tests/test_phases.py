@@ -21,8 +21,8 @@ from .conftest import generated_images, random_teacher
 
 # what TrainConfig.settings() held before phase kinds were classes: checkpoints written then must resume
 SETTINGS_BEFORE = {
-    "store", "images", "out_dir", "val", "student", "schedule", "epochs", "hard_epochs", "batch_size", "hard_batch_size",
-    "optimizer", "lr", "lr_eta", "weight_decay", "decay_params", "momentum", "warmup_epochs", "temperature",
+    "store", "images", "out_dir", "val", "student", "schedule", "epochs", "hard_epochs", "batch_size",
+    "hard_batch_size", "optimizer", "lr", "lr_eta", "weight_decay", "decay_params", "momentum", "warmup_epochs", "temperature",
     "cutmix_alpha", "label_smoothing", "reset_optimizer", "adam_beta2", "eval_every", "eval_crop_fraction", "seed",
     "backend", "amp",
 }
