@@ -200,8 +200,8 @@ class Trainer:
                       rank=self.ranks.rank, world_size=self.ranks.world_size, workers=c.workers)
         if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
             common.update(device="cuda", device_id=self.ranks.local_rank)
-        self.phases: dict[str, PhaseKind] = {}  # the schedule's kinds, each with its loader
-        for kind in dict.fromkeys(self.schedule.kinds()):
+        self.phases: dict[str, PhaseKind] = {}  # the schedule's kinds (in registration order), each with its loader
+        for kind in (k for k in PHASE_KINDS if k in self.schedule.kinds()):
             self.phases[kind] = PHASE_KINDS[kind](c.phase_options(kind))
             self.phases[kind].build(self.store, c.images, **common)
         self.loaders: dict[str, SoftLabelLoader | HardLabelLoader] = {k: p.loader for k, p in self.phases.items()}
