@@ -30,7 +30,7 @@ from .errors import HaldStoreError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
-from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, FreshCrops, HardBatch, RecordedBatches,
+from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, EpochPlan, FreshCrops, HardBatch, RecordedBatches,
                       SoftBatch, StoredCrops)
 from .store import LabelStore
 from .stream import CropStream, open_stream
@@ -85,7 +85,7 @@ class CropLoader:
                 f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} images each of "
                 f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}"
             )
-        self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
+        self._ahead: tuple[CropSource, int, Callable[[], EpochPlan]] | None = None  # (source, epoch, its plan)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
                                               workers=workers, cache_decoded=cache_decoded)
@@ -127,27 +127,43 @@ class CropLoader:
         return epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.shuffle, rank=self.rank,
                            world_size=self.world_size, drop_last=self.drop_last)
 
-    def epoch_crops(self, epoch: int) -> EpochCrops:
-        """The source's crops of ``epoch``; for sources that read the store (or plan every image),
-        the next epoch's are then computed on a background thread while this one trains (at
-        FKD scale the pass over the store takes tens of seconds). Errors surface here."""
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """``epoch``'s crops, batches, render requests and first labels; for sources that read
+        the store (or plan every image), the next epoch's plan is then made on a background
+        thread while this one trains (at FKD scale the pass over the store takes tens of
+        seconds), and its requests are queued on the stream before this epoch ends. Errors
+        surface here."""
         check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
-            crops = ahead[2]()
+            plan = ahead[2]()
         else:
-            crops = self.source.crops(self.manifest, epoch)
+            plan = self._plan(self.source, epoch)
         if self.source.plan_ahead:
-            self._ahead = (self.source, epoch + 1, in_background(self.source.crops, self.manifest, epoch + 1))
-        return crops
+            self._ahead = (self.source, epoch + 1, in_background(self._plan, self.source, epoch + 1))
+        return plan
+
+    def epoch_crops(self, epoch: int) -> EpochCrops:
+        """The source's crops of ``epoch`` (see :meth:`epoch_plan`)."""
+        return self.epoch_plan(epoch).crops
+
+    def _plan(self, source: CropSource, epoch: int) -> EpochPlan:
+        crops = source.crops(self.manifest, epoch)
+        batches = source.batches(self, epoch, crops)
+        requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches]
+        return EpochPlan(crops, batches, requests, source.batch_labels(self, crops, batches))
+
+    def _next_requests(self) -> list | None:
+        """The stream's look-ahead: the requests of the plan being made for the next epoch."""
+        ahead = self._ahead
+        return None if ahead is None or ahead[0] is not self.source else ahead[2]().requests
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
-        crops = self.epoch_crops(epoch)
-        batches = self.source.batches(self, epoch, crops)
-        requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches[start_batch:]]
-        for k, images in enumerate(self.stream(requests)):
-            ids = requests[k][0]
-            yield self.source.make_batch(self, images, ids, crops, start_batch + k)
+        plan = self.epoch_plan(epoch)
+        requests = plan.requests[start_batch:] if start_batch else plan.requests
+        make = self.source.make_batch
+        for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
+            yield make(self, images, plan, k)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

@@ -15,7 +15,7 @@ A :class:`~hald_store.loader.CropLoader` takes one source, the way FFCV's loader
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .store import LabelStore
 if TYPE_CHECKING:
     from .loader import CropLoader
 
-__all__ = ["HARD_CROP_STREAM", "SoftBatch", "HardBatch", "EpochCrops", "CropSource", "StoredCrops",
+__all__ = ["HARD_CROP_STREAM", "SoftBatch", "HardBatch", "EpochCrops", "EpochPlan", "BatchLabels", "CropSource", "StoredCrops",
            "RecordedBatches", "FreshCrops", "CentreCrops"]
 
 HARD_CROP_STREAM = 1  # crop-plan stream of fresh (hard-label) crops; stored crops use stream 0
@@ -59,6 +59,40 @@ class EpochCrops(NamedTuple):
     extra: dict
 
 
+LABEL_CHUNK_VALUES = 1 << 22  # labels are decoded a chunk of batches at a time: <= 16 MB of dense float32
+
+
+class BatchLabels:
+    """An epoch's per-batch label tensors, decoded one chunk of batches at a time in one
+    vectorized call (``decode(concatenated ids) -> tuple of tensors``) and sliced per batch
+    (views); only the current chunk is kept. Decoding runs on the consumer's thread: torch
+    work on a background thread can crash the worker processes that a stream forks."""
+
+    def __init__(self, batches: list[np.ndarray], per_chunk: int,
+                 decode: Callable[[np.ndarray], tuple]) -> None:
+        self.batches, self.per_chunk, self.decode = batches, max(1, int(per_chunk)), decode
+        self._chunk: tuple[int, tuple, np.ndarray] | None = None  # (chunk index, values, row offsets)
+
+    def __getitem__(self, k: int) -> tuple:
+        c, j = divmod(k, self.per_chunk)
+        if self._chunk is None or self._chunk[0] != c:
+            members = self.batches[c * self.per_chunk : (c + 1) * self.per_chunk]
+            offsets = np.cumsum([0] + [len(ids) for ids in members])
+            self._chunk = (c, self.decode(np.concatenate(members)), offsets)
+        _, values, offsets = self._chunk
+        return tuple(v[offsets[j] : offsets[j + 1]] for v in values)
+
+
+class EpochPlan(NamedTuple):
+    """What a loader renders and hands out in one epoch (made ahead, off the critical path;
+    labels are decoded as the epoch reaches them, a chunk of batches per call)."""
+
+    crops: EpochCrops
+    batches: list[np.ndarray]  # image ids of each batch, in delivery order
+    requests: list  # the stream's (ids, boxes, flips) per batch
+    labels: BatchLabels  # per-batch tensors that :meth:`CropSource.make_batch` attaches
+
+
 class CropSource:
     """Base strategy: per-image crops, batches cut from the loader's sharded image order,
     hard labels. Subclasses override :meth:`crops` and, where they differ, the rest."""
@@ -76,11 +110,19 @@ class CropSource:
         b = loader.batch_size
         return [order[i : i + b] for i in range(0, loader.num_batches() * b, b)]
 
-    def make_batch(self, loader: "CropLoader", images: torch.Tensor, ids: np.ndarray, crops: EpochCrops,
+    def batch_labels(self, loader: "CropLoader", crops: EpochCrops, batches: list[np.ndarray]) -> BatchLabels:
+        """Per-batch ``(hard, image ids)`` on the loader's device."""
+        dev, hard = loader.device, loader.hard  # (not the loader: a plan must not keep it alive)
+
+        def decode(ids: np.ndarray) -> tuple:
+            ids_t = torch.from_numpy(ids)
+            return hard[ids_t].to(dev), ids_t.to(dev)
+        return BatchLabels(batches, len(batches), decode)
+
+    def make_batch(self, loader: "CropLoader", images: torch.Tensor, plan: EpochPlan,
                    position: int) -> HardBatch | SoftBatch:
-        """The batch handed out for rendered ``images`` of images ``ids`` (batch ``position``)."""
-        dev = images.device
-        return HardBatch(images, loader.hard[ids].to(dev), torch.from_numpy(ids).to(dev))
+        """The batch handed out for rendered ``images`` of batch ``position`` of ``plan``."""
+        return HardBatch(images, *plan.labels[position])
 
 
 @contextlib.contextmanager
@@ -115,15 +157,24 @@ class StoredCrops(CropSource):
         return EpochCrops(boxes, flips, {"seeds": seeds, "fields": fields})
 
     def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
-        """Decoded labels of ``ids``: top-k moved to ``dev``, then made dense there."""
-        with one_torch_thread():
-            labels = self.store.codec.decode({k: v[ids] for k, v in crops.extra["fields"].items()}).to(dev)
-            return labels.probs(self.temperature) if self.dense else labels
+        """Decoded labels of images ``ids`` (any number of rows, one vectorized call): top-k
+        moved to ``dev``, then made dense there."""
+        labels = self.store.codec.decode({k: v[ids] for k, v in crops.extra["fields"].items()}).to(dev)
+        return labels.probs(self.temperature) if self.dense else labels
 
-    def make_batch(self, loader, images, ids, crops, position) -> SoftBatch:
-        dev = images.device
-        return SoftBatch(images, self.labels(ids, crops, dev), loader.hard[ids].to(dev),
-                         torch.from_numpy(ids).to(dev), torch.from_numpy(crops.extra["seeds"][ids]).to(dev))
+    def batch_labels(self, loader, crops, batches) -> BatchLabels:
+        """Per-batch ``(soft, hard, image ids, crop seeds)``, decoded a chunk of batches at a time."""
+        dev, hard, seeds = loader.device, loader.hard, crops.extra["seeds"]
+        rows = LABEL_CHUNK_VALUES // max(1, self.store.num_classes if self.dense else self.store.codec.top_k)
+
+        def decode(ids: np.ndarray) -> tuple:
+            ids_t = torch.from_numpy(ids)
+            return (self.labels(ids, crops, dev), hard[ids_t].to(dev), ids_t.to(dev),
+                    torch.from_numpy(seeds[ids]).to(dev))
+        return BatchLabels(batches, rows // loader.batch_size, decode)
+
+    def make_batch(self, loader, images, plan, position) -> SoftBatch:
+        return SoftBatch(images, *plan.labels[position])
 
 
 class RecordedBatches(StoredCrops):
@@ -160,11 +211,11 @@ class RecordedBatches(StoredCrops):
         crops.extra["order"] = order = self.batch_order(loader, epoch)
         return [batch_members(plan, b) for b in order]
 
-    def make_batch(self, loader, images, ids, crops, position) -> SoftBatch:
-        plan, b = crops.extra["plan"], crops.extra["order"][position]
+    def make_batch(self, loader, images, plan, position) -> SoftBatch:
+        recorded, b = plan.crops.extra["plan"], plan.crops.extra["order"][position]
         with one_torch_thread():
-            mixed = mix_recorded(self.mix, images, plan, b)
-        return super().make_batch(loader, mixed, ids, crops, position)
+            mixed = mix_recorded(self.mix, images, recorded, b)
+        return super().make_batch(loader, mixed, plan, position)
 
 
 class FreshCrops(CropSource):
