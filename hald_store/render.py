@@ -541,13 +541,11 @@ class DaliRunner:
         """The next ``n`` rendered batches, in order."""
         if self.broken:
             raise HaldStoreError("internal error: a broken DALI runner was reused")
-        finished = False
-        try:
-            for _ in range(n):
-                yield self._next()
-            finished = True
-        finally:
-            self.broken = self.broken or not finished
+        self.broken = n > 0  # until the n-th batch is handed out (a consumer may stop right after it)
+        for i in range(n):
+            out = self._next()
+            self.broken = i < n - 1
+            yield out
 
     def _next(self) -> Any:
         try:

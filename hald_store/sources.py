@@ -102,6 +102,15 @@ class CropSource:
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         raise NotImplementedError
 
+    def crop_count(self, manifest: Manifest) -> int:
+        """How many distinct crops all epochs draw from (0: new ones every epoch). A loader
+        keeps this many rendered crops when they fit (``cache_crops``)."""
+        return 0
+
+    def crop_keys(self, crops: EpochCrops) -> np.ndarray:
+        """(N,) index of each image's crop this epoch in ``[0, crop_count)``."""
+        raise NotImplementedError
+
     def num_batches(self, loader: "CropLoader") -> int:
         return loader.image_batches()
 
@@ -150,6 +159,13 @@ class StoredCrops(CropSource):
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         return epoch_crop_seeds(self.store.num_images, self.store.crops_per_image, epoch, self.seed)
+
+    def crop_count(self, manifest) -> int:
+        return self.store.num_images * self.store.crops_per_image
+
+    def crop_keys(self, crops) -> np.ndarray:
+        seeds = crops.extra["seeds"]
+        return np.arange(len(seeds), dtype=np.int64) * self.store.crops_per_image + seeds
 
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         seeds = self.crop_seeds(epoch)
@@ -241,6 +257,12 @@ class CentreCrops(CropSource):
         if not 0 < fraction <= 1:
             raise HaldStoreError(f"crop_fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
+
+    def crop_count(self, manifest) -> int:
+        return len(manifest)
+
+    def crop_keys(self, crops) -> np.ndarray:
+        return np.arange(len(crops.flips), dtype=np.int64)
 
     def crops(self, manifest, epoch) -> EpochCrops:
         h, w = manifest.heights.astype(np.int64), manifest.widths.astype(np.int64)

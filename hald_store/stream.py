@@ -31,7 +31,7 @@ from .errors import HaldStoreError, ImageError, preview
 from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
                        read_files, thin_boxes)
 
-__all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default"]
+__all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default", "fits_cache"]
 
 Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, (B, 4) boxes, (B,) flips)
 
@@ -42,13 +42,16 @@ Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, 
 CACHE_MAX_BYTES = 4 << 30
 
 
-def cache_decoded_default(heights: np.ndarray, widths: np.ndarray) -> bool:
-    """``cache_decoded="auto"``: cache when every image decoded (H x W x 3 bytes) fits in
-    ``min(CACHE_MAX_BYTES, physical memory / 8 / local ranks)``."""
-    need = 3 * int(np.sum(np.asarray(heights, np.int64) * np.asarray(widths, np.int64)))
+def fits_cache(nbytes: int) -> bool:
+    """Whether a cache of ``nbytes`` fits ``min(CACHE_MAX_BYTES, physical memory / 8 / local ranks)``."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 0 < need <= min(CACHE_MAX_BYTES, memory // 8 // local)
+    return 0 < nbytes <= min(CACHE_MAX_BYTES, memory // 8 // local)
+
+
+def cache_decoded_default(heights: np.ndarray, widths: np.ndarray) -> bool:
+    """``cache_decoded="auto"``: cache when every image decoded (H x W x 3 bytes) :func:`fits_cache`."""
+    return fits_cache(3 * int(np.sum(np.asarray(heights, np.int64) * np.asarray(widths, np.int64))))
 
 
 class CropStream:
