@@ -167,12 +167,16 @@ def ffcv_epochs(store: LabelStore, root: Path, work: Path, name: str, batch: int
     return epoch
 
 
-def loader_epochs(loader) -> callable:
+def loader_epochs(loader, first: int = 0) -> callable:
+    """``epoch(e)`` runs the loader's epoch ``first + e``; with ``first`` > 0, epochs ``0 ..
+    first - 1`` run once now (a cycle of stored crops: the crop cache's steady state)."""
     def epoch(e: int) -> int:
         n = 0
-        for b in loader.iter_epoch(e):
+        for b in loader.iter_epoch(first + e):
             n += len(b.images)
         return n
+    for e in range(first):
+        epoch(e - first)
     return epoch
 
 
@@ -204,17 +208,22 @@ def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None
 def child(args) -> None:
     """Run inside ``taskset``: images/s of our loader or of the bare graph, printed as JSON."""
     store, root = LabelStore.open(args.child_store), Path(args.child_images)
-    fn = (bare_dali(store, root, args.batch_size, default_threads()) if args.child == "bare"
-          else loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size)))
+    if args.child == "bare":
+        fn = bare_dali(store, root, args.batch_size, default_threads())
+    else:
+        crops = args.child == "loader"
+        fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
+                           store.crops_per_image if crops else 0)
     rates = interleaved({"x": fn}, args.child_epochs)["x"]
     print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
 
 
 def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
-    """Our loader and the bare graph pinned to 1 and to 2 cores (``taskset``), interleaved."""
+    """Our loader (crops cached, after a cycle), the loader rendering every epoch (cache_crops
+    off) and the bare graph, pinned to 1 and to 2 cores (``taskset``), interleaved."""
     rates: dict[str, list[float]] = {}
     for _ in range(args.scaling_rounds):
-        for kind in ("loader", "bare"):
+        for kind in ("loader", "rendering", "bare"):
             for cores in ("0", "0,1"):
                 busy0, own0 = busy_cpu_seconds()
                 out = subprocess.run(
@@ -241,13 +250,18 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
     write_epoch_file(store, root, epoch_file, epoch=0, batch_size=b)
     threads = default_threads()
     default = SoftLabelLoader(store, root, batch_size=b)
-    other_cache = not default.stream.cache_decoded
+    rendering = SoftLabelLoader(store, root, batch_size=b, cache_crops=False)
+    cached = default._crop_cache() is not None
+    other_cache = not rendering.stream.cache_decoded
     contenders = {
-        f"hald-store loader, DALI (cache {'on' if not other_cache else 'off'}: default)": loader_epochs(default),
-        f"hald-store loader, DALI, cache {'on' if other_cache else 'off'}":
-            loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache)),
-        f"hald-store loader, torchvision, {threads} worker processes":
-            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision")),
+        f"hald-store loader (default: crops cached {'on' if cached else 'off'}; epochs after the first cycle)":
+            loader_epochs(default, store.crops_per_image),
+        f"hald-store loader, crop cache off (DALI, decoded cache {'on' if not other_cache else 'off'})":
+            loader_epochs(rendering),
+        f"hald-store loader, crop cache off (DALI, decoded cache {'on' if other_cache else 'off'})":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache, cache_crops=False)),
+        f"hald-store loader, torchvision, {threads} worker processes, crop cache off":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision", cache_crops=False)),
         "bare DALI graph (physical limit)": bare_dali(store, root, b, threads),
         "reference PIL loop, 1 process": reference_epochs(epoch_file, store, root, 0),
         f"reference DataLoader, {threads} workers": reference_epochs(epoch_file, store, root, threads),
@@ -268,13 +282,16 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
         other_cpu = rates.pop("other processes' CPU-s per scaling run")
     bare = np.median(rates["bare DALI graph (physical limit)"])
     ref = np.median(rates["reference PIL loop, 1 process"])
+    ffcv = next((r for k, r in rates.items() if k.startswith("FFCV, raw")), None)
     for what, r in rates.items():
         med = float(np.median(r))
+        # against FFCV raw: the median of the per-round ratios (each round runs both under the same load)
+        vs_ffcv = float(np.median(np.array(r) / np.array(ffcv))) if ffcv is not None and len(r) == len(ffcv) else None
         rows.append({"workload": name, "what": what, "images_per_s": med, "rounds": r,
-                     "vs_bare_dali": med / bare, "vs_reference_loop": med / ref})
-        print(f"  {what:<58}{med:>9,.0f} /s  {med / bare:5.2f}x bare  {med / ref:6.2f}x PIL loop  "
-              f"(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
-    for kind in ("loader", "bare"):
+                     "vs_bare_dali": med / bare, "vs_reference_loop": med / ref, "vs_ffcv_raw_per_round": vs_ffcv})
+        print(f"  {what:<92}{med:>9,.0f} /s  {med / bare:6.2f}x bare  {med / ref:6.2f}x PIL loop  "
+              f"{'' if vs_ffcv is None else f'{vs_ffcv:5.2f}x FFCV raw  '}(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
+    for kind in ("loader", "rendering", "bare"):
         one, two = f"{kind} on 1 core(s)", f"{kind} on 2 core(s)"
         if one in rates:
             ratio = float(np.median(rates[two]) / np.median(rates[one]))
@@ -297,7 +314,7 @@ def main() -> None:
     ap.add_argument("--scaling-rounds", type=int, default=3)
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
-    ap.add_argument("--child", choices=["loader", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["loader", "rendering", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ batch. The public constructors are thin:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -31,7 +32,7 @@ from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, EpochPlan, FreshCrops, HardBatch, RecordedBatches,
-                      SoftBatch, StoredCrops)
+                      SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
 from .stream import CropStream, fits_cache, open_stream
 
@@ -138,11 +139,11 @@ class CropLoader:
                            world_size=self.world_size, drop_last=self.drop_last)
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
-        """``epoch``'s crops, batches, render requests and first labels; for sources that read
-        the store (or plan every image), the next epoch's plan is then made on a background
-        thread while this one trains (at FKD scale the pass over the store takes tens of
-        seconds), and its requests are queued on the stream before this epoch ends. Errors
-        surface here."""
+        """``epoch``'s crops, batches and render requests; for sources that read the store (or
+        plan every image), the next epoch's plan is then made ahead -- on a background thread
+        while this one trains when it is slow (at FKD scale the pass over the store takes tens
+        of seconds) -- and its requests are queued on the stream before this epoch ends.
+        Errors surface here."""
         check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
@@ -150,7 +151,8 @@ class CropLoader:
         else:
             plan = self._plan(self.source, epoch)
         if self.source.plan_ahead:
-            self._ahead = (self.source, epoch + 1, in_background(self._plan, self.source, epoch + 1))
+            later = in_background if self.source.slow_crops(self.manifest) else when_asked
+            self._ahead = (self.source, epoch + 1, later(self._plan, self.source, epoch + 1))
         return plan
 
     def epoch_crops(self, epoch: int) -> EpochCrops:
@@ -197,7 +199,9 @@ class CropLoader:
             rows = [keys[torch.from_numpy(ids).to(crops.device)] for ids in plan.batches]
             if all(bool(filled[r].all()) for r in rows[start_batch:]):  # every crop rendered before: gather
                 for k in range(start_batch, len(rows)):
-                    yield make(self, crops.index_select(0, rows[k]), plan, k)
+                    with one_torch_thread():
+                        images = crops.index_select(0, rows[k])
+                    yield make(self, images, plan, k)
                 return
         requests = plan.requests[start_batch:] if start_batch else plan.requests
         for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
@@ -228,6 +232,11 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
         return out["result"]
 
     return result
+
+
+def when_asked(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``fn(*args)``, computed when the returned function is first called (then kept)."""
+    return functools.cache(functools.partial(fn, *args))
 
 
 def _open(store: LabelStore | str | os.PathLike) -> LabelStore:

@@ -59,14 +59,17 @@ class EpochCrops(NamedTuple):
     extra: dict
 
 
+BACKGROUND_IMAGES = 100_000  # plan the next epoch's crops of more images than this on a background thread
+RESIDENT_BYTES = 64 << 20  # a store whose labels and crops take at most this (uncompressed) is read once
 LABEL_CHUNK_VALUES = 1 << 22  # labels are decoded a chunk of batches at a time: <= 16 MB of dense float32
 
 
 class BatchLabels:
     """An epoch's per-batch label tensors, decoded one chunk of batches at a time in one
     vectorized call (``decode(concatenated ids) -> tuple of tensors``) and sliced per batch
-    (views); only the current chunk is kept. Decoding runs on the consumer's thread: torch
-    work on a background thread can crash the worker processes that a stream forks."""
+    (views); only the current chunk is kept. Decoding runs on the consumer's thread (torch
+    work on a background thread can crash the worker processes that a stream forks), at one
+    torch thread (see :func:`one_torch_thread`)."""
 
     def __init__(self, batches: list[np.ndarray], per_chunk: int,
                  decode: Callable[[np.ndarray], tuple]) -> None:
@@ -78,7 +81,8 @@ class BatchLabels:
         if self._chunk is None or self._chunk[0] != c:
             members = self.batches[c * self.per_chunk : (c + 1) * self.per_chunk]
             offsets = np.cumsum([0] + [len(ids) for ids in members])
-            self._chunk = (c, self.decode(np.concatenate(members)), offsets)
+            with one_torch_thread():
+                self._chunk = (c, self.decode(np.concatenate(members)), offsets)
         _, values, offsets = self._chunk
         return tuple(v[offsets[j] : offsets[j + 1]] for v in values)
 
@@ -97,10 +101,16 @@ class CropSource:
     """Base strategy: per-image crops, batches cut from the loader's sharded image order,
     hard labels. Subclasses override :meth:`crops` and, where they differ, the rest."""
 
-    plan_ahead = False  # the loader computes the next epoch's crops while this one trains
+    plan_ahead = False  # the loader plans the next epoch before this one ends
 
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         raise NotImplementedError
+
+    def slow_crops(self, manifest: Manifest) -> bool:
+        """Whether :meth:`crops` is worth a background thread (else the next epoch is planned
+        when first asked for: under load, starting a thread took milliseconds, longer than a
+        32-px epoch of a small set trains)."""
+        return len(manifest) > BACKGROUND_IMAGES
 
     def crop_count(self, manifest: Manifest) -> int:
         """How many distinct crops all epochs draw from (0: new ones every epoch). A loader
@@ -156,6 +166,7 @@ class StoredCrops(CropSource):
         if not temperature > 0:
             raise HaldStoreError(f"temperature must be > 0, got {temperature}")
         self.store, self.temperature, self.dense, self.seed = store, float(temperature), bool(dense), int(seed)
+        self._kept: dict[str, np.ndarray] | None = None  # a small store's label and crop arrays, read once
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         return epoch_crop_seeds(self.store.num_images, self.store.crops_per_image, epoch, self.seed)
@@ -169,8 +180,26 @@ class StoredCrops(CropSource):
 
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         seeds = self.crop_seeds(epoch)
-        fields, boxes, flips = self.store.read_one_crop_per_image(seeds)
+        kept = self._resident()
+        if kept:  # a gather in memory: at 32 px an epoch trains faster than a pass over the store
+            rows = np.arange(len(seeds))
+            fields = {f: kept[f"labels/{f}"][rows, seeds] for f in self.store.codec.fields()}
+            boxes, flips = kept["crops/box"][rows, seeds], kept["crops/flip"][rows, seeds]
+        else:
+            fields, boxes, flips = self.store.read_one_crop_per_image(seeds)
         return EpochCrops(boxes, flips, {"seeds": seeds, "fields": fields})
+
+    def slow_crops(self, manifest) -> bool:
+        return not self._resident()
+
+    def _resident(self) -> dict[str, np.ndarray]:
+        """Every crop's label fields, box and flip when they take at most :data:`RESIDENT_BYTES`
+        (read once, then kept); else empty (each epoch reads the store)."""
+        if self._kept is None:
+            names = [f"labels/{f}" for f in self.store.codec.fields()] + ["crops/box", "crops/flip"]
+            small = sum(self.store.array(n).nbytes for n in names) <= RESIDENT_BYTES
+            self._kept = {n: self.store.array(n)[...] for n in names} if small else {}
+        return self._kept
 
     def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
         """Decoded labels of images ``ids`` (any number of rows, one vectorized call): top-k

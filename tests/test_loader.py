@@ -159,6 +159,10 @@ def test_one_stream_runs_across_epochs_and_stays_exact(small_store):
     _same_batches(_all(loader, 1), _all(SoftLabelLoader(store, root, **kw), 1))
     assert loader.stream._runner is runner and not runner.broken  # no drain, no new pipeline
     _same_batches(_all(loader, 4), _all(SoftLabelLoader(store, root, **kw), 4))  # not the epoch looked ahead to
+    kept = loader.source.crops(loader.manifest, 5)  # a small store is read once, then gathered in memory
+    fields, boxes, flips = store.read_one_crop_per_image(loader.crop_seeds(5))
+    assert loader.source._kept and np.array_equal(kept.boxes, boxes) and np.array_equal(kept.flips, flips)
+    assert all(np.array_equal(kept.extra["fields"][k], v) for k, v in fields.items())
 
 
 def test_cached_crops_are_the_rendered_ones(small_store):
