@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -234,9 +235,11 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return result
 
 
-def when_asked(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-    """``fn(*args)``, computed when the returned function is first called (then kept)."""
-    return functools.cache(functools.partial(fn, *args))
+def when_asked(method: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``method(*args)``, computed when the returned function is first called (then kept). The
+    method's object is held weakly: a loader must not keep itself (and its busy pipeline) alive."""
+    ref = weakref.WeakMethod(method)
+    return functools.cache(lambda: ref()(*args))
 
 
 def _open(store: LabelStore | str | os.PathLike) -> LabelStore:
