@@ -182,6 +182,7 @@ class StoredCrops(CropSource):
         seeds = self.crop_seeds(epoch)
         kept = self._resident()
         if kept:  # a gather in memory: at 32 px an epoch trains faster than a pass over the store
+            self.store.check_identity()  # as a pass over the store does: no store swapped under a running loader
             rows = np.arange(len(seeds))
             fields = {f: kept[f"labels/{f}"][rows, seeds] for f in self.store.codec.fields()}
             boxes, flips = kept["crops/box"][rows, seeds], kept["crops/flip"][rows, seeds]
