@@ -199,7 +199,10 @@ class StoredCrops(CropSource):
         if self._kept is None:
             names = [f"labels/{f}" for f in self.store.codec.fields()] + ["crops/box", "crops/flip"]
             small = sum(self.store.array(n).nbytes for n in names) <= RESIDENT_BYTES
-            self._kept = {n: self.store.array(n)[...] for n in names} if small else {}
+            kept = {n: self.store.array(n)[...] for n in names} if small else {}
+            if kept:  # untrusted like every read: damage is named once, here
+                self.store.check_classes("labels/indices", kept["labels/indices"])
+            self._kept = kept
         return self._kept
 
     def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
