@@ -222,10 +222,12 @@ class StoredCrops(CropSource):
 
     def _resident(self) -> dict[str, np.ndarray]:
         """Every crop's label fields, box and flip when they take at most :data:`RESIDENT_BYTES`
-        (read once, then kept); else empty (each epoch reads the store)."""
+        (read once, then kept) of a block-layout store; else empty (each epoch reads the store:
+        a sharded store was built so that an epoch reads only the crops it uses, rank by rank)."""
         if self._kept is None:
             names = [f"labels/{f}" for f in self.store.codec.fields()] + ["crops/box", "crops/flip"]
-            small = sum(self.store.array(n).nbytes for n in names) <= RESIDENT_BYTES
+            small = (self.store.layout != "sharded"
+                     and sum(self.store.array(n).nbytes for n in names) <= RESIDENT_BYTES)
             kept = {n: self.store.array(n)[...] for n in names} if small else {}
             if kept:  # untrusted like every read: damage is named once, here
                 self.store.check_classes("labels/indices", kept["labels/indices"])
