@@ -11,6 +11,9 @@ random batches), each phase in its own process so that its peak RSS is its own.
     .venv/bin/python benchmarks/scale.py                      # 20,000 x 500 (10M) and 200,000 x 500 (100M)
     .venv/bin/python benchmarks/scale.py --compare-chunking   # chunk_images 256/1024/4096 at 20,000 x 500
     .venv/bin/python benchmarks/scale.py --keep               # keep the stores afterwards
+    .venv/bin/python benchmarks/scale.py --epoch-bytes        # bytes an epoch reads per rank (2 ranks), block
+                                                              # vs sharded layout, local disk + S3 (moto), 10M
+                                                              # records (--num-images 200000: 100M)
 
 Stores go to ``benchmarks/results/scale/`` (deleted unless ``--keep``); results to
 ``benchmarks/results/scale.json`` (``scale-quick.json``, ``scale-chunking.json``). Reads hit a
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import os
 import resource
 import shutil
@@ -40,6 +44,8 @@ from hald_store.schema import RenderSpec, StoreSettings, TeacherInfo
 from hald_store.writer import BlockAssembler, StoreWriter
 from hald_store.crop_plan import plan_image_crops
 from hald_store.order import epoch_crop_seeds
+from hald_store.sources import Sampling, StoredCrops
+from hald_store.testing import open_counted
 
 from common import busy_cpu_seconds
 
@@ -92,7 +98,8 @@ def synthetic_logits(labels: np.ndarray, num_classes: int, seed: int, key: int) 
     return z
 
 
-def store_settings(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropPolicy, seed: int) -> StoreSettings:
+def store_settings(manifest: Manifest, crops: int, codec: LabelCodec, policy: CropPolicy, seed: int,
+                   layout: str = "block") -> StoreSettings:
     """The settings a real build writes, with plausible values for a synthetic teacher."""
     size = BUILD_DEFAULTS["input_size"]
     return StoreSettings(
@@ -100,7 +107,7 @@ def store_settings(manifest: Manifest, crops: int, codec: LabelCodec, policy: Cr
         class_names=tuple(manifest.class_names), plan_seed=seed, crop_policy=policy,
         render_spec=RenderSpec("synthetic", size, tuple(BUILD_DEFAULTS["mean"]), tuple(BUILD_DEFAULTS["std"])),
         teacher=TeacherInfo("synthetic-logits", None, "eval", {"synthetic": True}), codec=codec,
-        manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped),
+        manifest_blake2b=manifest.fingerprint(), skipped=tuple(manifest.skipped), layout=layout,
     )
 
 
@@ -117,7 +124,7 @@ def write_phase(path: str, args: argparse.Namespace, chunk_images: int, resume: 
                        temperature=float(BUILD_DEFAULTS["temperature"]))
     manifest = synthetic_manifest(args.num_images, args.num_classes, args.seed)
     policy, s = CropPolicy(), args.crops_per_image
-    settings = store_settings(manifest, s, codec, policy, args.seed)
+    settings = store_settings(manifest, s, codec, policy, args.seed, args.layout)
     t0 = time.perf_counter()
     secs = {"logits": 0.0, "encode_write": 0.0}
     written = 0
@@ -247,6 +254,115 @@ def read_phase(path: str, batches: int, batch_size: int, seed: int) -> dict[str,
             "peak_rss_mib_after_random": peak_rss_mib()}
 
 
+# ------------------------------------------------------------------ epoch bytes
+def files_per_array(path: Path) -> dict[str, int]:
+    """Files (chunks or shards) of each per-crop array: the file count an object store lists."""
+    arrays = [p for p in (path / "labels").iterdir() if p.is_dir()] + [path / "crops" / "box", path / "crops" / "flip"]
+    return {str(a.relative_to(path)): sum(1 for f in (a / "c").rglob("*") if f.is_file()) for a in arrays}
+
+
+def epoch_bytes(path: str, ranks: int, epochs: int, seed: int, storage_options: dict | None = None) -> dict[str, Any]:
+    """Bytes each of ``ranks`` ranks requests (counted below zarr, per key) when its loader
+    fetches its share of each of ``epochs`` epochs (labels, boxes, flips): what a
+    ``SoftLabelLoader`` reads per epoch. Metadata and the manifest are read before counting."""
+    runs = []
+    for epoch in range(epochs):
+        blocks = []
+        for rank in range(ranks):
+            store, counter = open_counted(path, storage_options)
+            manifest = store.manifest()
+            for name in store.array_names():
+                store.array(name)
+            source = StoredCrops(store, store.temperature, False, seed, Sampling(seed, True, rank, ranks, False))
+            counter.reset()
+            t0 = time.perf_counter()
+            source.crops(manifest, epoch)
+            secs = time.perf_counter() - t0
+            chunks = {k: v for k, v in counter.keys.items() if "/c/" in k}
+            touched = {int(k.split("/c/")[1].split("/")[0]) for k in chunks}
+            blocks.append(touched)
+            runs.append({"epoch": epoch, "rank": rank, "s": secs, "gets": len(chunks),
+                         "label_bytes": sum(v for k, v in chunks.items() if k.startswith("labels/")),
+                         "crop_bytes": sum(v for k, v in chunks.items() if k.startswith("crops/")),
+                         "blocks_touched": len(touched), "blocks": store.num_blocks,
+                         "images": len(source.epoch_order(len(manifest), epoch, source.sampling))})
+        shared = set.intersection(*blocks) if ranks > 1 else set()
+        for r in runs[-ranks:]:
+            r["blocks_shared_with_other_ranks"] = len(shared)
+    return {"ranks": ranks, "epochs": epochs, "runs": runs}
+
+
+def on_s3(path: Path, fn, *args) -> Any:
+    """``fn(url, *args, storage_options=...)`` on a copy of the store at ``path`` served by a
+    loopback moto S3 server (the object-store path of tests/test_remote.py), in this process."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench",
+                   "client_kwargs": {"region_name": "us-east-1"}}
+        boto3.client("s3", endpoint_url=options["endpoint_url"], aws_access_key_id="bench",
+                     aws_secret_access_key="bench", region_name="us-east-1").create_bucket(Bucket="labels")
+        url = f"s3://labels/{path.name}"
+        t0 = time.perf_counter()
+        s3fs.S3FileSystem(**options).put(str(path), url, recursive=True)
+        upload_s = time.perf_counter() - t0
+        return {"upload_s": upload_s, **fn(url, *args, storage_options=options)}
+    finally:
+        server.stop()
+
+
+def run_epoch_bytes(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the store in each layout (all blocks, through the library's writer), then count the
+    bytes an epoch requests per rank, on local disk and (unless --no-s3) on the moto S3 server."""
+    out = {}
+    for layout in args.layouts:
+        path = RESULTS / "scale" / f"synthetic-{args.num_images}x{args.crops_per_image}-{layout}.zarr"
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"\n== {args.num_images:,} images x {args.crops_per_image} crops, layout {layout} -> {path}")
+        try:
+            build = in_child(write_phase, str(path), argparse.Namespace(**{**vars(args), "layout": layout}),
+                             args.chunk_images, False, None)
+            local = in_child(epoch_bytes, str(path), args.ranks, args.epochs, args.seed)
+            remote = None if args.no_s3 else in_child(on_s3, path, epoch_bytes, args.ranks, args.epochs, args.seed)
+            out[layout] = {"build": build, "files_per_array": files_per_array(path), "local": local, "s3": remote}
+        finally:
+            if not args.keep:
+                shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+def print_epoch_bytes(result: dict[str, Any]) -> None:
+    """Per layout and place: label bytes per rank per epoch (median over epochs) and the fraction
+    of the store's label bytes one epoch reads over all ranks."""
+    print(f"\n  {'layout':<8} {'where':<6} {'files/array':>12} {'label MiB':>10} {'rank':>4} {'label MiB/epoch':>16} "
+          f"{'box+flip MiB':>13} {'blocks':>9} {'shared':>6} {'s':>6} {'epoch/labels':>13}")
+    print("  (per rank: medians over epochs; blocks: mean blocks touched / blocks; shared: mean blocks touched by "
+          "more than one rank; epoch/labels: label bytes all ranks read per epoch / label bytes on disk)")
+    for layout, r in result.items():
+        files = max(r["files_per_array"].values())
+        label = r["build"]["label_bytes"]
+        for where in ("local", "s3"):
+            if r[where] is None:
+                continue
+            runs, ranks = r[where]["runs"], r[where]["ranks"]
+            per_epoch = [sum(x["label_bytes"] for x in runs if x["epoch"] == e) for e in range(r[where]["epochs"])]
+            for rank in range(ranks):
+                mine = [x for x in runs if x["rank"] == rank]
+                med = lambda k: float(np.median([x[k] for x in mine]))  # noqa: E731
+                mean = lambda k: float(np.mean([x[k] for x in mine]))  # noqa: E731
+                print(f"  {layout:<8} {where:<6} {files:>12,} {label / 2**20:>10,.1f} {rank:>4} "
+                      f"{med('label_bytes') / 2**20:>16,.3f} {med('crop_bytes') / 2**20:>13,.3f} "
+                      f"{mean('blocks_touched'):>4.1f}/{mine[0]['blocks']:<4} "
+                      f"{mean('blocks_shared_with_other_ranks'):>6.1f} {med('s'):>6.2f} "
+                      f"{float(np.median(per_epoch)) / label:>13.4f}")
+
+
 # ------------------------------------------------------------------ driver
 def run_one(args: argparse.Namespace, chunk_images: int) -> dict[str, Any]:
     """Build half the blocks (then stop, as a kill would), resume, read; deletes the store unless ``--keep``."""
@@ -326,14 +442,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep the store(s) under benchmarks/results/scale/")
-    p.add_argument("--json", type=Path, default=None, help="default benchmarks/results/scale[-quick|-chunking].json")
+    p.add_argument("--layout", choices=["block", "sharded"], default="block", help="store layout of the main run")
+    p.add_argument("--epoch-bytes", action="store_true",
+                   help="instead of the main run: bytes an epoch reads per rank, for each of --layouts")
+    p.add_argument("--layouts", nargs="+", choices=["block", "sharded"], default=["block", "sharded"])
+    p.add_argument("--ranks", type=int, default=2, help="ranks simulated by --epoch-bytes")
+    p.add_argument("--epochs", type=int, default=3, help="epochs counted by --epoch-bytes")
+    p.add_argument("--no-s3", action="store_true", help="--epoch-bytes on local disk only (no moto S3 server)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="default benchmarks/results/scale[-quick|-chunking|-epoch-bytes].json")
     args = p.parse_args()
     if args.num_images is None:
-        args.num_images = [2_000] if args.quick else [20_000] if args.compare_chunking else [20_000, 200_000]
+        args.num_images = ([2_000] if args.quick else [20_000] if args.compare_chunking or args.epoch_bytes
+                           else [20_000, 200_000])
     if args.batches is None:
         args.batches = 5 if args.quick else 20
     if args.json is None:
-        suffix = "-chunking" if args.compare_chunking else "-quick" if args.quick else ""
+        suffix = ("-epoch-bytes" if args.epoch_bytes else "-chunking" if args.compare_chunking
+                  else "-quick" if args.quick else "")
         args.json = RESULTS / f"scale{suffix}.json"
     return args
 
@@ -345,9 +471,17 @@ def main() -> None:
     chunkings = args.chunkings if args.compare_chunking else [args.chunk_images]
     busy0, own0 = busy_cpu_seconds()
     t0 = time.perf_counter()
-    results = [run_one(argparse.Namespace(**{**vars(args), "num_images": n}), ci)
-               for n in args.num_images for ci in chunkings]
-    for res in results:
+    if args.epoch_bytes:
+        results = [{"num_images": n, **run_epoch_bytes(argparse.Namespace(**{**vars(args), "num_images": n}))}
+                   for n in args.num_images]
+        for res in results:
+            print(f"\n-- {res['num_images'] * args.crops_per_image:,} crop records, {args.ranks} ranks, "
+                  f"chunk_images {args.chunk_images}: bytes requested per rank per epoch (median of {args.epochs})")
+            print_epoch_bytes({k: v for k, v in res.items() if k != "num_images"})
+    else:
+        results = [run_one(argparse.Namespace(**{**vars(args), "num_images": n}), ci)
+                   for n in args.num_images for ci in chunkings]
+    for res in [] if args.epoch_bytes else results:
         print(f"\n-- {res['build']['crops']:,} crop records, chunk_images {res['chunk_images']}")
         print_table(table(res))
     if args.compare_chunking:

@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from .choices import IMAGENET_MEAN, IMAGENET_STD, MIXES, TEACHER_MODES
-from .errors import HaldStoreError, StoreError
+from .choices import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, MIXES, TEACHER_MODES
+from .errors import HaldStoreError, StoreError, environment_failure
 
 
 class _ValueCodecs(click.Choice):
@@ -48,18 +48,39 @@ def flag_message(error: HaldStoreError, command: click.Command) -> str:
     return message
 
 
+_OUTPUTS = ("out_store", "out_dir", "dst", "manifest", "store")  # the parameters naming what a command writes
+
+
 def _friendly_errors(fn):
-    """Turn library errors into a one-line ``Error: ...`` (parameters named as flags) and exit status 1."""
+    """Turn library errors and environment failures (full disk, read-only file system, too many
+    open files, out of memory) into a one-line ``Error: ...`` (parameters named as flags), exit status 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except HaldStoreError as e:
-            ctx = click.get_current_context(silent=True)
-            raise click.ClickException(str(e) if ctx is None else flag_message(e, ctx.command)) from e
+        except (OSError, MemoryError, HaldStoreError) as e:
+            path = next((str(kwargs[k]) for k in _OUTPUTS if kwargs.get(k)), None)
+            failure = next(filter(None, (environment_failure(c, path) for c in _causes(e))), None)
+            if failure is None and not isinstance(e, HaldStoreError):
+                raise
+            raise click.ClickException(_message(failure or e)) from e
 
     return wrapper
+
+
+def _causes(error: BaseException):
+    """``error`` and the exceptions it was raised from (a store error caused by a full disk is the full disk)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _message(error: HaldStoreError) -> str:
+    ctx = click.get_current_context(silent=True)
+    return str(error) if ctx is None else flag_message(error, ctx.command)
 
 
 def _teacher_options(required: bool):
@@ -132,6 +153,9 @@ def main() -> None:
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="block",
+              help="sharded: one file per chunk of images, an inner chunk per crop seed; an epoch reads ~1/S of the "
+                   "labels, each rank only its chunks (per-crop labels only).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted build with the same settings.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option("--skip-bad", is_flag=True, help="Skip (and record) unreadable images instead of failing.")

@@ -28,10 +28,10 @@ from .crop_plan import CropPolicy
 from .devices import renderer_device
 from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
-from .order import epoch_crop_seeds, epoch_order, replay_epoch, samples_per_rank
+from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, FreshCrops, HardBatch, RecordedBatches,
-                      SoftBatch, StoredCrops)
+                      Sampling, SoftBatch, StoredCrops)
 from .store import LabelStore
 from .stream import CropStream, open_stream
 
@@ -88,7 +88,7 @@ class CropLoader:
         self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
-                                              workers=workers, cache_decoded=cache_decoded)
+                                              workers=workers, cache_decoded=cache_decoded, digests=manifest.digests)
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +124,8 @@ class CropLoader:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's image indices for ``epoch``, in delivery order."""
-        return epoch_order(len(self.manifest), epoch, self.seed, shuffle=self.shuffle, rank=self.rank,
-                           world_size=self.world_size, drop_last=self.drop_last)
+        return self.source.epoch_order(len(self.manifest), epoch, Sampling(self.seed, self.shuffle, self.rank,
+                                                                           self.world_size, self.drop_last))
 
     def epoch_crops(self, epoch: int) -> EpochCrops:
         """The source's crops of ``epoch``; for sources that read the store (or plan every image),
@@ -226,7 +226,8 @@ class SoftLabelLoader(CropLoader):
             )
         temperature = self.store.temperature if temperature is None else float(temperature)
         source = (RecordedBatches(self.store, temperature, dense, seed, drop_last) if self.replay
-                  else StoredCrops(self.store, temperature, dense, seed))
+                  else StoredCrops(self.store, temperature, dense, seed,
+                                   Sampling(seed, shuffle, rank, world_size, drop_last)))
         self.temperature = source.temperature
         super().__init__(source, images_root, self.store.manifest(),
                          self.store.render_spec.renderer(backend, device, workers, **renderer_kw),

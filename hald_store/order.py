@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import HaldStoreError
 
-__all__ = ["samples_per_rank", "epoch_order", "epoch_crop_seeds", "replay_epoch", "replay_batch_order"]
+__all__ = ["samples_per_rank", "epoch_order", "block_epoch_order", "epoch_crop_seeds", "replay_epoch", "replay_batch_order"]
 
 
 def samples_per_rank(num_samples: int, world_size: int, drop_last: bool) -> int:
@@ -33,20 +33,45 @@ def epoch_order(num_samples: int, epoch: int, seed: int, *, shuffle: bool = True
     return np.resize(order, total)[rank::world_size]
 
 
-def epoch_crop_seeds(num_images: int, crops_per_image: int, epoch: int, seed: int = 0) -> np.ndarray:
+def block_epoch_order(num_samples: int, epoch: int, seed: int, block: int, *, shuffle: bool = True,
+                      rank: int = 0, world_size: int = 1, drop_last: bool = False) -> np.ndarray:
+    """This rank's sample indices for ``epoch`` when ranks take whole blocks of ``block``
+    consecutive samples (so each rank reads only its blocks of a ``"sharded"`` store).
+
+    The blocks are permuted by ``(seed, epoch)``, their samples laid end to end, padded by
+    wrapping or truncated as :func:`epoch_order` does, and cut into one contiguous span per rank
+    (a rank shares at most its two end blocks); each span is then shuffled by ``(seed, epoch, rank)``.
+    """
+    n, blk = int(num_samples), int(block)
+    if shuffle:
+        blocks = np.random.default_rng([int(seed), int(epoch), 0xB10C]).permutation(-(-n // blk))
+        order = (blocks[:, None] * blk + np.arange(blk)).ravel()
+        order = order[order < n]
+    else:
+        order = np.arange(n)
+    per = samples_per_rank(n, world_size, drop_last)
+    span = np.resize(order, per * world_size)[rank * per : (rank + 1) * per]
+    return np.random.default_rng([int(seed), int(epoch), int(rank)]).permutation(span) if shuffle else span
+
+
+def epoch_crop_seeds(num_images: int, crops_per_image: int, epoch: int, seed: int = 0,
+                     images_per_block: int = 1) -> np.ndarray:
     """Stored crop seed that each image uses in ``epoch``.
 
     Epochs come in cycles of ``crops_per_image``; within a cycle every image uses each of its
-    crops exactly once, in a per-image order ``(a * e + b) mod S`` with ``a`` coprime to ``S``
-    and ``a, b`` drawn per image and cycle from ``seed``.
+    crops exactly once, in an order ``(a * e + b) mod S`` with ``a`` coprime to ``S`` and ``a, b``
+    drawn per cycle and per block of ``images_per_block`` consecutive images from ``seed``
+    (per image by default; a ``"sharded"`` store's blocks share one seed, so an epoch reads one
+    inner chunk per block).
     """
-    s = int(crops_per_image)
+    s, blk = int(crops_per_image), int(images_per_block)
     cycle, e = divmod(int(epoch), s)
     units = np.array([a for a in range(1, s) if math.gcd(a, s) == 1] or [1], dtype=np.int64)
     rng = np.random.default_rng([int(seed), cycle, 0x5EED])
-    a = units[rng.integers(len(units), size=num_images)]
-    b = rng.integers(s, size=num_images)
-    return (a * e + b) % s
+    blocks = -(-int(num_images) // blk)
+    a = units[rng.integers(len(units), size=blocks)]
+    b = rng.integers(s, size=blocks)
+    return np.repeat((a * e + b) % s, blk)[:num_images]
 
 
 def replay_epoch(crops_per_image: int, epoch: int, seed: int = 0) -> int:

@@ -17,14 +17,14 @@ from typing import Any, Mapping, Sequence
 
 from . import __version__
 from .batch_plan import BatchPlan
-from .choices import TEACHER_MODES
+from .choices import LAYOUTS, TEACHER_MODES
 from .codec import LabelCodec
 from .crop_plan import CropPolicy
 from .devices import renderer_device
 from .errors import OptionError, StoreError, preview
 from .render import CropRenderer, dali_available, make_renderer, threads_option
 
-__all__ = ["TEACHER_MODES", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
+__all__ = ["TEACHER_MODES", "LAYOUTS", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
 
 # Attributes of a store that are not settings: LabelStore writes them, resume checks ignore them.
 NOT_SETTINGS = ("format", "format_version", "integrity", "identity")
@@ -169,6 +169,7 @@ class StoreSettings:
     labelling: LabellingPlan | None = None  # batch-specific labels: the recorded labelling batches
     imported_from: Mapping[str, Any] | None = None  # labels imported from reference files
     reencoded_from: LabelCodec | None = None  # labels re-encoded from a store with this codec
+    layout: str = "block"  # one of LAYOUTS; stores made before layouts are "block"
     library_version: str = __version__
     extra: Mapping[str, Any] = field(default_factory=dict)  # further attributes, kept as written
 
@@ -186,6 +187,8 @@ class StoreSettings:
             d["imported_from"] = dict(self.imported_from)
         if self.reencoded_from is not None:
             d["reencoded_from"] = self.reencoded_from.to_dict()
+        if self.layout != "block":  # "block" stores keep the attributes they always had
+            d["layout"] = self.layout
         return {**d, **self.extra}
 
     @classmethod
@@ -195,7 +198,10 @@ class StoreSettings:
                     "teacher", "codec", "manifest_blake2b")
         _require(d, required, "the store attributes")
         known = (*required, "input_size", "mean", "std", "renderer", "skipped", "labelling", "imported_from",
-                 "reencoded_from", "library_version", *NOT_SETTINGS)
+                 "reencoded_from", "layout", "library_version", *NOT_SETTINGS)
+        if d.get("layout", "block") not in LAYOUTS:
+            raise StoreError(f"the store layout {d['layout']!r} is not one of {', '.join(LAYOUTS)} (a newer "
+                             "hald-store wrote it, or the store is damaged)")
         try:
             return cls(
                 num_images=int(d["num_images"]), crops_per_image=int(d["crops_per_image"]),
@@ -206,6 +212,7 @@ class StoreSettings:
                 labelling=None if d.get("labelling") is None else LabellingPlan.from_dict(d["labelling"]),
                 imported_from=d.get("imported_from"),
                 reencoded_from=None if d.get("reencoded_from") is None else LabelCodec.from_dict(d["reencoded_from"]),
+                layout=d.get("layout", "block"),
                 library_version=d.get("library_version", "unknown"),
                 extra={k: v for k, v in d.items() if k not in known})
         except (TypeError, ValueError) as e:

@@ -25,13 +25,13 @@ from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import Manifest
 from .batch_plan import batch_members, mix_recorded
-from .order import epoch_crop_seeds, replay_batch_order, replay_epoch
+from .order import block_epoch_order, epoch_order, replay_batch_order, replay_epoch
 from .store import LabelStore
 
 if TYPE_CHECKING:
     from .loader import CropLoader
 
-__all__ = ["HARD_CROP_STREAM", "SoftBatch", "HardBatch", "EpochCrops", "CropSource", "StoredCrops",
+__all__ = ["HARD_CROP_STREAM", "Sampling", "SoftBatch", "HardBatch", "EpochCrops", "CropSource", "StoredCrops",
            "RecordedBatches", "FreshCrops", "CentreCrops"]
 
 HARD_CROP_STREAM = 1  # crop-plan stream of fresh (hard-label) crops; stored crops use stream 0
@@ -71,6 +71,10 @@ class CropSource:
     def num_batches(self, loader: "CropLoader") -> int:
         return loader.image_batches()
 
+    def epoch_order(self, num_images: int, epoch: int, sampling: "Sampling") -> np.ndarray:
+        """One rank's image indices for ``epoch``, in delivery order."""
+        return epoch_order(num_images, epoch, **sampling._asdict())
+
     def batches(self, loader: "CropLoader", epoch: int, crops: EpochCrops) -> list[np.ndarray]:
         order = loader.epoch_order(epoch)
         b = loader.batch_size
@@ -95,23 +99,45 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class Sampling(NamedTuple):
+    """A loader's sampling options: which share of each epoch it delivers, in which order."""
+
+    seed: int
+    shuffle: bool = True
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+
 class StoredCrops(CropSource):
     """Stored crops and their soft labels, one crop per image and epoch, cycling through all of
-    an image's crops before repeating one (:func:`~hald_store.order.epoch_crop_seeds`)."""
+    an image's crops before repeating one (:meth:`~hald_store.store.LabelStore.epoch_crop_seeds`).
+
+    Given the loader's ``sampling``, an epoch reads only that rank's images; ranks of a
+    ``"sharded"`` store take whole blocks (:func:`~hald_store.order.block_epoch_order`), so each
+    reads only its blocks."""
 
     plan_ahead = True  # an epoch's crops are one pass over the store
 
-    def __init__(self, store: LabelStore, temperature: float, dense: bool, seed: int) -> None:
+    def __init__(self, store: LabelStore, temperature: float, dense: bool, seed: int,
+                 sampling: Sampling | None = None) -> None:
         if not temperature > 0:
             raise HaldStoreError(f"temperature must be > 0, got {temperature}")
         self.store, self.temperature, self.dense, self.seed = store, float(temperature), bool(dense), int(seed)
+        self.sampling = sampling
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
-        return epoch_crop_seeds(self.store.num_images, self.store.crops_per_image, epoch, self.seed)
+        return self.store.epoch_crop_seeds(epoch, self.seed)
+
+    def epoch_order(self, num_images: int, epoch: int, sampling: Sampling) -> np.ndarray:
+        if self.store.layout != "sharded":
+            return super().epoch_order(num_images, epoch, sampling)
+        return block_epoch_order(num_images, epoch, block=self.store.chunk_images, **sampling._asdict())
 
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         seeds = self.crop_seeds(epoch)
-        fields, boxes, flips = self.store.read_one_crop_per_image(seeds)
+        images = None if self.sampling is None else self.epoch_order(len(manifest), epoch, self.sampling)
+        fields, boxes, flips = self.store.read_one_crop_per_image(seeds, images)
         return EpochCrops(boxes, flips, {"seeds": seeds, "fields": fields})
 
     def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:

@@ -16,7 +16,11 @@ Layout (N images, S crops per image, chunks of ``chunk_images`` images)::
 
 Label arrays are chunked ``(chunk_images, S, ...)`` and compressed with Blosc/zstd: one
 chunk file per block, so a block is written by exactly one writer and a resumed build
-redoes only blocks whose ``block_done`` marker is missing.
+redoes only blocks whose ``block_done`` marker is missing. With the ``"sharded"`` layout
+(attribute ``layout``) the per-crop arrays (labels, boxes, flips) keep one file per block, a
+Zarr v3 shard, made of one inner chunk per crop seed ``(chunk_images, 1, ...)``: an epoch, whose
+images of a block share one crop seed (:func:`~hald_store.order.epoch_crop_seeds`), reads one
+inner chunk per block and array (plus the shard's index) instead of the whole file.
 
 Every chunk carries a CRC32C checksum (Zarr's ``crc32c`` codec) and is written even when it
 holds only fill values, so a damaged or missing chunk is an error when read, never zeros. A
@@ -38,12 +42,13 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.indexing import BasicIndexer, OrthogonalIndexer
+from zarr.core.indexing import BasicIndexer, CoordinateIndexer, OrthogonalIndexer
 
 from . import safety
 from .codec import TopKLabels
 from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
+from .order import epoch_crop_seeds
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
@@ -220,8 +225,16 @@ class CheckedArray:
     def get_orthogonal_selection(self, selection: Any) -> Any:
         return self._read(OrthogonalIndexer, selection, self.zarr.get_orthogonal_selection)
 
+    def get_coordinate_selection(self, selection: Any) -> Any:
+        return self._read(CoordinateIndexer, selection, self.zarr.get_coordinate_selection)
+
     def __setitem__(self, selection: Any, value: Any) -> None:
         self.zarr[selection] = value
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Chunks (shards, for a sharded array) along each dimension: the files of the array."""
+        return tuple(-(-n // c) for n, c in zip(self.zarr.shape, self.zarr.metadata.chunk_grid.chunk_shape))
 
     def chunk_key(self, coords: tuple[int, ...]) -> str:
         """The chunk's path relative to the store root, e.g. ``labels/indices/c/3/0/0``."""
@@ -254,7 +267,7 @@ class CheckedArray:
         try:
             return sorted({p.chunk_coords for p in indexer(sel, self.zarr.shape, self.zarr.metadata.chunk_grid)})
         except Exception:  # a selection the indexer does not take: assume every chunk
-            return [tuple(c) for c in np.ndindex(*self.zarr.cdata_shape)]
+            return [tuple(c) for c in np.ndindex(*self.grid_shape)]
 
     def _read(self, indexer: type, selection: Any, read: Any) -> Any:
         coords = self._touched(indexer, selection)
@@ -410,7 +423,17 @@ class LabelStore:
                                      compressors=default_codecs(), config=_WRITE_EMPTY)
                 arr[...] = data
 
+            def per_crop(name: str, dtype: Any, tail: tuple[int, ...], seeds: int, **kw: Any) -> zarr.Array:
+                """A (N, S, *tail) array: one chunk of ``seeds`` crop seeds per block, or a shard per block."""
+                grid = dict(chunks=(ci, 1, *tail), shards=(ci, s, *tail)) if sharded else dict(chunks=(ci, seeds, *tail))
+                return g.create_array(name, shape=(n, s, *tail), dtype=dtype, compressors=default_codecs(),
+                                      config=_WRITE_EMPTY, **grid, **kw)
+
             ci = min(chunk_images, n)
+            sharded = settings.layout == "sharded"
+            if sharded and batches is not None:
+                raise StoreError("the sharded layout is for per-crop labels; batch-specific labels are already "
+                                 "chunked by crop seed")
             put("images/path", np.array(manifest.paths, dtype=object), (ci,), dtype=str)
             put("images/label", manifest.labels.astype(np.int32), (ci,))
             put("images/nbytes", manifest.nbytes.astype(np.int64), (ci,))
@@ -419,17 +442,13 @@ class LabelStore:
             put("images/width", manifest.widths.astype(np.int32), (ci,))
             if manifest.mtimes is not None:
                 put("images/mtime_ns", manifest.mtimes.astype(np.int64), (ci,))
-            box = g.create_array("crops/box", shape=(n, s, 4), dtype=np.int32, chunks=(ci, s, 4),
-                                 compressors=default_codecs(), config=_WRITE_EMPTY)
-            flip = g.create_array("crops/flip", shape=(n, s), dtype=bool, chunks=(ci, s), compressors=default_codecs(),
-                                  config=_WRITE_EMPTY)
+            box, flip = per_crop("crops/box", np.int32, (4,), s), per_crop("crops/flip", bool, (), s)
             for start in range(0, n, ci):
                 stop = min(start + ci, n)
                 box[start:stop], flip[start:stop] = crops(start, stop)
             label_seeds = s if batches is None else 1  # crop seeds per label chunk
             for name, (dtype, shape) in codec.fields().items():
-                g.create_array(f"labels/{name}", shape=(n, s, *shape), dtype=dtype, chunks=(ci, label_seeds, *shape),
-                               compressors=default_codecs(), fill_value=0)
+                per_crop(f"labels/{name}", dtype, tuple(shape), label_seeds, fill_value=0)
             for name, data in (batches or {}).items():
                 put(f"batches/{name}", data, (1, *data.shape[1:]))
             blocks = math.ceil(n / ci) if batches is None else s
@@ -477,7 +496,18 @@ class LabelStore:
 
     @property
     def chunk_images(self) -> int:
-        return int(self.array("crops/box").chunks[0])
+        return int(self.array("crops/box").metadata.chunk_grid.chunk_shape[0])
+
+    @property
+    def layout(self) -> str:
+        """``"block"`` or ``"sharded"`` (see the module docstring)."""
+        return self.settings.layout
+
+    def epoch_crop_seeds(self, epoch: int, seed: int = 0) -> np.ndarray:
+        """The crop seed each image uses in ``epoch`` (:func:`~hald_store.order.epoch_crop_seeds`;
+        a sharded store's blocks share one)."""
+        blk = self.chunk_images if self.layout == "sharded" else 1
+        return epoch_crop_seeds(self.num_images, self.crops_per_image, epoch, seed, blk)
 
     @property
     def num_blocks(self) -> int:
@@ -567,12 +597,14 @@ class LabelStore:
         return images, seeds
 
     def _gather(self, name: str, images: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """Values of array ``name`` at ``(images[i], seeds[i])``: one orthogonal read of the
-        distinct images' rows (all their crops), then a NumPy gather."""
-        unique, inverse = np.unique(images, return_inverse=True)
+        """Values of array ``name`` at ``(images[i], seeds[i])``: one coordinate selection, so the
+        chunks touched are fetched concurrently and, in a sharded store, only the inner chunks
+        of those crop seeds."""
         arr = self.array(name)
-        rows = arr.get_orthogonal_selection((unique,) + (slice(None),) * (arr.ndim - 1))
-        return rows[inverse, seeds]
+        tail = arr.shape[2:]
+        sel = [images.reshape(-1, *[1] * len(tail)), seeds.reshape(-1, *[1] * len(tail))]
+        sel += [np.arange(k).reshape(k, *[1] * (len(tail) - 1 - j)) for j, k in enumerate(tail)]
+        return arr.get_coordinate_selection(tuple(sel))
 
     def read_fields(self, images, seeds) -> dict[str, np.ndarray]:
         """Raw codec fields for crops ``(images[i], seeds[i])``."""
@@ -605,31 +637,35 @@ class LabelStore:
             raise StoreError(f"store {self.path!r} was replaced while in use (identity {self.identity} is now {now}): "
                              "the labels read so far belong to the old store; restart with the new one")
 
-    def read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i``, in one
-        sequential pass over the store (each chunk read once): how a loader fetches an epoch. The
+    def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images
+        outside ``images``, when given, are left zero), reading each block that holds one of those
+        images once, and of it only the crop seeds from the smallest to the largest used there
+        (one inner chunk per block of a sharded store): how a loader fetches an epoch. The
         store's identity is checked before and after (:meth:`check_identity`)."""
         self.check_identity()
         try:
-            out = self._read_one_crop_per_image(seeds)
+            out = self._read_one_crop_per_image(seeds, images)
         except StoreError:
             self.check_identity()  # a store swapped under the read looks damaged: say what happened
             raise
         self.check_identity()
         return out
 
-    def _read_one_crop_per_image(self, seeds) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    def _read_one_crop_per_image(self, seeds, images) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         seeds = np.asarray(seeds, dtype=np.int64)
         if seeds.shape != (self.num_images,):
             raise ValueError(f"need one crop seed per image ({self.num_images}), got shape {seeds.shape}")
         self._coords(np.arange(self.num_images), seeds)
+        images = np.arange(self.num_images) if images is None else np.unique(self._coords(images, 0)[0])
         names = [f"labels/{f}" for f in self.codec.fields()] + ["crops/box", "crops/flip"]
-        out = {name: np.empty((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
-        for start in range(0, self.num_images, self.chunk_images):
-            stop = min(start + self.chunk_images, self.num_images)
-            rows = np.arange(stop - start)
+        out = {name: np.zeros((self.num_images, *self.array(name).shape[2:]), self.array(name).dtype) for name in names}
+        for block in np.unique(images // self.chunk_images):
+            start, stop = self.block_range(int(block))
+            ids = images[slice(*np.searchsorted(images, [start, stop]))]
+            lo, hi = int(seeds[ids].min()), int(seeds[ids].max()) + 1
             for name in names:
-                out[name][start:stop] = self.array(name)[start:stop][rows, seeds[start:stop]]
+                out[name][ids] = self.array(name)[start:stop, lo:hi][ids - start, seeds[ids] - lo]
         fields = {f: out[f"labels/{f}"] for f in self.codec.fields()}
         self.check_classes("labels/indices", fields["indices"])
         return fields, out["crops/box"], out["crops/flip"]
@@ -665,7 +701,7 @@ class LabelStore:
         written at creation and the label chunks of blocks marked done (markers excluded)."""
         done = self.block_done()
         for name in self.array_names()[:-1]:
-            for coords in np.ndindex(*self.array(name).cdata_shape):
+            for coords in np.ndindex(*self.array(name).grid_shape):
                 block = self.block_of_chunk(name, coords)
                 if block is None or done[block]:
                     yield name, coords
@@ -702,6 +738,7 @@ class LabelStore:
             "missing_chunks": len(missing),
             "blocks_done": int(done.sum()),
             "num_blocks": self.num_blocks,
+            "layout": self.layout,
             "num_images": self.num_images,
             "crops_per_image": self.crops_per_image,
             "num_crops": self.num_crops,

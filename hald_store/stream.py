@@ -18,6 +18,7 @@ same request; box checks happen once per epoch, vectorized, against the manifest
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import HaldStoreError, ImageError, preview
+from .images import DIGEST_SIZE
 from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
                        read_files, thin_boxes)
 
@@ -99,8 +101,10 @@ class DaliStream(CropStream):
     """A DALI pipeline over the files, kept across epochs (see the module docstring)."""
 
     def __init__(self, renderer: DaliRenderer, files: Sequence[str | os.PathLike], heights: np.ndarray,
-                 widths: np.ndarray, *, batch_size: int, prefetch: int = 2, cache_decoded: bool | str = "auto") -> None:
+                 widths: np.ndarray, *, batch_size: int, prefetch: int = 2, cache_decoded: bool | str = "auto",
+                 digests: np.ndarray | None = None) -> None:
         super().__init__(renderer, files, heights, widths, prefetch=prefetch)
+        self.digests = digests
         if cache_decoded not in (True, False, "auto"):
             raise HaldStoreError(f"cache_decoded must be True, False or 'auto', got {cache_decoded!r}")
         if cache_decoded == "auto":
@@ -119,19 +123,33 @@ class DaliStream(CropStream):
 
     def decoded(self) -> list[np.ndarray] | np.ndarray:
         """Every image decoded (HWC uint8), once: the cache of ``cache_decoded`` (one
-        ``(N, H, W, 3)`` array when all images have the same size)."""
+        ``(N, H, W, 3)`` array when all images have the same size). The files are read here and,
+        given ``digests`` (the manifest's BLAKE2b-128; rows of zeros are not checked), checked before DALI sees them: DALI 2.4
+        often crashes the process (SIGSEGV) when one image of a large batch fails to decode."""
         if self._decoded is None:
+            data = read_files(self.files)
+            self._check_digests(data)
             n, step = len(self.files), self.batch_size
             zeros = np.zeros_like(self.heights)
             full = np.stack([zeros, zeros, self.heights, self.widths], 1)
             requests = [(np.arange(a, min(a + step, n)), full[a : a + step], zeros[a : a + step].astype(bool))
                         for a in range(0, n, step)]
-            runner = DaliRunner(self.renderer, "path", "raw", step, self.prefetch)
-            images = [img for batch in self._named(runner.run(self._names, self.widths, requests), requests)
+            runner = DaliRunner(self.renderer, "encoded", "raw", step, self.prefetch)
+            images = [img for batch in self._named(runner.run(data, self.widths, requests), requests)
                       for img in batch]
             # Same-size images (the usual distilled set) go in one array: a batch is then one gather.
             self._decoded = np.stack(images) if len({im.shape for im in images}) == 1 else images
         return self._decoded
+
+    def _check_digests(self, data: list[np.ndarray]) -> None:
+        if self.digests is None:
+            return
+        known = np.flatnonzero(np.asarray(self.digests).any(axis=1))  # zeros: not recorded (a header-only scan)
+        changed = [self.files[i] for i in known
+                   if hashlib.blake2b(data[i], digest_size=DIGEST_SIZE).digest() != bytes(self.digests[i])]
+        if changed:
+            raise ImageError(f"{len(changed)} image file(s) changed since the store was built (their content differs "
+                             f"from the manifest's hash): {preview(changed)}; restore them or rebuild the store")
 
     def _named(self, batches: Iterator, requests: list[Request]) -> Iterator:
         """``batches``, with a failure turned into an error naming the bad file."""
@@ -217,10 +235,10 @@ class WorkerStream(CropStream):
 
 def open_stream(renderer: CropRenderer, files: Sequence[str | Path], heights: np.ndarray, widths: np.ndarray, *,
                 batch_size: int, prefetch: int = 2, workers: int | None = None,
-                cache_decoded: bool | str = "auto") -> CropStream:
+                cache_decoded: bool | str = "auto", digests: np.ndarray | None = None) -> CropStream:
     """The stream for ``renderer``'s backend: :class:`DaliStream` for DALI (``workers`` is
-    its renderer's ``num_threads``), :class:`WorkerStream` for torchvision."""
+    its renderer's ``num_threads``; ``digests`` see :meth:`DaliStream.decoded`), :class:`WorkerStream` for torchvision."""
     if isinstance(renderer, DaliRenderer):
         return DaliStream(renderer, files, heights, widths, batch_size=batch_size, prefetch=prefetch,
-                          cache_decoded=cache_decoded)
+                          cache_decoded=cache_decoded, digests=digests)
     return WorkerStream(renderer, files, heights, widths, workers=workers, prefetch=prefetch)

@@ -1,5 +1,6 @@
 """Helpers for tests and benchmarks (as ``zarr.testing``): where the shared real data lives,
-and a writer of relabel files in the reference layout made with a real teacher.
+a writer of relabel files in the reference layout made with a real teacher, and a store
+opened with every byte it reads counted.
 
 The data (CIFAR-10 JPEGs, distilled sets, teachers) is read from ``$HALD_DATA`` or, by
 default, ``../shared/data`` next to the repository. Nothing is ever downloaded.
@@ -13,7 +14,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from .build import batch_stats_teacher
 from .crop_plan import CropPolicy, plan_crops
@@ -23,6 +28,7 @@ from .images import scan_image_folder
 from .mixing import MIXES, apply_mix
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 from .relabel_files import SAMPLER_FILE
+from .store import LabelStore, is_remote
 
 _DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -125,3 +131,31 @@ def write_reference_epochs(
     if with_sampler_indices:
         torch.save(sampler, out / SAMPLER_FILE)
     return written
+
+
+class CountingStore(WrapperStore):
+    """A Zarr store that counts what is read through it: bytes and the keys (files) touched."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.reset()
+
+    def reset(self) -> None:
+        self.bytes_read = 0
+        self.keys: dict[str, int] = {}  # key -> bytes read from it
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            self.bytes_read += len(buf)
+            self.keys[key] = self.keys.get(key, 0) + len(buf)
+        return buf
+
+
+def open_counted(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[LabelStore, CountingStore]:
+    """Open a store for reading with every byte it reads counted (local path or fsspec URL)."""
+    path = os.fspath(path)
+    inner = (FsspecStore.from_url(path, storage_options=storage_options or {}, read_only=True) if is_remote(path)
+             else LocalStore(path, read_only=True))
+    counter = CountingStore(inner)
+    return LabelStore(zarr.open_group(store=counter, mode="r"), path, storage_options), counter

@@ -84,7 +84,7 @@ def check_integrity(store: LabelStore | str | os.PathLike, *, storage_options: d
     for name in store.array_names()[:-1]:
         try:
             arr = store.array(name)
-            chunks = list(np.ndindex(*arr.cdata_shape))
+            chunks = list(np.ndindex(*arr.grid_shape))
         except StoreError as e:
             report.problems.append(str(e))
             report.only_label_damage = False

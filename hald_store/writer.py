@@ -17,6 +17,7 @@ moves a staged store into place: an existing store at ``out`` survives until the
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import ExitStack
 from typing import Callable
 
@@ -26,7 +27,8 @@ from .distributed import DistContext
 from .errors import ManifestMismatchError, SettingsMismatchError
 from .images import Manifest
 from .schema import StoreSettings
-from .store import LabelStore, check_output, finish_output, output_lock, prepare_output
+from .safety import sibling
+from .store import LabelStore, check_output, finish_output, is_remote, output_lock, prepare_output
 
 __all__ = ["StoreWriter", "BlockAssembler"]
 
@@ -72,7 +74,12 @@ class StoreWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None and self.store is not None:
+            if exc_type is not None and self.ranks.is_main and not is_remote(self.out):
+                # a half-made creation is never resumed, nor is a non-resumable writer's staged store
+                staged = [sibling(self.out, "tmp"), sibling(sibling(self.out, "new"), "tmp")]
+                for path in staged + ([] if self.resumable else [sibling(self.out, "new")]):
+                    shutil.rmtree(path, ignore_errors=True)
+            elif exc_type is None and self.store is not None:
                 self.ranks.barrier()  # every rank's blocks are on disk
                 if self.ranks.is_main and LabelStore.open(self.target, allow_incomplete=True,
                                                           storage_options=self.storage_options).complete:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -23,7 +24,7 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.argument("store", type=click.Path())
 @click.argument("images", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt).")
+              help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt, learning_curve.png).")
 @click.option("--val", type=click.Path(file_okay=False), default=None, help="Held-out image folder to evaluate on.")
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), is_eager=True, expose_value=False,
               callback=_preset_defaults, help="Start from a recipe's settings (hald-reference: the HALD reference "
@@ -62,19 +63,27 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
               help="Data-path threads (DALI) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--amp/--no-amp", default=True, help="bf16 autocast and channels-last on CUDA (always off on CPU).")
 @click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped (or start it if it has no checkpoint yet; "
+              "a finished run gets any missing final files).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, a two-line summary.")
 @_friendly_errors
 def main(resume: bool, quiet: bool, **options) -> None:
     """Train a student on STORE's soft labels over IMAGES with a Soft/Hard phase schedule."""
-    from hald_store import distributed
+    from .report import FINAL, METRICS, format_summary
+    from .trainer import TrainConfig, Trainer
 
-    from .trainer import TrainConfig, train
-
-    config = TrainConfig(progress=not quiet, **options)
-    last = train(config, resume=resume)
-    if distributed.context().is_main:
-        click.echo(json.dumps(last, indent=2))
+    t0 = time.perf_counter()
+    trainer = Trainer(TrainConfig(progress=not quiet, **options))
+    trainer.run(resume=resume)
+    if not trainer.ranks.is_main:
+        return
+    if trainer.epoch < trainer.schedule.epochs:
+        click.echo(f"stopped after epoch {trainer.epoch} of {trainer.schedule.epochs} (--stop-after); continue with "
+                   f"--resume and the same flags (metrics so far: {trainer.out / METRICS})")
+        return
+    final = json.loads((trainer.out / FINAL).read_text())
+    click.echo(format_summary(final, trainer.out, time.perf_counter() - t0, quiet=quiet,
+                              finished_before=trainer.finished_before, started_fresh=trainer.started_fresh))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

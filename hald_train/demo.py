@@ -33,6 +33,7 @@ from hald_store.render import IMAGENET_MEAN, IMAGENET_STD
 from hald_train.scenes import make_shapes_dataset
 
 from .optim import lr_factor
+from .report import hard_spans
 from .trainer import METRICS, TrainConfig, evaluate, train
 
 
@@ -209,18 +210,6 @@ def _run(out: Path, s: DemoSettings, progress: bool, fresh: bool, say: Callable[
     return results
 
 
-def _phase_spans(curve: list[dict]) -> list[tuple[float, float]]:
-    """(first, last) epoch bounds of each run of hard epochs, for shading."""
-    spans: list[tuple[float, float]] = []
-    for m in curve:
-        if m["kind"] == "hard":
-            if spans and spans[-1][1] == m["epoch"] - 0.5:
-                spans[-1] = (spans[-1][0], m["epoch"] + 0.5)
-            else:
-                spans.append((m["epoch"] - 0.5, m["epoch"] + 0.5))
-    return spans
-
-
 def plot(results: dict, path: Path) -> Path:
     """Left: each schedule's test top-1 per epoch, hard phases shaded. Right: label bytes per
     crop of this store against the reference layout (a full fp16 probability vector)."""
@@ -231,7 +220,7 @@ def plot(results: dict, path: Path) -> Path:
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [3, 1]})
     for i, (name, r) in enumerate(results["students"].items()):
-        for lo, hi in _phase_spans(r["curve"]):
+        for lo, hi in hard_spans(r["curve"]):
             ax.axvspan(lo, hi, color=f"C{i}", alpha=0.12, lw=0)
         ax.plot([m["epoch"] for m in r["curve"]], [100 * m["test_top1"] for m in r["curve"]], color=f"C{i}",
                 label=f"{name} ({r['schedule']}): {100 * r['test_top1']:.1f}%")

@@ -3,7 +3,9 @@ per-epoch checkpoints with exact resume, metrics as JSON lines."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import pickle
 import re
@@ -19,18 +21,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader, distributed, resolve_model
-from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError, check_at_least, check_positive_finite
+from hald_store.errors import (HaldStoreError, OptionError, SettingsMismatchError, StoreError,
+                               TrainingDivergedError, check_at_least,
+                               check_in_range, check_positive_finite, check_seed)
 from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
 from .losses import cutmix, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy
 from .optim import lr_factor, make_optimizer
 from .presets import RESETS, TRAIN_PRESETS
+from .report import CURVE, FINAL, METRICS, MODEL, learning_curve_png
 from .schedule import Schedule, parse_schedule
 
 CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
 # Settings that may change between a run and its resume without changing the result's meaning.
 _RESUME_FREE = ("device", "workers", "progress", "stop_after")
 
@@ -77,24 +80,23 @@ class TrainConfig:
             self.reset_optimizer = "every" if self.reset_optimizer else "never"
 
     def check(self) -> None:
-        positive = {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch, "lr": self.lr,
-                    "lr_eta": self.lr_eta}
-        for name, v in positive.items():
+        for name, v in {"batch_size": self.batch_size, "hard_batch_size": self.hard_batch}.items():
             if not v > 0:
                 raise OptionError(f"{name} must be > 0, got {v}", name)
-        check_positive_finite("temperature", self.temperature)
+        for name in ("lr", "lr_eta", "temperature"):
+            check_positive_finite(name, getattr(self, name))
         if self.optimizer not in ("adamw", "sgd"):
             raise OptionError(f"optimizer must be adamw or sgd, got {self.optimizer!r}", "optimizer")
         if self.reset_optimizer not in RESETS:
             raise OptionError(f"reset_optimizer must be one of {', '.join(RESETS)}, got {self.reset_optimizer!r}",
                               "reset_optimizer")
-        if not 0 <= self.adam_beta2 < 1:
-            raise OptionError(f"adam_beta2 must be in [0, 1), got {self.adam_beta2}", "adam_beta2")
-        if not 0 <= self.label_smoothing < 1:
-            raise OptionError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}", "label_smoothing")
+        for name in ("adam_beta2", "label_smoothing", "momentum"):
+            check_in_range(name, getattr(self, name), 0, 1)
+        check_in_range("eval_crop_fraction", self.eval_crop_fraction, 0, 1, high_open=False)
         for name in ("workers", "warmup_epochs", "eval_every", "weight_decay", "cutmix_alpha"):
             check_at_least(name, getattr(self, name), 0)
         check_at_least("stop_after", self.stop_after, 1)
+        check_seed("seed", self.seed)
 
     @classmethod
     def from_preset(cls, name: str, **fields: Any) -> "TrainConfig":
@@ -137,10 +139,45 @@ def evaluate(model: nn.Module, loader: EvalLoader, amp: bool = False) -> dict[st
     return {"top1": top1 / n, "top5": top5 / n}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def _atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: a kill leaves the old file
+    or the new one, never a part; a failed write (full disk) leaves no temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        e.filename = e.filename or str(path)
+        raise
+
+
+def _serialized(obj: Any) -> bytes:
+    """``torch.save(obj)`` as bytes (written to disk by :func:`_atomic`, whose full-disk error is an OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` (none if it is absent). A partial last line (a run killed
+    while writing it, before that epoch's checkpoint) is left out; a bad line elsewhere is damage."""
+    lines = path.read_text().split("\n") if path.exists() else []
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line else None
+        except ValueError:
+            row = "bad"
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+        elif row is not None and i < len(lines):  # only the unterminated last line may be partial
+            raise StoreError(f"{str(path)!r} line {i} is not a metrics row ({line[:40]!r}): the file is damaged; "
+                             "restore it, or delete the run directory to start over")
+    return rows
 
 
 class Trainer:
@@ -197,6 +234,8 @@ class Trainer:
             self.optimizer, lambda e: lr_factor(e, self.schedule.epochs, c.warmup_epochs, c.lr_eta))
         self.epoch = 0
         self.progress = c.progress and self.ranks.is_main
+        self.started_fresh = False  # run(resume=True) found no checkpoint and started the run
+        self.finished_before = False  # run(resume=True) found the run finished (and completed its files)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -208,8 +247,6 @@ class Trainer:
 
     def _resume(self) -> None:
         path = self.out / CHECKPOINT
-        if not path.exists():
-            raise HaldStoreError(f"cannot resume: no {CHECKPOINT} in {str(self.out)!r}")
         try:  # weights_only: tensors, dicts, lists, numbers and strings; a pickled object cannot run code
             state = torch.load(path, map_location=self.device, weights_only=True)
         except pickle.UnpicklingError as e:
@@ -231,10 +268,6 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         self.epoch = int(state["epoch"])
-        metrics = self.out / METRICS
-        if metrics.exists() and self.ranks.is_main:  # drop lines of epochs that will be redone
-            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["epoch"] <= self.epoch]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------ epochs
     def _train_epoch(self, epoch: int) -> dict:
@@ -251,7 +284,7 @@ class Trainer:
         t0 = time.perf_counter()
         bar = tqdm(loader.iter_epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{self.schedule.epochs} {kind}",
                    unit="batch", disable=not self.progress, leave=False, dynamic_ncols=True)
-        for batch in bar:
+        for i, batch in enumerate(bar):
             if kind == "soft":
                 logits = forward(self.model, batch.images, self.amp)
                 loss = soft_kl_loss(logits, batch.soft, temperature)
@@ -262,10 +295,15 @@ class Trainer:
                     continue
                 logits = forward(self.model, images, self.amp)
                 loss = soft_target_cross_entropy(logits, target)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"epoch {epoch + 1} ({kind}): the loss became {value} at batch {i + 1} of {len(loader)}; training "
+                    f"diverged, so the run stops (checkpoint.pt keeps epoch {epoch}); try a smaller lr", "lr")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_sum += float(loss.detach()) * len(logits)
+            loss_sum += value * len(logits)
             correct += int((logits.argmax(1) == batch.hard[: len(logits)]).sum())
             n += len(logits)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
@@ -289,8 +327,7 @@ class Trainer:
 
     def _best(self) -> dict:
         """The best evaluated epoch's top-1 in ``metrics.jsonl`` (the reference tracks ``best_acc1``)."""
-        rows = [json.loads(ln) for ln in (self.out / METRICS).read_text().splitlines() if ln]
-        rows = [r for r in rows if "val_top1" in r]
+        rows = [r for r in read_metrics(self.out / METRICS) if "val_top1" in r]
         if not rows:
             return {}
         best = max(rows, key=lambda r: r["val_top1"])
@@ -298,15 +335,26 @@ class Trainer:
 
     def _run(self, resume: bool) -> dict:
         c, main = self.config, self.ranks.is_main
-        if resume:
-            self._resume()
-        elif (self.out / CHECKPOINT).exists():
+        checkpoint = self.out / CHECKPOINT
+        if resume and checkpoint.exists():
+            try:
+                self._resume()
+            except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise StoreError(f"cannot resume from {str(checkpoint)!r}: it is damaged or truncated ({reason}); "
+                                 "restore it, or delete the run directory to start over") from None
+        elif resume:
+            self.started_fresh = True
+        elif checkpoint.exists():
             raise HaldStoreError(f"{str(self.out)!r} already holds a run; pass resume=True or choose another out_dir",
                                  "resume", "out_dir")
         self.ranks.barrier()  # nobody writes before every rank has read the run directory
+        rows: list[dict] = []
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-        last: dict = {}
+            rows = self._keep_metrics()
+        self.finished_before = self.epoch == self.schedule.epochs
+        last: dict = rows[-1] if self.finished_before and rows else {}
         stop = self.schedule.epochs if c.stop_after is None else min(self.schedule.epochs, self.epoch + c.stop_after)
         bar = tqdm(total=self.schedule.epochs, initial=self.epoch, desc=f"train {self.schedule}", unit="epoch",
                    disable=not self.progress, dynamic_ncols=True)
@@ -317,18 +365,36 @@ class Trainer:
             if self.val is not None and (final or (c.eval_every and self.epoch % c.eval_every == 0)):
                 last.update({f"val_{k}": v for k, v in evaluate(self.net, self.val, self.amp).items()})
             if main:  # rank 0 writes; the others wait so that no rank runs ahead of a checkpoint
-                _atomic_save(self._state(), self.out / CHECKPOINT)
+                # the line first: a kill before the checkpoint only makes --resume redo (and rewrite) it
                 with open(self.out / METRICS, "a") as f:
                     f.write(json.dumps(last) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                _atomic(checkpoint, _serialized(self._state()))
             self.ranks.barrier()
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "train_top1", "val_top1") if k in last} | {"kind": last["kind"]})
             bar.update()
         bar.close()
         if main and last and self.epoch == self.schedule.epochs:
-            torch.save(self.net.state_dict(), self.out / "model.pt")
-            (self.out / FINAL).write_text(json.dumps({"schedule": str(self.schedule), **last, **self._best()}, indent=2))
+            self._finish(last)
         return last
 
+    def _keep_metrics(self) -> list[dict]:
+        """Drop the metrics rows of epochs that will be redone (and a partial last line); the kept rows."""
+        path = self.out / METRICS
+        rows = read_metrics(path)
+        keep = [r for r in rows if r["epoch"] <= self.epoch]
+        text = path.read_text() if path.exists() else ""
+        if keep != rows or not text.endswith("\n") and text:
+            _atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        return keep
+
+    def _finish(self, last: dict) -> None:
+        """Write ``model.pt``, the learning curve and, last, ``final.json`` (each atomically)."""
+        _atomic(self.out / MODEL, _serialized(self.net.state_dict()))
+        _atomic(self.out / CURVE, learning_curve_png(read_metrics(self.out / METRICS), str(self.schedule)))
+        final = {"schedule": str(self.schedule), **last, **self._best()}
+        _atomic(self.out / FINAL, json.dumps(final, indent=2).encode())
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Train a student as ``config`` says (see :class:`Trainer`)."""

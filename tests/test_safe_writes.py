@@ -173,4 +173,5 @@ def test_second_training_run_in_one_directory_is_refused(tmp_path, small_folder,
     r = CliRunner().invoke(train_main, [str(store), str(small_folder), "--out", str(run), "--schedule", "soft:1",
                                         "--batch-size", "8", "--backend", "torchvision", "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "final.json", "metrics.jsonl", "model.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "final.json", "learning_curve.png", "metrics.jsonl",
+                                                     "model.pt"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +15,8 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from hald_store import LabelStore
-from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError
+from hald_store import LabelStore, build_store
+from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError, TrainingDivergedError
 from hald_store import resolve_model
 from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
                         parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
@@ -307,8 +311,6 @@ def test_resume_with_other_settings_is_refused(tiny, tmp_path):
         train(_config(tiny, tmp_path / "run", lr=0.002, batch_size=4), resume=True)
     with pytest.raises(HaldStoreError, match="already holds a run; pass resume=True"):
         train(_config(tiny, tmp_path / "run"))
-    with pytest.raises(HaldStoreError, match="no checkpoint.pt"):
-        train(_config(tiny, tmp_path / "fresh"), resume=True)
 
 
 def seven_class_net() -> nn.Module:
@@ -321,7 +323,7 @@ def seven_class_net() -> nn.Module:
     (dict(hard_batch_size=1), r"hard_batch_size of hard phases must be between 2 \(CutMix pairs images\)"),
     (dict(batch_size=1), r"batch_size of hard phases must be between 2"),
     (dict(hard_batch_size=0), r"hard_batch_size must be > 0, got 0"),
-    (dict(lr_eta=0), r"lr_eta must be > 0, got 0"),
+    (dict(lr_eta=0), r"lr_eta must be a finite number > 0, got 0"),
 ])
 def test_bad_trainer_settings_name_the_parameter(tiny, tmp_path, kw, match):
     with pytest.raises(HaldStoreError, match=match):
@@ -409,3 +411,193 @@ def test_config_errors_name_parameters_and_the_cli_names_flags(tmp_path):
                            (["--stop-after", "0"], "--stop-after must be >= 1, got 0")):
         r = CliRunner().invoke(train_cli, ["nostore", str(tmp_path), "--out", str(tmp_path / "x"), *extra])
         assert r.exit_code == 1 and f"Error: {message}" in r.output, r.output
+
+
+# ------------------------------------------------------------- the run's ends, kills
+# Trains in a real process that kills itself (SIGKILL) at an exact point: when it opens the n-th
+# FILE for appending, or once it wrote the first 11 bytes of the n-th FILE it writes whole
+# (through open(), or torch.save to a path).
+KILLED_RUN = """
+import builtins, json, os, signal, sys, torch
+from hald_train import TrainConfig, train
+config, target, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+seen = [0]
+def hit(path):
+    if isinstance(path, (str, os.PathLike)) and os.path.basename(path).startswith(target):
+        seen[0] += 1
+        return seen[0] == n
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+class Dies:
+    def __init__(self, f):
+        self.f = f
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+    def write(self, data):
+        self.f.write(data[:11])
+        self.f.flush()
+        die()
+real_open, real_save = builtins.open, torch.save
+def open_(file, mode="r", *args, **kw):
+    if "a" in mode and hit(file):
+        die()
+    f = real_open(file, mode, *args, **kw)
+    return Dies(f) if "w" in mode and hit(file) else f
+def save(obj, f, *args, **kw):
+    real_save(obj, f, *args, **kw)
+    if hit(f):
+        os.truncate(f, 11)
+        die()
+builtins.open, torch.save = open_, save
+train(TrainConfig(**config))
+"""
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "seconds")} for r in rows]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    x, y = torch.load(a), torch.load(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, tmp_path_factory) -> Path:
+    """The uninterrupted run that killed-and-resumed runs must equal."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    train(_config(tiny, out, val=str(tiny[1])))
+    return out
+
+
+@pytest.mark.parametrize("target,n", [("metrics.jsonl", 2), ("checkpoint.pt", 2), ("model.pt", 1)])
+def test_a_kill_at_the_runs_ends_loses_nothing(tiny, tmp_path, full_run, target, n):
+    """Killed just before epoch 2's metrics line, while writing epoch 2's checkpoint, or while
+    writing model.pt: --resume ends with the uninterrupted run's metrics, model.pt and final.json."""
+    config = _config(tiny, tmp_path / "run", val=str(tiny[1]))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(config.__dict__), target, str(n)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "final.json").exists()
+    store, root = tiny
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "run"), "--val", str(root),
+                                       "--schedule", "soft:1,hard:1,soft:1", "--batch-size", "8", "--resume", "-q"])
+    assert r.exit_code == 0, r.output
+    assert ("had already finished" in r.output) == (target == "model.pt"), r.output
+    assert _strip(_rows(tmp_path / "run")) == _strip(_rows(full_run))
+    assert _same_weights(tmp_path / "run" / "model.pt", full_run / "model.pt")
+    final, want = (json.loads((d / "final.json").read_text()) for d in (tmp_path / "run", full_run))
+    assert _strip([final]) == _strip([want]) and final["best_epoch"] == 3
+    assert (tmp_path / "run" / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_without_a_checkpoint_starts_the_run(tiny, tmp_path):
+    store, root = tiny
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1, "kind": "so')  # killed before any checkpoint
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "run"), "--schedule", "soft:1",
+                                       "--batch-size", "8", "--resume", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "no checkpoint" in r.output and "started the run" in r.output
+    assert [row["epoch"] for row in _rows(tmp_path / "run")] == [1]
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["epoch"] == 1
+
+
+def test_partial_last_metrics_line_is_dropped_on_resume(tiny, tmp_path, full_run):
+    train(_config(tiny, tmp_path / "run", val=str(tiny[1]), stop_after=1))
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "phase": 1, "ki')  # a kill while writing epoch 2's line (its checkpoint never came)
+    train(_config(tiny, tmp_path / "run", val=str(tiny[1])), resume=True)
+    assert _strip(_rows(tmp_path / "run")) == _strip(_rows(full_run))
+
+
+@pytest.mark.parametrize("damage", ["checkpoint", "metrics"])
+def test_damaged_run_files_give_one_line_errors(tiny, tmp_path, damage):
+    store, root = tiny
+    args = [str(store), str(root), "--out", str(tmp_path / "run"), "--schedule", "soft:1,hard:1,soft:1",
+            "--batch-size", "8", "-q"]
+    assert CliRunner().invoke(train_cli, [*args, "--stop-after", "2"]).exit_code == 0
+    if damage == "checkpoint":
+        path = tmp_path / "run" / "checkpoint.pt"
+        os.truncate(path, path.stat().st_size // 2)
+        message = "is damaged or truncated"
+    else:
+        path = tmp_path / "run" / "metrics.jsonl"
+        path.write_text("not json\n" + path.read_text())
+        message = "line 1 is not a metrics row"
+    before = path.read_bytes()
+    r = CliRunner().invoke(train_cli, [*args, "--resume"])
+    assert r.exit_code == 1 and message in r.output and str(path) in r.output, r.output
+    assert r.output.count("\n") == 1 and path.read_bytes() == before  # one line, nothing touched
+
+
+def test_non_finite_loss_stops_the_run(tiny, tmp_path):
+    with pytest.raises(TrainingDivergedError, match=r"epoch \d \(\w+\): the loss became (nan|inf) at batch \d of 3"):
+        train(_config(tiny, tmp_path / "run", lr=1e20))
+    assert not (tmp_path / "run" / "model.pt").exists()
+    store, root = tiny
+    r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "cli"), "--schedule", "soft:3",
+                                       "--batch-size", "8", "--lr", "1e20", "-q"])
+    assert r.exit_code == 1 and "training diverged" in r.output and "try a smaller --lr" in r.output, r.output
+    assert r.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--weight-decay", "inf", "--weight-decay must be a finite number >= 0, got inf"),
+    ("--momentum", "nan", "--momentum must be in [0, 1), got nan"),
+    ("--cutmix-alpha", "inf", "--cutmix-alpha must be a finite number >= 0, got inf"),
+    ("--lr-eta", "inf", "--lr-eta must be a finite number > 0, got inf"),
+    ("--eval-crop-fraction", "nan", "--eval-crop-fraction must be in [0, 1], got nan"),
+    ("--seed", "-1", "--seed must be a whole number from 0 to 2**63 - 1, got -1"),
+    ("--seed", "12345678901234567890", "--seed must be a whole number from 0 to 2**63 - 1, got 12345678901234567890"),
+])
+def test_float_and_seed_flags_must_be_finite_and_in_range(tmp_path, flag, value, message):
+    r = CliRunner().invoke(train_cli, ["nostore", str(tmp_path), "--out", str(tmp_path / "x"), flag, value])
+    assert r.exit_code == 1 and r.output == f"Error: {message}\n", r.output
+
+
+def test_the_end_of_a_run_is_a_human_summary(tiny, tmp_path):
+    store, root = tiny
+    args = [str(store), str(root), "--schedule", "soft:1,hard:1,soft:1", "--batch-size", "8", "--eval-every", "1",
+            "--val", str(root)]
+    r = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    final = json.loads((out / "final.json").read_text())
+    assert "{" not in r.output and "trained soft:1,hard:1,soft:1 (3 epochs) in" in r.output
+    assert (f"best {100 * final['best_val_top1']:.2f}% (epoch {final['best_epoch']})" in r.output
+            and f"val top-1 {100 * final['val_top1']:.2f}% at the end (epoch 3)" in r.output)
+    for name in ("model.pt", "metrics.jsonl", "learning_curve.png"):
+        assert str(out / name) in r.output and (out / name).stat().st_size > 0
+    assert (out / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    q = CliRunner().invoke(train_cli, [*args, "--out", str(tmp_path / "q"), "-q"])
+    assert q.exit_code == 0 and len(q.output.splitlines()) == 2 and str(tmp_path / "q" / "model.pt") in q.output
+
+
+def test_an_image_replaced_by_random_bytes_is_one_line_not_a_segfault(tmp_path, resnet20):
+    """DALI 2.4 crashes the process (SIGSEGV, in 3 of 4 runs before the fix) when one image of a
+    60-image batch fails to decode; the loader now checks the files' hashes before DALI sees them."""
+    pytest.importorskip("nvidia.dali", reason="the crash is DALI's")
+    root = copy_subset(require_data("cifar10-mini", "train"), tmp_path / "images", classes=10, per_class=7)
+    build_store(root, tmp_path / "s.zarr", resnet20, crops_per_image=1, top_k=4, input_size=32, progress=False)
+    bad = sorted((root / "airplane").iterdir())[5]
+    stat = bad.stat()
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, stat.st_size, dtype=np.uint8).tobytes())
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same time: only the content changed
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for run in range(3):
+        proc = subprocess.run([sys.executable, "-m", "hald_train", str(tmp_path / "s.zarr"), str(root), "--out",
+                               str(tmp_path / f"run{run}"), "--schedule", "soft:2", "--batch-size", "60",
+                               "--workers", "1", "--backend", "dali", "-q"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr and "changed since the store was built" in proc.stderr
