@@ -30,6 +30,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from common import save_figure
 
 RESULTS = Path("benchmarks/results")
 OUT = RESULTS / "hald-regimes"
@@ -230,9 +231,7 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
     axes[0].set_ylabel("top-1 minus the better control (points, 95% CI)")
     axes[1].legend(fontsize=7)
     fig.suptitle("Does drift predict when shs beats the better of soft-only and hard-only?", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def curves(work: Path, path: Path) -> None:
@@ -266,9 +265,7 @@ def curves(work: Path, path: Path) -> None:
     bottom.set_xlabel("epoch (hard phase shaded)")
     top.legend(fontsize=7)
     top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
