@@ -14,3 +14,12 @@ def busy_cpu_seconds() -> tuple[float, float]:
     t = os.times()
     own = t.user + t.system + t.children_user + t.children_system
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

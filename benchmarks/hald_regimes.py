@@ -30,6 +30,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from common import save_figure
 
 RESULTS = Path("benchmarks/results")
 OUT = RESULTS / "hald-regimes"
@@ -144,7 +145,7 @@ def table(rows: list[dict], drift: dict[str, dict] | None = None) -> str:
             "(95% interval) | drift tr(Σ), T=1 | off-class crops |")
     lines = [head, "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
-        dr = drift.get(regime_name(r), {})
+        dr = drift_of(drift, r)
         tr = dr.get("tr_cov_mean")
         off = dr.get("off_class_mean")
         vs = r.get("vs_better_control")
@@ -160,29 +161,45 @@ def regime_name(r: dict) -> str:
     return f"{r['dataset']}-{r['labels']}-s{r['crops_per_image']}"
 
 
-def measure_drifts(rows: list[dict], stores: Path) -> dict[str, dict]:
-    """Drift of each regime's full store under ``stores`` at T = 1 (the teacher's own softmax,
-    as the reference's LVSD) and at the store's T, cached in ``OUT/drift``. A reference-label
-    store holds mixed crops, whose drift is undefined: it gets its eval-label sibling's (same
-    images, crops and teacher)."""
+def measure_drifts(stores: Path) -> dict[str, dict]:
+    """Drift of every sweep's full store under ``stores`` (``storage-*-e300/stores/s*-full.zarr``)
+    at T = 1 (the teacher's own softmax, as the reference's LVSD) and at the store's T, cached in
+    ``OUT/drift`` by regime name with eval labels: a reference-label store holds mixed crops,
+    whose drift is undefined, so its regime takes its eval sibling's (same images, crops, teacher)."""
     from hald_store.drift import measure_drift
 
-    out = {}
     (OUT / "drift").mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        name = regime_name({**r, "labels": "eval"})
-        cache = OUT / "drift" / f"{name}.json"
-        store = stores / f"storage-{r['dataset']}-e300" / "stores" / f"s{r['crops_per_image']}-full.zarr"
-        if not cache.exists() and store.exists():
-            t1, ts = measure_drift(store, temperature=1.0, progress=False), measure_drift(store, progress=False)
-            cache.write_text(json.dumps({"T=1": t1.summary()["overall"], "store T": ts.summary()["overall"],
-                                         "store_temperature": ts.temperature, "notes": t1.notes}, indent=2))
-        if cache.exists():
-            d = json.loads(cache.read_text())["T=1"]
-            out[regime_name(r)] = {"tr_cov_mean": d.get("tr_cov", {}).get("mean"),
-                                   "off_class_mean": d["off_class"]["mean"],
-                                   "off_majority_mean": d["off_majority"]["mean"]}
+    for store in sorted(stores.glob("storage-*-e300/stores/s*-full.zarr")):
+        dataset = store.parent.parent.name.removeprefix("storage-").removesuffix("-e300")
+        s = int(store.name.removeprefix("s").removesuffix("-full.zarr"))
+        cache = OUT / "drift" / f"{dataset}-eval-s{s}.json"
+        if "-labels" in dataset or "-curves" in dataset or cache.exists():
+            continue
+        t1, ts = measure_drift(store, temperature=1.0, progress=False), measure_drift(store, progress=False)
+        cache.write_text(json.dumps({"T=1": t1.summary()["overall"], "store T": ts.summary()["overall"],
+                                     "store_temperature": ts.temperature, "notes": t1.notes}, indent=2))
+    out = {}
+    for cache in sorted((OUT / "drift").glob("*.json")):
+        d = json.loads(cache.read_text())["T=1"]
+        out[cache.stem] = {"images": d["images"], "tr_cov_mean": d.get("tr_cov", {}).get("mean"),
+                           "off_class_mean": d["off_class"]["mean"], "off_majority_mean": d["off_majority"]["mean"]}
     return out
+
+
+def drift_of(drift: dict[str, dict], r: dict) -> dict:
+    """A regime's drift (its eval-label store's)."""
+    return drift.get(regime_name({**r, "labels": "eval"}), {})
+
+
+def drift_table(drift: dict[str, dict]) -> str:
+    """Drift of every measured store, whatever ran on it."""
+    lines = ["| store (data, S) | images | drift tr(Σ), T=1 | off-class crops | off-majority crops |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, d in sorted(drift.items(), key=lambda kv: (kv[0].rsplit("-s", 1)[0], int(kv[0].rsplit("-s", 1)[1]))):
+        tr = d["tr_cov_mean"]
+        lines.append(f"| {name.replace('-eval-s', ', S=')} | {d['images']} | {'undefined (S=1)' if tr is None else f'{tr:.4f}'} | "
+                     f"{100 * d['off_class_mean']:.1f}% | {100 * d['off_majority_mean']:.1f}% |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
@@ -196,8 +213,7 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
     for ax, stat, label in ((axes[0], "tr_cov_mean", "mean per-image drift tr(Σ) of stored crops (T = 1)"),
                             (axes[1], "off_class_mean", "share of stored crops whose top-1 is not the class")):
         for i, schedule in enumerate(sorted({r["schedule"] for r in rows})):
-            pts = [(drift[regime_name(r)].get(stat), r) for r in rows
-                   if r["schedule"] == schedule and regime_name(r) in drift and r.get("vs_better_control")]
+            pts = [(drift_of(drift, r).get(stat), r) for r in rows if r["schedule"] == schedule and r.get("vs_better_control")]
             pts = [(x, r) for x, r in pts if x is not None]
             if not pts:
                 continue
@@ -215,9 +231,7 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
     axes[0].set_ylabel("top-1 minus the better control (points, 95% CI)")
     axes[1].legend(fontsize=7)
     fig.suptitle("Does drift predict when shs beats the better of soft-only and hard-only?", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def curves(work: Path, path: Path) -> None:
@@ -251,9 +265,7 @@ def curves(work: Path, path: Path) -> None:
     bottom.set_xlabel("epoch (hard phase shaded)")
     top.legend(fontsize=7)
     top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -263,8 +275,8 @@ def main() -> None:
     args = ap.parse_args()
     rows = regimes(load_runs(Path(args.results)))
     OUT.mkdir(parents=True, exist_ok=True)
-    drift = measure_drifts(rows, Path(args.stores or "/nonexistent"))  # cached measurements without --stores
-    text = table(rows, drift)
+    drift = measure_drifts(Path(args.stores or "/nonexistent"))  # cached measurements without --stores
+    text = table(rows, drift) + "\n\nDrift of each store (per image over its S stored crops, mean over images):\n\n" + drift_table(drift)
     (OUT / "regimes.md").write_text(text + "\n")
     (OUT / "regimes.json").write_text(json.dumps({"rows": rows, "drift": drift}, indent=2))
     if drift:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from common import save_figure
 from filelock import FileLock
 
 from hald_store import LabelStore, build_store, load_teacher, reencode_store
@@ -434,9 +435,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("ResNet-20 test top-1 (%), mean +- std over seeds")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """Data-path throughput, side by side in interleaved rounds: our loader against the bare DALI
-graph doing the same work (the physical limit), the reference PIL loop and a DataLoader with
-workers; how the loader scales from 1 to 2 cores; and build speed.
+graph doing the same work (the physical limit), FFCV (raw pixels and JPEG, when installed: see
+``requirements-ffcv.txt``), the reference PIL loop and a DataLoader with workers; how the loader
+scales from 1 to 2 cores; and build speed.
 
     python benchmarks/throughput.py            # 32 px, 64 px and 224 px workloads (~10 min on 2 cores)
     python benchmarks/throughput.py --quick    # fewer images and rounds
+    python benchmarks/throughput.py --workloads cifar-32px photo-224px   # the issue-19 table
 
 Workloads: cifar10-mini (500 real 32x32 JPEGs, 32-px crops, ResNet-56 teacher); the first
 ``--tiny-classes`` classes of Tiny-ImageNet (64x64, 64-px crops); and ``--photo-images``
@@ -119,12 +121,62 @@ def bare_dali(store: LabelStore, root: Path, batch: int, threads: int):
     return epoch
 
 
-def loader_epochs(loader) -> callable:
+class _Images:
+    """``(HWC uint8 pixels, class)`` of a store's images, for FFCV's writer."""
+
+    def __init__(self, root: Path, manifest) -> None:
+        self.paths, self.labels, self.root = manifest.paths, manifest.labels, root
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return np.asarray(Image.open(self.root / self.paths[i]).convert("RGB")), int(self.labels[i])
+
+
+def ffcv_epochs(store: LabelStore, root: Path, work: Path, name: str, batch: int, threads: int, mode: str):
+    """FFCV 1.0 (the optional ``benchmarks/requirements-ffcv.txt``) over the same images written to
+    a ``.beton`` as raw pixels (``mode="raw"``) or JPEG quality 90 (``"jpg"``): its
+    ``RandomResizedCropRGBImageDecoder`` (fresh random crops: it cannot replay stored windows),
+    flip, normalize, on ``threads`` threads, ``os_cache``, random order, delivered as its default
+    channels-last view (no copy). Returns ``epoch(e)``, or a string saying why FFCV is skipped."""
+    try:
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+        from ffcv.writer import DatasetWriter
+    except Exception as exc:  # ImportError, or a broken numba/llvmlite
+        return f"FFCV skipped ({type(exc).__name__}: {exc}); install benchmarks/requirements-ffcv.txt to compare"
+    beton = work / f"{name}-{mode}.beton"
+    if not beton.exists():
+        tmp = beton.with_suffix(".tmp")
+        DatasetWriter(str(tmp), {"image": RGBImageField(write_mode=mode, jpeg_quality=90), "label": IntField()},
+                      num_workers=threads).from_indexed_dataset(_Images(root, store.manifest()))
+        tmp.rename(beton)
+    spec = store.render_spec
+    mean, std = np.array(spec.mean) * 255, np.array(spec.std) * 255
+    loader = Loader(str(beton), batch_size=batch, num_workers=threads, order=OrderOption.RANDOM, os_cache=True,
+                    drop_last=False, seed=0, pipelines={
+                        "image": [RandomResizedCropRGBImageDecoder((spec.size, spec.size)), RandomHorizontalFlip(),
+                                  NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage()],
+                        "label": [IntDecoder(), ToTensor(), Squeeze()]})
+
+    def epoch(e: int) -> int:
+        return sum(len(x) for x, _ in loader)
+    return epoch
+
+
+def loader_epochs(loader, first: int = 0) -> callable:
+    """``epoch(e)`` runs the loader's epoch ``first + e``; with ``first`` > 0, epochs ``0 ..
+    first - 1`` run once now (a cycle of stored crops: the crop cache's steady state)."""
     def epoch(e: int) -> int:
         n = 0
-        for b in loader.iter_epoch(e):
+        for b in loader.iter_epoch(first + e):
             n += len(b.images)
         return n
+    for e in range(first):
+        epoch(e - first)
     return epoch
 
 
@@ -137,8 +189,9 @@ def reference_epochs(epoch_file: Path, store: LabelStore, root: Path, workers: i
     return epoch
 
 
-def interleaved(contenders: dict[str, callable], rounds: int) -> dict[str, list[float]]:
-    """images/s of each contender per round (round 0 is a warm-up and is dropped)."""
+def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None = None) -> dict[str, list[float]]:
+    """images/s of each contender per round (round 0 is a warm-up and is dropped); each
+    measured round's 1-minute load average is appended to ``loads``."""
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(rounds + 1):
         for name, fn in contenders.items():
@@ -146,6 +199,8 @@ def interleaved(contenders: dict[str, callable], rounds: int) -> dict[str, list[
             n = fn(r)
             if r:
                 rates[name].append(n / (time.perf_counter() - t0))
+        if r and loads is not None:
+            loads.append(os.getloadavg()[0])
     return rates
 
 
@@ -153,17 +208,22 @@ def interleaved(contenders: dict[str, callable], rounds: int) -> dict[str, list[
 def child(args) -> None:
     """Run inside ``taskset``: images/s of our loader or of the bare graph, printed as JSON."""
     store, root = LabelStore.open(args.child_store), Path(args.child_images)
-    fn = (bare_dali(store, root, args.batch_size, default_threads()) if args.child == "bare"
-          else loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size)))
+    if args.child == "bare":
+        fn = bare_dali(store, root, args.batch_size, default_threads())
+    else:
+        crops = args.child == "loader"
+        fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
+                           store.crops_per_image if crops else 0)
     rates = interleaved({"x": fn}, args.child_epochs)["x"]
     print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
 
 
 def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
-    """Our loader and the bare graph pinned to 1 and to 2 cores (``taskset``), interleaved."""
+    """Our loader (crops cached, after a cycle), the loader rendering every epoch (cache_crops
+    off) and the bare graph, pinned to 1 and to 2 cores (``taskset``), interleaved."""
     rates: dict[str, list[float]] = {}
     for _ in range(args.scaling_rounds):
-        for kind in ("loader", "bare"):
+        for kind in ("loader", "rendering", "bare"):
             for cores in ("0", "0,1"):
                 busy0, own0 = busy_cpu_seconds()
                 out = subprocess.run(
@@ -190,31 +250,48 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
     write_epoch_file(store, root, epoch_file, epoch=0, batch_size=b)
     threads = default_threads()
     default = SoftLabelLoader(store, root, batch_size=b)
-    other_cache = not default.stream.cache_decoded
+    rendering = SoftLabelLoader(store, root, batch_size=b, cache_crops=False)
+    cached = default._crop_cache() is not None
+    other_cache = not rendering.stream.cache_decoded
     contenders = {
-        f"hald-store loader, DALI (cache {'on' if not other_cache else 'off'}: default)": loader_epochs(default),
-        f"hald-store loader, DALI, cache {'on' if other_cache else 'off'}":
-            loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache)),
-        f"hald-store loader, torchvision, {threads} worker processes":
-            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision")),
+        f"hald-store loader (default: crops cached {'on' if cached else 'off'}; epochs after the first cycle)":
+            loader_epochs(default, store.crops_per_image),
+        f"hald-store loader, crop cache off (DALI, decoded cache {'on' if not other_cache else 'off'})":
+            loader_epochs(rendering),
+        f"hald-store loader, crop cache off (DALI, decoded cache {'on' if other_cache else 'off'})":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache, cache_crops=False)),
+        f"hald-store loader, torchvision, {threads} worker processes, crop cache off":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision", cache_crops=False)),
         "bare DALI graph (physical limit)": bare_dali(store, root, b, threads),
         "reference PIL loop, 1 process": reference_epochs(epoch_file, store, root, 0),
         f"reference DataLoader, {threads} workers": reference_epochs(epoch_file, store, root, threads),
     }
-    rates = interleaved(contenders, args.rounds)
+    for mode in ("raw", "jpg"):
+        ffcv = ffcv_epochs(store, root, work, name, b, threads, mode)
+        if isinstance(ffcv, str):
+            print(f"  {ffcv}")
+            break
+        contenders[f"FFCV, {'raw pixels' if mode == 'raw' else 'JPEG'}, {threads} threads (channels-last view)"] = ffcv
+    loads: list[float] = []
+    rates = interleaved(contenders, args.rounds, loads)
+    print(f"  load average (1 min) per round: {', '.join(f'{x:.1f}' for x in loads)}")
+    rows.append({"workload": name, "what": "load average (1 min) per round", "loads": loads})
     other_cpu = []
     if name in args.scaling:
         rates.update(scaling(store, root, args))
         other_cpu = rates.pop("other processes' CPU-s per scaling run")
     bare = np.median(rates["bare DALI graph (physical limit)"])
     ref = np.median(rates["reference PIL loop, 1 process"])
+    ffcv = next((r for k, r in rates.items() if k.startswith("FFCV, raw")), None)
     for what, r in rates.items():
         med = float(np.median(r))
+        # against FFCV raw: the median of the per-round ratios (each round runs both under the same load)
+        vs_ffcv = float(np.median(np.array(r) / np.array(ffcv))) if ffcv is not None and len(r) == len(ffcv) else None
         rows.append({"workload": name, "what": what, "images_per_s": med, "rounds": r,
-                     "vs_bare_dali": med / bare, "vs_reference_loop": med / ref})
-        print(f"  {what:<58}{med:>9,.0f} /s  {med / bare:5.2f}x bare  {med / ref:6.2f}x PIL loop  "
-              f"(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
-    for kind in ("loader", "bare"):
+                     "vs_bare_dali": med / bare, "vs_reference_loop": med / ref, "vs_ffcv_raw_per_round": vs_ffcv})
+        print(f"  {what:<92}{med:>9,.0f} /s  {med / bare:6.2f}x bare  {med / ref:6.2f}x PIL loop  "
+              f"{'' if vs_ffcv is None else f'{vs_ffcv:5.2f}x FFCV raw  '}(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
+    for kind in ("loader", "rendering", "bare"):
         one, two = f"{kind} on 1 core(s)", f"{kind} on 2 core(s)"
         if one in rates:
             ratio = float(np.median(rates[two]) / np.median(rates[one]))
@@ -232,11 +309,12 @@ def main() -> None:
     ap.add_argument("--photo-images", type=int, default=1000, help="400x300 images of the 224-px workload")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workloads", nargs="*", default=["cifar-32px", "tiny-64px", "photo-224px"])
     ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to 1 vs 2 cores")
     ap.add_argument("--scaling-rounds", type=int, default=3)
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
-    ap.add_argument("--child", choices=["loader", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["loader", "rendering", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
@@ -253,18 +331,22 @@ def main() -> None:
     busy0, own0, t0 = *busy_cpu_seconds(), time.perf_counter()
     print(f"{default_threads()} cores for this process, torch threads {torch.get_num_threads()}, CUDA {cuda_available()}")
 
-    rows = workload("cifar-32px", shared_data_path("cifar10-mini", "train"),
-                    load_teacher("cifar_resnet56", shared_data_path("teachers", "cifar10-resnet56.th"), 10), work, args,
-                    teacher_name="cifar_resnet56", crops_per_image=8, input_size=32, batch_size=256)
-    tiny = make_folder(work / f"tiny-{args.tiny_classes}cls", args.tiny_classes, 500, None)
-    rows += workload("tiny-64px", tiny, resolve_model("cifar_resnet20", 200), work, args,
-                     teacher_name="untrained cifar_resnet20", num_classes=200, crops_per_image=2, input_size=64,
-                     batch_size=256)
-    per_class = max(1, args.photo_images // 10)
-    photo = make_folder(work / f"photo-400x300-{per_class}", 10, per_class, (400, 300))
-    rows += workload("photo-224px", photo, resolve_model("resnet18", 200), work, args,
-                     teacher_name="untrained resnet18", num_classes=200, crops_per_image=2, input_size=224,
-                     batch_size=64)
+    rows = []
+    if "cifar-32px" in args.workloads:
+        rows += workload("cifar-32px", shared_data_path("cifar10-mini", "train"),
+                         load_teacher("cifar_resnet56", shared_data_path("teachers", "cifar10-resnet56.th"), 10), work,
+                         args, teacher_name="cifar_resnet56", crops_per_image=8, input_size=32, batch_size=256)
+    if "tiny-64px" in args.workloads:
+        tiny = make_folder(work / f"tiny-{args.tiny_classes}cls", args.tiny_classes, 500, None)
+        rows += workload("tiny-64px", tiny, resolve_model("cifar_resnet20", 200), work, args,
+                         teacher_name="untrained cifar_resnet20", num_classes=200, crops_per_image=2, input_size=64,
+                         batch_size=256)
+    if "photo-224px" in args.workloads:
+        per_class = max(1, args.photo_images // 10)
+        photo = make_folder(work / f"photo-400x300-{per_class}", 10, per_class, (400, 300))
+        rows += workload("photo-224px", photo, resolve_model("resnet18", 200), work, args,
+                         teacher_name="untrained resnet18", num_classes=200, crops_per_image=2, input_size=224,
+                         batch_size=64)
 
     busy1, own1 = busy_cpu_seconds()
     wall = time.perf_counter() - t0
@@ -273,7 +355,7 @@ def main() -> None:
           f"(of {wall * os.cpu_count():.0f} CPU-s available)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": vars(args), "cores": default_threads(), "torch_threads": torch.get_num_threads(),
+    out.write_text(json.dumps({"settings": vars(args), "cores": default_threads(), "python": sys.executable, "torch_threads": torch.get_num_threads(),
                                "cuda": cuda_available(), "wall_s": wall, "own_cpu_s": own1 - own0,
                                "other_processes_cpu_s": other, "results": rows}, indent=2))
     print(f"wrote {out}")

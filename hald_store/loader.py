@@ -15,9 +15,11 @@ batch. The public constructors are thin:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,10 +32,10 @@ from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
-from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, FreshCrops, HardBatch, RecordedBatches,
-                      Sampling, SoftBatch, StoredCrops)
+from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, EpochPlan, FreshCrops, HardBatch,
+                      RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
-from .stream import CropStream, open_stream
+from .stream import CropStream, fits_cache, open_stream
 
 __all__ = ["CropLoader", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "SoftBatch", "HardBatch",
            "HARD_CROP_STREAM", "epoch_crop_seeds", "replay_epoch"]
@@ -46,6 +48,11 @@ class CropLoader:
 
     ``cache_decoded`` keeps every image decoded in memory (DALI on the CPU; same pixels):
     ``"auto"`` does so for small images (see :func:`hald_store.stream.cache_decoded_default`).
+    ``cache_crops`` keeps every crop the loader renders, for sources that draw from a fixed set
+    of crops (stored crops, centred crops): once an epoch's crops have all been rendered, its
+    batches are gathered from memory (one ``index_select`` per batch, the same pixels) instead
+    of rendered again. ``"auto"`` does so on the CPU when all the source's crops, float32,
+    fit :func:`hald_store.stream.fits_cache`.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class CropLoader:
         prefetch: int = 2,
         workers: int | None = None,
         cache_decoded: bool | str = "auto",
+        cache_crops: bool | str = "auto",
         check_batch_size: bool = True,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
@@ -85,7 +93,11 @@ class CropLoader:
                 f"batch_size {self.batch_size} is larger than the {self.samples_per_rank} images each of "
                 f"{world_size} rank(s) gets from {n} images; use a batch size <= {self.samples_per_rank}", "batch_size"
             )
-        self._ahead: tuple[CropSource, int, Callable[[], EpochCrops]] | None = None  # (source, epoch, its crops)
+        if cache_crops not in (True, False, "auto"):
+            raise HaldStoreError(f"cache_crops must be True, False or 'auto', got {cache_crops!r}")
+        self.cache_crops = cache_crops
+        self._crops: tuple[CropSource, torch.Tensor, torch.Tensor] | None = None  # (source, crops, filled)
+        self._ahead: tuple[CropSource, int, Callable[[], EpochPlan]] | None = None  # (source, epoch, its plan)
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
                                               workers=workers, cache_decoded=cache_decoded, digests=manifest.digests)
@@ -127,27 +139,77 @@ class CropLoader:
         return self.source.epoch_order(len(self.manifest), epoch, Sampling(self.seed, self.shuffle, self.rank,
                                                                            self.world_size, self.drop_last))
 
-    def epoch_crops(self, epoch: int) -> EpochCrops:
-        """The source's crops of ``epoch``; for sources that read the store (or plan every image),
-        the next epoch's are then computed on a background thread while this one trains (at
-        FKD scale the pass over the store takes tens of seconds). Errors surface here."""
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """``epoch``'s crops, batches and render requests; for sources that read the store (or
+        plan every image), the next epoch's plan is then made ahead -- on a background thread
+        while this one trains when it is slow (at FKD scale the pass over the store takes tens
+        of seconds) -- and its requests are queued on the stream before this epoch ends.
+        Errors surface here."""
         check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
-            crops = ahead[2]()
+            plan = ahead[2]()
         else:
-            crops = self.source.crops(self.manifest, epoch)
+            plan = self._plan(self.source, epoch)
         if self.source.plan_ahead:
-            self._ahead = (self.source, epoch + 1, in_background(self.source.crops, self.manifest, epoch + 1))
-        return crops
+            later = in_background if self.source.slow_crops(self.manifest) else when_asked
+            self._ahead = (self.source, epoch + 1, later(self._plan, self.source, epoch + 1))
+        return plan
+
+    def epoch_crops(self, epoch: int) -> EpochCrops:
+        """The source's crops of ``epoch`` (see :meth:`epoch_plan`)."""
+        return self.epoch_plan(epoch).crops
+
+    def _plan(self, source: CropSource, epoch: int) -> EpochPlan:
+        crops = source.crops(self.manifest, epoch)
+        batches = source.batches(self, epoch, crops)
+        requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches]
+        return EpochPlan(crops, batches, requests, source.batch_labels(self, crops, batches))
+
+    def _next_requests(self) -> list | None:
+        """The stream's look-ahead: the requests of the plan being made for the next epoch
+        (none when that epoch's crops are all in the crop cache)."""
+        ahead = self._ahead
+        if ahead is None or ahead[0] is not self.source:
+            return None
+        plan, cache = ahead[2](), self._crop_cache()
+        if cache is not None and bool(cache[1][torch.from_numpy(self.source.crop_keys(plan.crops))].all()):
+            return None
+        return plan.requests
+
+    def _crop_cache(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rendered crops, filled mask) of the current source, see ``cache_crops``; None when off."""
+        if self._crops is not None and self._crops[0] is self.source:
+            return self._crops[1:]
+        count, size = self.source.crop_count(self.manifest), self.renderer.size
+        on = count > 0 and (self.cache_crops is True or (
+            self.cache_crops == "auto" and self.renderer.device == "cpu" and fits_cache(count * 12 * size * size)))
+        if not on:
+            return None
+        dev = self.device
+        self._crops = (self.source, torch.empty((count, 3, size, size), device=dev),
+                       torch.zeros(count, dtype=torch.bool, device=dev))
+        return self._crops[1:]
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
-        crops = self.epoch_crops(epoch)
-        batches = self.source.batches(self, epoch, crops)
-        requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches[start_batch:]]
-        for k, images in enumerate(self.stream(requests)):
-            ids = requests[k][0]
-            yield self.source.make_batch(self, images, ids, crops, start_batch + k)
+        plan = self.epoch_plan(epoch)
+        make, cache = self.source.make_batch, self._crop_cache()
+        if cache is not None:
+            crops, filled = cache
+            keys = torch.from_numpy(self.source.crop_keys(plan.crops)).to(crops.device)
+            rows = [keys[torch.from_numpy(ids).to(crops.device)] for ids in plan.batches]
+            if all(bool(filled[r].all()) for r in rows[start_batch:]):  # every crop rendered before: gather
+                for k in range(start_batch, len(rows)):
+                    with one_torch_thread():
+                        images = crops.index_select(0, rows[k])
+                    yield make(self, images, plan, k)
+                return
+        requests = plan.requests[start_batch:] if start_batch else plan.requests
+        for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
+            if cache is not None:
+                crops.index_copy_(0, rows[k], images)
+                filled[rows[k]] = True
+            yield make(self, images, plan, k)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
@@ -171,6 +233,13 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
         return out["result"]
 
     return result
+
+
+def when_asked(method: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """``method(*args)``, computed when the returned function is first called (then kept). The
+    method's object is held weakly: a loader must not keep itself (and its busy pipeline) alive."""
+    ref = weakref.WeakMethod(method)
+    return functools.cache(lambda: ref()(*args))
 
 
 def _open(store: LabelStore | str | os.PathLike) -> LabelStore:
@@ -206,6 +275,7 @@ class SoftLabelLoader(CropLoader):
         prefetch: int = 2,
         workers: int | None = None,
         cache_decoded: bool | str = "auto",
+        cache_crops: bool | str = "auto",
         check_hashes: bool = False,
         replay: bool | None = None,
         **renderer_kw,
@@ -233,7 +303,7 @@ class SoftLabelLoader(CropLoader):
                          self.store.render_spec.renderer(backend, device, workers, **renderer_kw),
                          batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
                          world_size=world_size, prefetch=prefetch, workers=workers, cache_decoded=cache_decoded,
-                         check_batch_size=not self.replay)
+                         cache_crops=cache_crops, check_batch_size=not self.replay)
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         """Stored crop seed of every image in ``epoch``."""
@@ -331,6 +401,7 @@ class EvalLoader(CropLoader):
         prefetch: int = 2,
         workers: int | None = None,
         cache_decoded: bool | str = "auto",
+        cache_crops: bool | str = "auto",
         progress: bool = False,
     ) -> None:
         source = CentreCrops(crop_fraction)
@@ -348,7 +419,7 @@ class EvalLoader(CropLoader):
                                  **threads_option(backend, workers))
         super().__init__(source, images_root, manifest, renderer, batch_size=min(batch_size, len(manifest)),
                          shuffle=False, seed=0, drop_last=False, rank=0, world_size=1, prefetch=prefetch,
-                         workers=workers, cache_decoded=cache_decoded)
+                         workers=workers, cache_decoded=cache_decoded, cache_crops=cache_crops)
 
     @property
     def crop_fraction(self) -> float:

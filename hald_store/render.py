@@ -471,27 +471,30 @@ class CropFeeder:
     """The external source of a DALI crop pipeline: per call, the inputs of the next request.
 
     A request is ``(ids, boxes, flips)``: rows of ``data`` (file names as uint8, file bytes or
-    decoded images), their integer windows and flip bits. Raises ``StopIteration`` after the
-    last request, which ends the DALI epoch. DALI reads the returned buffers in place, so the
-    last ``keep_alive`` (> the pipeline's queue depth) are kept referenced.
+    decoded images), their integer windows and flip bits. Requests wait in a queue; when it is
+    empty the feeder asks ``more()`` (the next epoch's requests, or None), and raises
+    ``StopIteration`` when there are none, which ends the DALI epoch. DALI reads the returned
+    buffers in place, so the last ``keep_alive`` (> the pipeline's queue depth) are kept referenced.
     """
 
     def __init__(self, kind: str, keep_alive: int) -> None:
         self.kind = kind
         self.data: Sequence[np.ndarray] = []
         self.widths = np.zeros(0, np.int64)
-        self.requests: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.next = 0
+        self.queue: collections.deque = collections.deque()
+        self.more: Callable[[], Sequence | None] | None = None
         self.alive: collections.deque = collections.deque(maxlen=keep_alive)
 
-    def start(self, data: Sequence[np.ndarray] | np.ndarray, widths: np.ndarray, requests: Sequence) -> None:
-        self.data, self.widths, self.requests, self.next = data, np.asarray(widths, np.int64), requests, 0
+    def start(self, data: Sequence[np.ndarray] | np.ndarray, widths: np.ndarray) -> None:
+        self.data, self.widths = data, np.asarray(widths, np.int64)
 
     def __call__(self) -> tuple:
-        if self.next >= len(self.requests):
+        if not self.queue and self.more is not None:
+            more, self.more = self.more, None
+            self.queue.extend(more() or ())
+        if not self.queue:
             raise StopIteration
-        ids, boxes, flips = self.requests[self.next]
-        self.next += 1
+        ids, boxes, flips = self.queue.popleft()
         boxes = np.asarray(boxes, dtype=np.int64)
         data = self.data[ids] if isinstance(self.data, np.ndarray) else [self.data[i] for i in ids]
         flips = np.asarray(flips, dtype=np.int32)
@@ -505,12 +508,14 @@ class CropFeeder:
 
 
 class DaliRunner:
-    """One DALI crop pipeline fed by a :class:`CropFeeder` and consumed through DALI's PyTorch
-    iterator, which hands out batches without a copy (``exec_dynamic`` + DLPack).
+    """One DALI crop pipeline fed by a :class:`CropFeeder`; batches are handed out without a
+    copy (``exec_dynamic`` + DLPack).
 
-    :meth:`run` renders a sequence of requests; the pipeline runs ``prefetch`` batches ahead
-    on its own threads. A run that is left early or fails marks the runner ``broken`` (its
-    queue holds stale batches): build a new one.
+    Requests are queued (:meth:`queue`) and rendered ``prefetch`` batches ahead on the pipeline's own
+    threads; :meth:`take` yields the next ``n`` batches in order. The pipeline keeps running
+    across calls (no drain between epochs) as long as requests are queued in time -- the
+    feeder's ``more`` is asked when the queue runs dry. A ``take`` that is left early or fails
+    marks the runner ``broken`` (its queue holds stale batches): build a new one.
     """
 
     def __init__(self, renderer: DaliRenderer, kind: str, output: str, batch_size: int, prefetch: int = 2) -> None:
@@ -518,43 +523,44 @@ class DaliRunner:
         self.feeder = CropFeeder(kind, keep_alive=prefetch + 2)
         self.pipe = renderer.pipeline(kind, output, self.feeder, batch_size, prefetch)
         self.broken = False
-        self._used = False
-        self._iter = None
+        self.outstanding = 0  # requests queued or in flight and not yet taken
+
+    def queue(self, requests: Sequence) -> None:
+        """Append ``requests`` to what the pipeline renders."""
+        self.feeder.queue.extend(requests)
+        self.outstanding += len(requests)
 
     def run(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> Iterator[Any]:
-        """Rendered batches of ``requests``, in order (lists of HWC arrays for ``"raw"``)."""
+        """Rendered batches of ``requests`` over ``data``, in order (lists of HWC arrays for ``"raw"``)."""
+        self.feeder.start(data, widths)
+        self.queue(requests)
+        return self.take(len(requests))
+
+    def take(self, n: int) -> Iterator[Any]:
+        """The next ``n`` rendered batches, in order."""
         if self.broken:
             raise HaldStoreError("internal error: a broken DALI runner was reused")
-        self.feeder.start(data, widths, requests)
-        finished = False
+        self.broken = n > 0  # until the n-th batch is handed out (a consumer may stop right after it)
+        for i in range(n):
+            out = self._next()
+            self.broken = i < n - 1
+            yield out
+
+    def _next(self) -> Any:
         try:
-            yield from (self._raw() if self.output == "raw" else self._tensors())
-            finished = True
-        finally:
-            self.broken = not finished
-
-    def _tensors(self) -> Iterator[torch.Tensor]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        if self._iter is None:
-            self._iter = DALIGenericIterator([self.pipe], ["x"], size=-1, prepare_first_batch=False)
-        elif self._used:
-            self._iter.reset()
-        self._used = True
-        for out in self._iter:
-            yield out[0]["x"]
-
-    def _raw(self) -> Iterator[list[np.ndarray]]:
-        if self._used:
+            (out,) = self.pipe.run()
+        except StopIteration:  # the feeder had run dry (nothing queued in time): start a new DALI epoch
             self.pipe.reset()
-        self._used = True
-        while True:
-            try:
-                (images,) = self.pipe.run()
-            except StopIteration:
-                return
-            images = images.as_cpu() if hasattr(images, "as_cpu") else images
-            yield [np.array(images[i]) for i in range(len(images))]
+            (out,) = self.pipe.run()
+        self.outstanding -= 1
+        if self.output == "raw":
+            out = out.as_cpu() if hasattr(out, "as_cpu") else out
+            return [np.array(out[i]) for i in range(len(out))]
+        tensor = out.as_tensor()
+        if self.pipe.device_id is None or not hasattr(tensor, "as_cpu"):
+            return torch.from_dlpack(tensor)
+        with torch.cuda.device(self.pipe.device_id):
+            return torch.from_dlpack(tensor)
 
 
 def _i32(a: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ A :class:`~hald_store.loader.CropLoader` takes one source, the way FFCV's loader
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from .store import LabelStore
 if TYPE_CHECKING:
     from .loader import CropLoader
 
-__all__ = ["HARD_CROP_STREAM", "Sampling", "SoftBatch", "HardBatch", "EpochCrops", "CropSource", "StoredCrops",
+__all__ = ["HARD_CROP_STREAM", "Sampling", "SoftBatch", "HardBatch", "EpochCrops", "EpochPlan", "BatchLabels",
+           "CropSource", "StoredCrops",
            "RecordedBatches", "FreshCrops", "CentreCrops"]
 
 HARD_CROP_STREAM = 1  # crop-plan stream of fresh (hard-label) crops; stored crops use stream 0
@@ -59,13 +60,66 @@ class EpochCrops(NamedTuple):
     extra: dict
 
 
+BACKGROUND_IMAGES = 100_000  # plan the next epoch's crops of more images than this on a background thread
+RESIDENT_BYTES = 64 << 20  # a store whose labels and crops take at most this (uncompressed) is read once
+LABEL_CHUNK_VALUES = 1 << 22  # labels are decoded a chunk of batches at a time: <= 16 MB of dense float32
+
+
+class BatchLabels:
+    """An epoch's per-batch label tensors, decoded one chunk of batches at a time in one
+    vectorized call (``decode(concatenated ids) -> tuple of tensors``) and sliced per batch
+    (views); only the current chunk is kept. Decoding runs on the consumer's thread (torch
+    work on a background thread can crash the worker processes that a stream forks), at one
+    torch thread (see :func:`one_torch_thread`)."""
+
+    def __init__(self, batches: list[np.ndarray], per_chunk: int,
+                 decode: Callable[[np.ndarray], tuple]) -> None:
+        self.batches, self.per_chunk, self.decode = batches, max(1, int(per_chunk)), decode
+        self._chunk: tuple[int, tuple, np.ndarray] | None = None  # (chunk index, values, row offsets)
+
+    def __getitem__(self, k: int) -> tuple:
+        c, j = divmod(k, self.per_chunk)
+        if self._chunk is None or self._chunk[0] != c:
+            members = self.batches[c * self.per_chunk : (c + 1) * self.per_chunk]
+            offsets = np.cumsum([0] + [len(ids) for ids in members])
+            with one_torch_thread():
+                self._chunk = (c, self.decode(np.concatenate(members)), offsets)
+        _, values, offsets = self._chunk
+        return tuple(v[offsets[j] : offsets[j + 1]] for v in values)
+
+
+class EpochPlan(NamedTuple):
+    """What a loader renders and hands out in one epoch (made ahead, off the critical path;
+    labels are decoded as the epoch reaches them, a chunk of batches per call)."""
+
+    crops: EpochCrops
+    batches: list[np.ndarray]  # image ids of each batch, in delivery order
+    requests: list  # the stream's (ids, boxes, flips) per batch
+    labels: BatchLabels  # per-batch tensors that :meth:`CropSource.make_batch` attaches
+
+
 class CropSource:
     """Base strategy: per-image crops, batches cut from the loader's sharded image order,
     hard labels. Subclasses override :meth:`crops` and, where they differ, the rest."""
 
-    plan_ahead = False  # the loader computes the next epoch's crops while this one trains
+    plan_ahead = False  # the loader plans the next epoch before this one ends
 
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
+        raise NotImplementedError
+
+    def slow_crops(self, manifest: Manifest) -> bool:
+        """Whether :meth:`crops` is worth a background thread (else the next epoch is planned
+        when first asked for: under load, starting a thread took milliseconds, longer than a
+        32-px epoch of a small set trains)."""
+        return len(manifest) > BACKGROUND_IMAGES
+
+    def crop_count(self, manifest: Manifest) -> int:
+        """How many distinct crops all epochs draw from (0: new ones every epoch). A loader
+        keeps this many rendered crops when they fit (``cache_crops``)."""
+        return 0
+
+    def crop_keys(self, crops: EpochCrops) -> np.ndarray:
+        """(N,) index of each image's crop this epoch in ``[0, crop_count)``."""
         raise NotImplementedError
 
     def num_batches(self, loader: "CropLoader") -> int:
@@ -80,11 +134,19 @@ class CropSource:
         b = loader.batch_size
         return [order[i : i + b] for i in range(0, loader.num_batches() * b, b)]
 
-    def make_batch(self, loader: "CropLoader", images: torch.Tensor, ids: np.ndarray, crops: EpochCrops,
+    def batch_labels(self, loader: "CropLoader", crops: EpochCrops, batches: list[np.ndarray]) -> BatchLabels:
+        """Per-batch ``(hard, image ids)`` on the loader's device."""
+        dev, hard = loader.device, loader.hard  # (not the loader: a plan must not keep it alive)
+
+        def decode(ids: np.ndarray) -> tuple:
+            ids_t = torch.from_numpy(ids)
+            return hard[ids_t].to(dev), ids_t.to(dev)
+        return BatchLabels(batches, len(batches), decode)
+
+    def make_batch(self, loader: "CropLoader", images: torch.Tensor, plan: EpochPlan,
                    position: int) -> HardBatch | SoftBatch:
-        """The batch handed out for rendered ``images`` of images ``ids`` (batch ``position``)."""
-        dev = images.device
-        return HardBatch(images, loader.hard[ids].to(dev), torch.from_numpy(ids).to(dev))
+        """The batch handed out for rendered ``images`` of batch ``position`` of ``plan``."""
+        return HardBatch(images, *plan.labels[position])
 
 
 @contextlib.contextmanager
@@ -125,6 +187,7 @@ class StoredCrops(CropSource):
             raise HaldStoreError(f"temperature must be > 0, got {temperature}")
         self.store, self.temperature, self.dense, self.seed = store, float(temperature), bool(dense), int(seed)
         self.sampling = sampling
+        self._kept: dict[str, np.ndarray] | None = None  # a small store's label and crop arrays, read once
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         return self.store.epoch_crop_seeds(epoch, self.seed)
@@ -134,22 +197,62 @@ class StoredCrops(CropSource):
             return super().epoch_order(num_images, epoch, sampling)
         return block_epoch_order(num_images, epoch, block=self.store.chunk_images, **sampling._asdict())
 
+    def crop_count(self, manifest) -> int:
+        return self.store.num_images * self.store.crops_per_image
+
+    def crop_keys(self, crops) -> np.ndarray:
+        seeds = crops.extra["seeds"]
+        return np.arange(len(seeds), dtype=np.int64) * self.store.crops_per_image + seeds
+
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         seeds = self.crop_seeds(epoch)
-        images = None if self.sampling is None else self.epoch_order(len(manifest), epoch, self.sampling)
-        fields, boxes, flips = self.store.read_one_crop_per_image(seeds, images)
+        kept = self._resident()
+        if kept:  # a gather in memory: at 32 px an epoch trains faster than a pass over the store
+            self.store.check_identity()  # as a pass over the store does: no store swapped under a running loader
+            rows = np.arange(len(seeds))
+            fields = {f: kept[f"labels/{f}"][rows, seeds] for f in self.store.codec.fields()}
+            boxes, flips = kept["crops/box"][rows, seeds], kept["crops/flip"][rows, seeds]
+        else:  # this rank's images only
+            images = None if self.sampling is None else self.epoch_order(len(manifest), epoch, self.sampling)
+            fields, boxes, flips = self.store.read_one_crop_per_image(seeds, images)
         return EpochCrops(boxes, flips, {"seeds": seeds, "fields": fields})
 
-    def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
-        """Decoded labels of ``ids``: top-k moved to ``dev``, then made dense there."""
-        with one_torch_thread():
-            labels = self.store.codec.decode({k: v[ids] for k, v in crops.extra["fields"].items()}).to(dev)
-            return labels.probs(self.temperature) if self.dense else labels
+    def slow_crops(self, manifest) -> bool:
+        return not self._resident()
 
-    def make_batch(self, loader, images, ids, crops, position) -> SoftBatch:
-        dev = images.device
-        return SoftBatch(images, self.labels(ids, crops, dev), loader.hard[ids].to(dev),
-                         torch.from_numpy(ids).to(dev), torch.from_numpy(crops.extra["seeds"][ids]).to(dev))
+    def _resident(self) -> dict[str, np.ndarray]:
+        """Every crop's label fields, box and flip when they take at most :data:`RESIDENT_BYTES`
+        (read once, then kept) of a block-layout store; else empty (each epoch reads the store:
+        a sharded store was built so that an epoch reads only the crops it uses, rank by rank)."""
+        if self._kept is None:
+            names = [f"labels/{f}" for f in self.store.codec.fields()] + ["crops/box", "crops/flip"]
+            small = (self.store.layout != "sharded"
+                     and sum(self.store.array(n).nbytes for n in names) <= RESIDENT_BYTES)
+            kept = {n: self.store.array(n)[...] for n in names} if small else {}
+            if kept:  # untrusted like every read: damage is named once, here
+                self.store.check_classes("labels/indices", kept["labels/indices"])
+            self._kept = kept
+        return self._kept
+
+    def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
+        """Decoded labels of images ``ids`` (any number of rows, one vectorized call): top-k
+        moved to ``dev``, then made dense there."""
+        labels = self.store.codec.decode({k: v[ids] for k, v in crops.extra["fields"].items()}).to(dev)
+        return labels.probs(self.temperature) if self.dense else labels
+
+    def batch_labels(self, loader, crops, batches) -> BatchLabels:
+        """Per-batch ``(soft, hard, image ids, crop seeds)``, decoded a chunk of batches at a time."""
+        dev, hard, seeds = loader.device, loader.hard, crops.extra["seeds"]
+        rows = LABEL_CHUNK_VALUES // max(1, self.store.num_classes if self.dense else self.store.codec.top_k)
+
+        def decode(ids: np.ndarray) -> tuple:
+            ids_t = torch.from_numpy(ids)
+            return (self.labels(ids, crops, dev), hard[ids_t].to(dev), ids_t.to(dev),
+                    torch.from_numpy(seeds[ids]).to(dev))
+        return BatchLabels(batches, rows // loader.batch_size, decode)
+
+    def make_batch(self, loader, images, plan, position) -> SoftBatch:
+        return SoftBatch(images, *plan.labels[position])
 
 
 class RecordedBatches(StoredCrops):
@@ -186,11 +289,11 @@ class RecordedBatches(StoredCrops):
         crops.extra["order"] = order = self.batch_order(loader, epoch)
         return [batch_members(plan, b) for b in order]
 
-    def make_batch(self, loader, images, ids, crops, position) -> SoftBatch:
-        plan, b = crops.extra["plan"], crops.extra["order"][position]
+    def make_batch(self, loader, images, plan, position) -> SoftBatch:
+        recorded, b = plan.crops.extra["plan"], plan.crops.extra["order"][position]
         with one_torch_thread():
-            mixed = mix_recorded(self.mix, images, plan, b)
-        return super().make_batch(loader, mixed, ids, crops, position)
+            mixed = mix_recorded(self.mix, images, recorded, b)
+        return super().make_batch(loader, mixed, plan, position)
 
 
 class FreshCrops(CropSource):
@@ -216,6 +319,12 @@ class CentreCrops(CropSource):
         if not 0 < fraction <= 1:
             raise HaldStoreError(f"crop_fraction must be in (0, 1], got {fraction}")
         self.fraction = float(fraction)
+
+    def crop_count(self, manifest) -> int:
+        return len(manifest)
+
+    def crop_keys(self, crops) -> np.ndarray:
+        return np.arange(len(crops.flips), dtype=np.int64)
 
     def crops(self, manifest, epoch) -> EpochCrops:
         h, w = manifest.heights.astype(np.int64), manifest.widths.astype(np.int64)

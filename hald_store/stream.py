@@ -18,10 +18,12 @@ same request; box checks happen once per epoch, vectorized, against the manifest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +33,7 @@ from .images import DIGEST_SIZE
 from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
                        read_files, thin_boxes)
 
-__all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default"]
+__all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default", "fits_cache"]
 
 Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, (B, 4) boxes, (B,) flips)
 
@@ -42,13 +44,16 @@ Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, 
 CACHE_MAX_BYTES = 4 << 30
 
 
-def cache_decoded_default(heights: np.ndarray, widths: np.ndarray) -> bool:
-    """``cache_decoded="auto"``: cache when every image decoded (H x W x 3 bytes) fits in
-    ``min(CACHE_MAX_BYTES, physical memory / 8 / local ranks)``."""
-    need = 3 * int(np.sum(np.asarray(heights, np.int64) * np.asarray(widths, np.int64)))
+def fits_cache(nbytes: int) -> bool:
+    """Whether a cache of ``nbytes`` fits ``min(CACHE_MAX_BYTES, physical memory / 8 / local ranks)``."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return 0 < need <= min(CACHE_MAX_BYTES, memory // 8 // local)
+    return 0 < nbytes <= min(CACHE_MAX_BYTES, memory // 8 // local)
+
+
+def cache_decoded_default(heights: np.ndarray, widths: np.ndarray) -> bool:
+    """``cache_decoded="auto"``: cache when every image decoded (H x W x 3 bytes) :func:`fits_cache`."""
+    return fits_cache(3 * int(np.sum(np.asarray(heights, np.int64) * np.asarray(widths, np.int64))))
 
 
 class CropStream:
@@ -66,11 +71,19 @@ class CropStream:
         if int(prefetch) < 1:
             raise HaldStoreError(f"prefetch must be >= 1, got {prefetch}")
         self.prefetch = int(prefetch)
+        self._ahead: Sequence[Request] | None = None  # the requests rendered ahead, see __call__
 
-    def __call__(self, requests: Sequence[Request]) -> Iterator[torch.Tensor]:
-        """Rendered ``(B, 3, size, size)`` batches of ``requests``, in order."""
-        self.check(requests)
-        return self._run(list(requests))
+    def __call__(self, requests: Sequence[Request],
+                 ahead: Callable[[], Sequence[Request] | None] | None = None) -> Iterator[torch.Tensor]:
+        """Rendered ``(B, 3, size, size)`` batches of ``requests``, in order.
+
+        ``ahead`` (optional) returns the requests the caller expects to ask for next (the next
+        epoch's, already checked): a stream that can, renders them before this call's batches
+        are all consumed, and a next call with that very list continues without a drain.
+        """
+        if requests is not self._ahead:
+            self.check(requests)
+        return self._run(requests, ahead)
 
     def check(self, requests: Sequence[Request]) -> None:
         """Vectorized check that every box lies inside its image; the error names the file."""
@@ -93,7 +106,8 @@ class CropStream:
     def close(self) -> None:
         """Release threads and processes (a stream is also cleaned up when garbage-collected)."""
 
-    def _run(self, requests: list[Request]) -> Iterator[torch.Tensor]:
+    def _run(self, requests: Sequence[Request], ahead: Callable[[], Sequence[Request] | None] | None
+             ) -> Iterator[torch.Tensor]:
         raise NotImplementedError
 
 
@@ -167,13 +181,36 @@ class DaliStream(CropStream):
             names = preview(self.files[i] for i in requests[done][0])
             raise HaldStoreError(f"the DALI pipeline failed on a batch of {names}: {exc}") from exc
 
-    def _run(self, requests: list[Request]) -> Iterator[torch.Tensor]:
+    def _run(self, requests, ahead):
         largest = max((len(r[0]) for r in requests), default=0)
         if largest > self.batch_size:
             raise HaldStoreError(f"a request of {largest} crops exceeds the stream's batch_size {self.batch_size}")
-        data = self.decoded() if self.cache_decoded else self._names
-        batches = self._named(self._get_runner().run(data, self.widths, requests), requests)
+        runner = self._get_runner()
+        if requests is not self._ahead and runner.outstanding:  # batches rendered for something else
+            runner.broken = True
+            runner = self._get_runner()
+        if requests is not self._ahead or not runner.outstanding:
+            runner.feeder.start(self.decoded() if self.cache_decoded else self._names, self.widths)
+            runner.queue(requests)
+        self._ahead = None
+        runner.feeder.more = None if ahead is None else functools.partial(
+            self._queue_ahead, weakref.ref(runner), weakref.WeakMethod(ahead) if hasattr(ahead, "__self__") else lambda: ahead)
+        batches = self._named(runner.take(len(requests)), requests)
         return batches if self.cache_decoded else self._fix_thin(batches, requests)
+
+    def _queue_ahead(self, runner: weakref.ref, ahead: weakref.WeakMethod) -> Sequence[Request]:
+        """The feeder ran dry: queue the caller's next requests, checked (none if that failed:
+        the error surfaces when they are asked for). Held weakly: a stream or its pipeline
+        never keeps its caller alive."""
+        runner, ahead = runner(), ahead()
+        try:
+            self._ahead = (ahead() or None) if runner is not None and ahead is not None else None
+            self.check(self._ahead or ())
+        except Exception:
+            self._ahead = None
+        if runner is not None:
+            runner.outstanding += len(self._ahead or ())
+        return self._ahead or ()
 
     def _fix_thin(self, batches: Iterator[torch.Tensor], requests: list[Request]) -> Iterator[torch.Tensor]:
         """Re-render the (rare) 1-px-wide boxes with the renderer's exact path."""
@@ -186,7 +223,7 @@ class DaliStream(CropStream):
             yield x
 
     def close(self) -> None:
-        self._runner = None
+        self._runner, self._ahead = None, None
 
 
 class _RenderBatches(torch.utils.data.Dataset):
@@ -223,7 +260,8 @@ class WorkerStream(CropStream):
         self.cpu_renderer = TorchvisionRenderer(renderer.size, renderer.mean, renderer.std,
                                                 interpolation=renderer.interpolation, antialias=renderer.antialias)
 
-    def _run(self, requests: list[Request]) -> Iterator[torch.Tensor]:
+    def _run(self, requests, ahead):
+        requests = list(requests)
         extra = dict(worker_init_fn=_one_thread, prefetch_factor=self.prefetch) if self.workers else {}
         loader = torch.utils.data.DataLoader(_RenderBatches(self, requests), batch_size=None, shuffle=False,
                                              num_workers=min(self.workers, len(requests)),

@@ -142,6 +142,45 @@ def test_early_break_leaks_nothing_and_next_epoch_is_exact(small_store, backend)
     assert len(again) == len(reference) and all(torch.equal(a, b) for a, b in zip(again, reference))
 
 
+def _same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.images, y.images) and torch.equal(x.image_ids, y.image_ids)
+        assert torch.equal(x.soft, y.soft) and torch.equal(x.crop_seeds, y.crop_seeds)
+
+
+def test_one_stream_runs_across_epochs_and_stays_exact(small_store):
+    store, root = small_store
+    kw = dict(batch_size=5, seed=7, cache_crops=False, cache_decoded=False)
+    loader = SoftLabelLoader(store, root, **kw)
+    _all(loader, 0)
+    runner = loader.stream._runner
+    assert runner.outstanding > 0  # epoch 1's first batches were queued before epoch 0 ended
+    _same_batches(_all(loader, 1), _all(SoftLabelLoader(store, root, **kw), 1))
+    assert loader.stream._runner is runner and not runner.broken  # no drain, no new pipeline
+    _same_batches(_all(loader, 4), _all(SoftLabelLoader(store, root, **kw), 4))  # not the epoch looked ahead to
+    kept = loader.source.crops(loader.manifest, 5)  # a small store is read once, then gathered in memory
+    fields, boxes, flips = store.read_one_crop_per_image(loader.crop_seeds(5))
+    assert loader.source._kept and np.array_equal(kept.boxes, boxes) and np.array_equal(kept.flips, flips)
+    assert all(np.array_equal(kept.extra["fields"][k], v) for k, v in fields.items())
+
+
+def test_cached_crops_are_the_rendered_ones(small_store):
+    store, root = small_store
+    kw = dict(batch_size=5, seed=7)
+    cached, plain = (SoftLabelLoader(store, root, cache_crops=c, **kw) for c in (True, False))
+    for epoch in range(store.crops_per_image):  # one cycle renders every stored crop once
+        _same_batches(_all(cached, epoch), _all(plain, epoch))
+    assert cached._crops[2].all()
+    cached.stream = None  # the next cycle is gathered from memory: no rendering
+    for epoch in (store.crops_per_image, store.crops_per_image + 3):
+        _same_batches(_all(cached, epoch), _all(plain, epoch))
+    evaluate = EvalLoader(root, input_size=32, batch_size=7)
+    first = [b.images for b in _all(evaluate)]
+    evaluate.stream = None
+    assert all(torch.equal(a, b.images) for a, b in zip(first, _all(evaluate), strict=True))
+
+
 def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
     store, root = small_store
     loader = SoftLabelLoader(store, root, batch_size=8, backend="torchvision", device="cpu")

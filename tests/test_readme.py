@@ -1,5 +1,6 @@
-"""The README keeps its word: its Python snippets run as written, every CLI flag is documented,
-and the demo figures it quotes are the demo's own committed output."""
+"""The README and docs/ keep their word: their Python snippets run as written, every CLI flag is
+documented, tables are intact, quoted results equal their results files, links resolve, and the
+demo figures the README quotes are the demo's own committed output."""
 
 from __future__ import annotations
 
@@ -20,25 +21,27 @@ from .conftest import generated_images, random_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
 
 def python_snippets(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
-def test_python_snippets_run_as_written(tmp_path, monkeypatch):
-    """Each ```python block, in order, in a fresh namespace, in a folder with what they name:
-    data/train (10 classes of generated images) and cifar10-resnet56.th (a state dict)."""
-    snippets = python_snippets(README)
-    assert len(snippets) == 2
+@pytest.mark.parametrize("page,count", [("README.md", 1), ("docs/api.md", 2)])
+def test_python_snippets_run_as_written(page, count, tmp_path, monkeypatch):
+    """Each ```python block of the page, in order, in a fresh namespace, in a folder with what
+    they name: data/train (10 classes of generated images) and cifar10-resnet56.th (a state dict)."""
+    snippets = python_snippets((ROOT / page).read_text())
+    assert len(snippets) == count
     generated_images(tmp_path / "data", classes=10, per_class=8)  # data/train
     torch.save(random_teacher(seed=0, spec="cifar_resnet56").state_dict(), tmp_path / "cifar10-resnet56.th")
     monkeypatch.chdir(tmp_path)
     for i, code in enumerate(snippets):
         namespace: dict = {}
-        exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
+        exec(compile(code, f"{page} python snippet {i + 1}", "exec"), namespace)
     store = namespace["store"]
-    assert store.num_images == 80 and store.complete and namespace["schedule"].epochs == 8
+    assert store.num_images == 80 and store.complete
 
 
 def _commands():
@@ -49,19 +52,76 @@ def _commands():
 
 @pytest.mark.parametrize("name,command", list(_commands()), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_flag_is_documented(name, command):
-    """Each option of each command appears in the README in backticks (`--flag` or `-x/--flag`)."""
+    """Each option of each command appears in the README or docs/cli.md in backticks (`--flag` or `-x/--flag`)."""
+    documented = README + (ROOT / "docs" / "cli.md").read_text()
     missing = [max(p.opts, key=len) for p in command.params if isinstance(p, click.Option) and
-               not any(re.search(rf"`[^`]*(?<![\w-]){re.escape(o)}(?![\w-])[^`]*`", README)
+               not any(re.search(rf"`[^`]*(?<![\w-]){re.escape(o)}(?![\w-])[^`]*`", documented)
                    for o in p.opts + p.secondary_opts)]
     assert not missing, f"{name}: undocumented flags {missing}"
 
 
-def test_tables_are_not_split():
+@pytest.mark.parametrize("page", PAGES)
+def test_tables_are_not_split(page):
     """A table row (a line starting with '|') is never separated from its table by prose."""
-    lines = README.splitlines()
+    lines = (ROOT / page).read_text().splitlines()
     for i, line in enumerate(lines):
         if line.startswith("|") and i and lines[i - 1].strip() and not lines[i - 1].startswith("|"):
-            pytest.fail(f"README.md line {i + 1}: a table row after prose: {line[:60]!r}")
+            pytest.fail(f"{page} line {i + 1}: a table row after prose: {line[:60]!r}")
+
+
+def quoted_blocks(text: str) -> list[tuple[str, str]]:
+    """(file, block) for each ``<!-- quote: FILE -->`` marker: the table or fenced block after it."""
+    found = []
+    for m in re.finditer(r"^<!-- quote: (\S+) -->\n", text, flags=re.M):
+        path, lines = m.group(1), text[m.end():].lstrip("\n").splitlines()
+        if lines[0].startswith("```"):
+            block = lines[1:lines.index("```", 1)]
+        else:
+            block = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+        found.append((path, "\n".join(block)))
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_quoted_results_equal_their_files(page):
+    """A block marked as quoted appears verbatim in its results file (quoted, not rewritten)."""
+    for path, block in quoted_blocks((ROOT / page).read_text()):
+        source = (ROOT / path).resolve()
+        assert source.is_relative_to(ROOT) and source.is_file(), f"{page}: quotes {path!r}, not a file of the repository"
+        assert block.strip() and block in source.read_text(), f"{page}: the block quoted from {path} differs from it"
+
+
+def test_readme_results_table_is_quoted():
+    quotes = quoted_blocks(README)
+    assert any(block.startswith("| S | codec |") and path.startswith("benchmarks/results/") for path, block in quotes)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_resolve(page):
+    """Each relative link names a file of the repository, and a #anchor into a Markdown page names a heading there."""
+    here = (ROOT / page).parent
+    for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / page).read_text()):
+        if re.match(r"\w+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (here / path).resolve() if path else ROOT / page
+        assert dest.exists(), f"{page}: link to {target!r}: no such file"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{page}: link to {target!r}: no such heading"
+
+
+def test_readme_is_a_front_page():
+    """About 200 lines; the reference lives in docs/."""
+    assert len(README.splitlines()) <= 220
+    for page in ("cli", "api", "architecture", "data-path", "format", "benchmarks", "hald", "testing"):
+        assert f"(docs/{page}.md)" in README
 
 
 def test_readme_quotes_the_committed_demo_output():
