@@ -92,7 +92,9 @@ def _control(values: dict, dataset: str, labels: str, s: int, name: str, codecs:
 def interval(diffs: list[float]) -> dict:
     """Mean, std and 95% t interval of paired differences."""
     n = len(diffs)
-    mean = float(np.mean(diffs)) if n else math.nan
+    if not n:
+        return {"mean": math.nan, "std": math.nan, "n": 0, "low": math.nan, "high": math.nan}
+    mean = float(np.mean(diffs))
     std = float(np.std(diffs, ddof=1)) if n > 1 else math.nan
     half = T95.get(n - 1, 2.0) * std / math.sqrt(n) if n > 1 else math.nan
     return {"mean": mean, "std": std, "n": n, "low": mean - half, "high": mean + half}
