@@ -7,6 +7,8 @@ A :class:`~hald_store.loader.CropLoader` takes one source, the way FFCV's loader
   its stored soft label;
 * :class:`RecordedBatches` -- batch-specific stores: the recorded labelling batches of one
   labelling epoch, with their recorded members and mix (replay);
+* :class:`FixedCrops` -- the store's crop 0 of every image in every epoch, with its soft label
+  (the "one soft label per image" baseline);
 * :class:`FreshCrops` -- a fresh crop from a crop policy (stream 1 of the crop plan, crop
   seed = epoch), labelled with the image's class;
 * :class:`CentreCrops` -- a centred square of each image, in folder order (evaluation).
@@ -35,8 +37,8 @@ from .order import block_epoch_order, epoch_order, replay_batch_order, replay_ep
 from .store import LabelStore
 
 __all__ = ["HARD_CROP_STREAM", "Sampling", "Delivery", "SoftBatch", "HardBatch", "EpochCrops", "StoredEpoch",
-           "RecordedEpoch", "EpochPlan", "BatchLabels", "CropSource", "StoredCrops", "RecordedBatches", "FreshCrops",
-           "CentreCrops"]
+           "RecordedEpoch", "EpochPlan", "BatchLabels", "CropSource", "StoredCrops", "RecordedBatches", "FixedCrops",
+           "FreshCrops", "CentreCrops"]
 
 HARD_CROP_STREAM = 1  # crop-plan stream of fresh (hard-label) crops; stored crops use stream 0
 
@@ -326,6 +328,20 @@ class RecordedBatches(StoredCrops):
         with one_torch_thread():
             mixed = mix_recorded(self.mix, images, plan.crops.recorded, plan.crops.order[position])
         return super().make_batch(mixed, plan, position)
+
+
+class FixedCrops(StoredCrops):
+    """Stored crop 0 of every image in every epoch, with its soft label: the "one soft label per
+    image" baseline (a single view per image, as in distillation from fixed teacher outputs)."""
+
+    def crop_seeds(self, epoch: int) -> np.ndarray:
+        return np.zeros(self.store.num_images, dtype=np.int64)
+
+    def crop_count(self, manifest) -> int:
+        return self.store.num_images
+
+    def crop_keys(self, crops) -> np.ndarray:
+        return np.arange(len(crops.seeds), dtype=np.int64)
 
 
 class FreshCrops(CropSource):
