@@ -43,7 +43,7 @@ from filelock import FileLock
 from hald_store import LabelStore, build_store, load_teacher, reencode_store
 from hald_store.codec import dense_fp16_probs
 from hald_store.testing import shared_data_path
-from hald_store.sources import EpochCrops, StoredCrops
+from hald_store.sources import StoredCrops, StoredEpoch
 from hald_store.store import default_compressor
 from hald_train import TrainConfig
 from hald_train.trainer import FINAL, Trainer
@@ -153,8 +153,8 @@ class ReferenceProbs(StoredCrops):
         super().__init__(store, store.temperature, True, seed)
         self.probs = probs  # (N, S, C) float16
 
-    def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor:
-        return torch.from_numpy(self.probs[ids, crops.extra["seeds"][ids]]).to(dev).float()
+    def labels(self, ids: np.ndarray, crops: StoredEpoch, dev: torch.device) -> torch.Tensor:
+        return torch.from_numpy(self.probs[ids, crops.seeds[ids]]).to(dev).float()
 
 
 def chunk_bytes(path: Path) -> int:

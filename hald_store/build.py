@@ -33,7 +33,8 @@ from .mixing import MIXES
 from .models import model_name, weights_sha256
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
 from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
-from .store import LabelStore, is_remote
+from .locations import is_remote
+from .store import LabelStore
 from .stream import CropStream, open_stream
 from .writer import BlockAssembler, StoreWriter
 

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from .codec import LabelCodec
 from .errors import HaldStoreError, OptionError
-from .store import LabelStore, same_location
+from .locations import same_location
+from .store import LabelStore
 from .writer import StoreWriter
 
 _ROWS = 65536  # crops re-encoded at a time

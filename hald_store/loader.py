@@ -16,7 +16,6 @@ batch. The public constructors are thin:
 from __future__ import annotations
 
 import functools
-import math
 import os
 import threading
 import weakref
@@ -32,8 +31,8 @@ from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
-from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, EpochCrops, EpochPlan, FreshCrops, HardBatch,
-                      RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
+from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, Delivery, EpochCrops, EpochPlan, FreshCrops,
+                      HardBatch, RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
 from .stream import CropStream, fits_cache, open_stream
 
@@ -107,13 +106,18 @@ class CropLoader:
         """Where batches are delivered."""
         return self.renderer.torch_device
 
-    def image_batches(self) -> int:
-        """Batches per epoch when batches are cut from this rank's images."""
-        div = self.samples_per_rank / self.batch_size
-        return math.floor(div) if self.drop_last else math.ceil(div)
+    @property
+    def sampling(self) -> Sampling:
+        """Which share of each epoch this loader delivers, in which order."""
+        return Sampling(self.seed, self.shuffle, self.rank, self.world_size, self.drop_last)
+
+    @property
+    def delivery(self) -> Delivery:
+        """What the source is told about the batches (values: a plan must not keep the loader alive)."""
+        return Delivery(self.sampling, self.batch_size, self.device, self.hard)
 
     def num_batches(self) -> int:
-        return self.source.num_batches(self)
+        return self.source.num_batches(len(self.manifest), self.delivery)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -136,8 +140,7 @@ class CropLoader:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This rank's image indices for ``epoch``, in delivery order."""
-        return self.source.epoch_order(len(self.manifest), epoch, Sampling(self.seed, self.shuffle, self.rank,
-                                                                           self.world_size, self.drop_last))
+        return self.source.epoch_order(len(self.manifest), epoch, self.sampling)
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         """``epoch``'s crops, batches and render requests; for sources that read the store (or
@@ -161,10 +164,10 @@ class CropLoader:
         return self.epoch_plan(epoch).crops
 
     def _plan(self, source: CropSource, epoch: int) -> EpochPlan:
-        crops = source.crops(self.manifest, epoch)
-        batches = source.batches(self, epoch, crops)
+        delivery, crops = self.delivery, source.crops(self.manifest, epoch)
+        batches = source.batches(len(self.manifest), epoch, crops, delivery)
         requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches]
-        return EpochPlan(crops, batches, requests, source.batch_labels(self, crops, batches))
+        return EpochPlan(crops, batches, requests, source.batch_labels(crops, batches, delivery))
 
     def _next_requests(self) -> list | None:
         """The stream's look-ahead: the requests of the plan being made for the next epoch
@@ -202,14 +205,14 @@ class CropLoader:
                 for k in range(start_batch, len(rows)):
                     with one_torch_thread():
                         images = crops.index_select(0, rows[k])
-                    yield make(self, images, plan, k)
+                    yield make(images, plan, k)
                 return
         requests = plan.requests[start_batch:] if start_batch else plan.requests
         for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
             if cache is not None:
                 crops.index_copy_(0, rows[k], images)
                 filled[rows[k]] = True
-            yield make(self, images, plan, k)
+            yield make(images, plan, k)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
@@ -295,9 +298,9 @@ class SoftLabelLoader(CropLoader):
                 f"{labelling.batch_size} (its labels depend on the batch), got {batch_size}"
             )
         temperature = self.store.temperature if temperature is None else float(temperature)
-        source = (RecordedBatches(self.store, temperature, dense, seed, drop_last) if self.replay
-                  else StoredCrops(self.store, temperature, dense, seed,
-                                   Sampling(seed, shuffle, rank, world_size, drop_last)))
+        sampling = Sampling(seed, shuffle, rank, world_size, drop_last)
+        source = (RecordedBatches(self.store, temperature, dense, sampling) if self.replay
+                  else StoredCrops(self.store, temperature, dense, seed, sampling))
         self.temperature = source.temperature
         super().__init__(source, images_root, self.store.manifest(),
                          self.store.render_spec.renderer(backend, device, workers, **renderer_kw),
@@ -311,7 +314,7 @@ class SoftLabelLoader(CropLoader):
 
     def batch_order(self, epoch: int) -> np.ndarray:
         """Replay mode: this rank's recorded batch indices for ``epoch``, in delivery order."""
-        return self.source.batch_order(self, epoch)
+        return self.source.batch_order(epoch)
 
 
 class HardLabelLoader(CropLoader):

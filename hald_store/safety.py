@@ -34,6 +34,7 @@ from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
 from .errors import LockError
+from .locations import is_remote
 
 SIBLING_PREFIX = ".hald-store-"
 
@@ -117,6 +118,11 @@ def store_lock(out: str | os.PathLike, remote: bool) -> ContextManager:
                         "links (an overwrite would replace the link, not the store): pass its target")
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(out))), exist_ok=True)
     return exclusive_lock(sibling(out, "lock"), sibling(out, "owner"), f"store {os.fspath(out)!r}")
+
+
+def output_lock(out: str) -> ContextManager:
+    """The exclusive lock of the store output ``out`` (local or remote, see :func:`store_lock`)."""
+    return store_lock(out, is_remote(out))
 
 
 def run_dir_lock(out_dir: str | os.PathLike) -> ContextManager:

@@ -7,15 +7,23 @@ A :class:`~hald_store.loader.CropLoader` takes one source, the way FFCV's loader
   its stored soft label;
 * :class:`RecordedBatches` -- batch-specific stores: the recorded labelling batches of one
   labelling epoch, with their recorded members and mix (replay);
+* :class:`FixedCrops` -- the store's crop 0 of every image in every epoch, with its soft label
+  (the "one soft label per image" baseline);
 * :class:`FreshCrops` -- a fresh crop from a crop policy (stream 1 of the crop plan, crop
   seed = epoch), labelled with the image's class;
 * :class:`CentreCrops` -- a centred square of each image, in folder order (evaluation).
+
+A source never sees its loader: the loader passes what a call needs (the number of images, the
+epoch, a :class:`Delivery`: sampling, batch size, device and the images' classes), and a
+source's per-epoch state is a typed :class:`EpochCrops` (subclassed where a source keeps more).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -25,15 +33,12 @@ from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import Manifest
 from .batch_plan import batch_members, mix_recorded
-from .order import block_epoch_order, epoch_order, replay_batch_order, replay_epoch
+from .order import block_epoch_order, epoch_order, replay_batch_order, replay_epoch, samples_per_rank
 from .store import LabelStore
 
-if TYPE_CHECKING:
-    from .loader import CropLoader
-
-__all__ = ["HARD_CROP_STREAM", "Sampling", "SoftBatch", "HardBatch", "EpochCrops", "EpochPlan", "BatchLabels",
-           "CropSource", "StoredCrops",
-           "RecordedBatches", "FreshCrops", "CentreCrops"]
+__all__ = ["HARD_CROP_STREAM", "Sampling", "Delivery", "SoftBatch", "HardBatch", "EpochCrops", "StoredEpoch",
+           "RecordedEpoch", "EpochPlan", "BatchLabels", "CropSource", "StoredCrops", "RecordedBatches", "FixedCrops",
+           "FreshCrops", "CentreCrops"]
 
 HARD_CROP_STREAM = 1  # crop-plan stream of fresh (hard-label) crops; stored crops use stream 0
 
@@ -52,12 +57,28 @@ class HardBatch(NamedTuple):
     image_ids: torch.Tensor
 
 
-class EpochCrops(NamedTuple):
-    """One epoch of a source: every image's window and flip, and the source's own arrays."""
+@dataclass(frozen=True)
+class EpochCrops:
+    """One epoch of a source: every image's window and flip."""
 
     boxes: np.ndarray  # (N, 4) int (top, left, height, width)
     flips: np.ndarray  # (N,) bool
-    extra: dict
+
+
+@dataclass(frozen=True)
+class StoredEpoch(EpochCrops):
+    """An epoch of stored crops: each image's crop seed and the label fields of that crop."""
+
+    seeds: np.ndarray  # (N,) int64 stored crop seed of each image
+    fields: dict[str, np.ndarray]  # the codec's fields, one row per image
+
+
+@dataclass(frozen=True)
+class RecordedEpoch(StoredEpoch):
+    """An epoch of replay: the recorded batches of its labelling epoch, and this rank's order of them."""
+
+    recorded: dict[str, np.ndarray]  # :meth:`~hald_store.store.LabelStore.batches` of the labelling epoch
+    order: np.ndarray  # recorded batch index of each batch delivered, in delivery order
 
 
 BACKGROUND_IMAGES = 100_000  # plan the next epoch's crops of more images than this on a background thread
@@ -86,6 +107,26 @@ class BatchLabels:
                 self._chunk = (c, self.decode(np.concatenate(members)), offsets)
         _, values, offsets = self._chunk
         return tuple(v[offsets[j] : offsets[j + 1]] for v in values)
+
+
+class Sampling(NamedTuple):
+    """A loader's sampling options: which share of each epoch it delivers, in which order."""
+
+    seed: int
+    shuffle: bool = True
+    rank: int = 0
+    world_size: int = 1
+    drop_last: bool = False
+
+
+class Delivery(NamedTuple):
+    """What a loader tells its source about the batches it delivers (values only: a plan made
+    ahead must not keep the loader, and its busy pipeline, alive)."""
+
+    sampling: Sampling
+    batch_size: int
+    device: torch.device
+    hard: torch.Tensor  # (N,) int64 class of each image of the manifest
 
 
 class EpochPlan(NamedTuple):
@@ -122,29 +163,32 @@ class CropSource:
         """(N,) index of each image's crop this epoch in ``[0, crop_count)``."""
         raise NotImplementedError
 
-    def num_batches(self, loader: "CropLoader") -> int:
-        return loader.image_batches()
+    def num_batches(self, num_images: int, delivery: Delivery) -> int:
+        """Batches per epoch on one rank: here cut from the rank's share of the images."""
+        s = delivery.sampling
+        div = samples_per_rank(num_images, s.world_size, s.drop_last) / delivery.batch_size
+        return math.floor(div) if s.drop_last else math.ceil(div)
 
     def epoch_order(self, num_images: int, epoch: int, sampling: "Sampling") -> np.ndarray:
         """One rank's image indices for ``epoch``, in delivery order."""
         return epoch_order(num_images, epoch, **sampling._asdict())
 
-    def batches(self, loader: "CropLoader", epoch: int, crops: EpochCrops) -> list[np.ndarray]:
-        order = loader.epoch_order(epoch)
-        b = loader.batch_size
-        return [order[i : i + b] for i in range(0, loader.num_batches() * b, b)]
+    def batches(self, num_images: int, epoch: int, crops: EpochCrops, delivery: Delivery) -> list[np.ndarray]:
+        """Image ids of each batch of ``epoch``, in delivery order."""
+        order = self.epoch_order(num_images, epoch, delivery.sampling)
+        b = delivery.batch_size
+        return [order[i : i + b] for i in range(0, self.num_batches(num_images, delivery) * b, b)]
 
-    def batch_labels(self, loader: "CropLoader", crops: EpochCrops, batches: list[np.ndarray]) -> BatchLabels:
-        """Per-batch ``(hard, image ids)`` on the loader's device."""
-        dev, hard = loader.device, loader.hard  # (not the loader: a plan must not keep it alive)
+    def batch_labels(self, crops: EpochCrops, batches: list[np.ndarray], delivery: Delivery) -> BatchLabels:
+        """Per-batch ``(hard, image ids)`` on the delivery's device."""
+        dev, hard = delivery.device, delivery.hard
 
         def decode(ids: np.ndarray) -> tuple:
             ids_t = torch.from_numpy(ids)
             return hard[ids_t].to(dev), ids_t.to(dev)
         return BatchLabels(batches, len(batches), decode)
 
-    def make_batch(self, loader: "CropLoader", images: torch.Tensor, plan: EpochPlan,
-                   position: int) -> HardBatch | SoftBatch:
+    def make_batch(self, images: torch.Tensor, plan: EpochPlan, position: int) -> HardBatch | SoftBatch:
         """The batch handed out for rendered ``images`` of batch ``position`` of ``plan``."""
         return HardBatch(images, *plan.labels[position])
 
@@ -159,16 +203,6 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class Sampling(NamedTuple):
-    """A loader's sampling options: which share of each epoch it delivers, in which order."""
-
-    seed: int
-    shuffle: bool = True
-    rank: int = 0
-    world_size: int = 1
-    drop_last: bool = False
 
 
 class StoredCrops(CropSource):
@@ -200,11 +234,14 @@ class StoredCrops(CropSource):
     def crop_count(self, manifest) -> int:
         return self.store.num_images * self.store.crops_per_image
 
-    def crop_keys(self, crops) -> np.ndarray:
-        seeds = crops.extra["seeds"]
-        return np.arange(len(seeds), dtype=np.int64) * self.store.crops_per_image + seeds
+    def crop_keys(self, crops: StoredEpoch) -> np.ndarray:
+        return np.arange(len(crops.seeds), dtype=np.int64) * self.store.crops_per_image + crops.seeds
 
-    def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
+    def rank_images(self, num_images: int, epoch: int) -> np.ndarray | None:
+        """The images an epoch reads from the store: the rank's share (``sampling``), or all (None)."""
+        return None if self.sampling is None else self.epoch_order(num_images, epoch, self.sampling)
+
+    def crops(self, manifest: Manifest, epoch: int) -> StoredEpoch:
         seeds = self.crop_seeds(epoch)
         kept = self._resident()
         if kept:  # a gather in memory: at 32 px an epoch trains faster than a pass over the store
@@ -213,9 +250,8 @@ class StoredCrops(CropSource):
             fields = {f: kept[f"labels/{f}"][rows, seeds] for f in self.store.codec.fields()}
             boxes, flips = kept["crops/box"][rows, seeds], kept["crops/flip"][rows, seeds]
         else:  # this rank's images only
-            images = None if self.sampling is None else self.epoch_order(len(manifest), epoch, self.sampling)
-            fields, boxes, flips = self.store.read_one_crop_per_image(seeds, images)
-        return EpochCrops(boxes, flips, {"seeds": seeds, "fields": fields})
+            fields, boxes, flips = self.store.read_one_crop_per_image(seeds, self.rank_images(len(manifest), epoch))
+        return StoredEpoch(boxes, flips, seeds, fields)
 
     def slow_crops(self, manifest) -> bool:
         return not self._resident()
@@ -234,66 +270,78 @@ class StoredCrops(CropSource):
             self._kept = kept
         return self._kept
 
-    def labels(self, ids: np.ndarray, crops: EpochCrops, dev: torch.device) -> torch.Tensor | TopKLabels:
+    def labels(self, ids: np.ndarray, crops: StoredEpoch, dev: torch.device) -> torch.Tensor | TopKLabels:
         """Decoded labels of images ``ids`` (any number of rows, one vectorized call): top-k
         moved to ``dev``, then made dense there."""
-        labels = self.store.codec.decode({k: v[ids] for k, v in crops.extra["fields"].items()}).to(dev)
+        labels = self.store.codec.decode({k: v[ids] for k, v in crops.fields.items()}).to(dev)
         return labels.probs(self.temperature) if self.dense else labels
 
-    def batch_labels(self, loader, crops, batches) -> BatchLabels:
+    def batch_labels(self, crops: StoredEpoch, batches: list[np.ndarray], delivery: Delivery) -> BatchLabels:
         """Per-batch ``(soft, hard, image ids, crop seeds)``, decoded a chunk of batches at a time."""
-        dev, hard, seeds = loader.device, loader.hard, crops.extra["seeds"]
+        dev, hard, seeds = delivery.device, delivery.hard, crops.seeds
         rows = LABEL_CHUNK_VALUES // max(1, self.store.num_classes if self.dense else self.store.codec.top_k)
 
         def decode(ids: np.ndarray) -> tuple:
             ids_t = torch.from_numpy(ids)
             return (self.labels(ids, crops, dev), hard[ids_t].to(dev), ids_t.to(dev),
                     torch.from_numpy(seeds[ids]).to(dev))
-        return BatchLabels(batches, rows // loader.batch_size, decode)
+        return BatchLabels(batches, rows // delivery.batch_size, decode)
 
-    def make_batch(self, loader, images, plan, position) -> SoftBatch:
+    def make_batch(self, images, plan, position) -> SoftBatch:
         return SoftBatch(images, *plan.labels[position])
 
 
 class RecordedBatches(StoredCrops):
     """Replay of a batch-specific store: training epoch ``e`` yields the recorded batches of
     labelling epoch :func:`~hald_store.order.replay_epoch`, each with its recorded members and
-    mix applied to the regenerated crops; whole batches are dealt to ranks."""
+    mix applied to the regenerated crops; whole batches are dealt to ranks by ``sampling``."""
 
-    def __init__(self, store: LabelStore, temperature: float, dense: bool, seed: int, drop_last: bool) -> None:
-        super().__init__(store, temperature, dense, seed)
+    def __init__(self, store: LabelStore, temperature: float, dense: bool, sampling: Sampling) -> None:
+        super().__init__(store, temperature, dense, sampling.seed, sampling)
         self.mix = store.settings.labelling.mix
         members = store.array("batches/members")
         short = not (members[0, -1] >= 0).all()  # a short last batch is dropped with drop_last
-        self.recorded = members.shape[1] - int(short and drop_last)
+        self.recorded = members.shape[1] - int(short and sampling.drop_last)
 
-    def batch_order(self, loader: "CropLoader", epoch: int) -> np.ndarray:
+    def batch_order(self, epoch: int) -> np.ndarray:
         """This rank's recorded batch indices for ``epoch``, in delivery order."""
-        return replay_batch_order(self.recorded, epoch, loader.seed, shuffle=loader.shuffle, rank=loader.rank,
-                                  world_size=loader.world_size, drop_last=loader.drop_last)
+        return replay_batch_order(self.recorded, epoch, **self.sampling._asdict())
 
-    def num_batches(self, loader) -> int:
-        return len(self.batch_order(loader, 0))
+    def num_batches(self, num_images, delivery) -> int:
+        return len(self.batch_order(0))
+
+    def rank_images(self, num_images, epoch) -> None:
+        return None  # ranks get whole recorded batches, of any images
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         return np.full(self.store.num_images, replay_epoch(self.store.crops_per_image, epoch, self.seed))
 
-    def crops(self, manifest, epoch) -> EpochCrops:
+    def crops(self, manifest, epoch) -> RecordedEpoch:
         crops = super().crops(manifest, epoch)
-        crops.extra["plan"] = self.store.batches(int(crops.extra["seeds"][0]))
-        crops.extra["order"] = None
-        return crops
+        return RecordedEpoch(crops.boxes, crops.flips, crops.seeds, crops.fields,
+                             self.store.batches(int(crops.seeds[0])), self.batch_order(epoch))
 
-    def batches(self, loader, epoch, crops) -> list[np.ndarray]:
-        plan = crops.extra["plan"]
-        crops.extra["order"] = order = self.batch_order(loader, epoch)
-        return [batch_members(plan, b) for b in order]
+    def batches(self, num_images, epoch, crops: RecordedEpoch, delivery) -> list[np.ndarray]:
+        return [batch_members(crops.recorded, b) for b in crops.order]
 
-    def make_batch(self, loader, images, plan, position) -> SoftBatch:
-        recorded, b = plan.crops.extra["plan"], plan.crops.extra["order"][position]
+    def make_batch(self, images, plan, position) -> SoftBatch:
         with one_torch_thread():
-            mixed = mix_recorded(self.mix, images, recorded, b)
-        return super().make_batch(loader, mixed, plan, position)
+            mixed = mix_recorded(self.mix, images, plan.crops.recorded, plan.crops.order[position])
+        return super().make_batch(mixed, plan, position)
+
+
+class FixedCrops(StoredCrops):
+    """Stored crop 0 of every image in every epoch, with its soft label: the "one soft label per
+    image" baseline (a single view per image, as in distillation from fixed teacher outputs)."""
+
+    def crop_seeds(self, epoch: int) -> np.ndarray:
+        return np.zeros(self.store.num_images, dtype=np.int64)
+
+    def crop_count(self, manifest) -> int:
+        return self.store.num_images
+
+    def crop_keys(self, crops) -> np.ndarray:
+        return np.arange(len(crops.seeds), dtype=np.int64)
 
 
 class FreshCrops(CropSource):
@@ -309,7 +357,7 @@ class FreshCrops(CropSource):
         n = len(manifest)
         boxes, flips = plan_crops(self.seed, np.arange(n), np.full(n, epoch), manifest.heights, manifest.widths,
                                   self.policy, stream=HARD_CROP_STREAM)
-        return EpochCrops(boxes, flips, {})
+        return EpochCrops(boxes, flips)
 
 
 class CentreCrops(CropSource):
@@ -330,4 +378,4 @@ class CentreCrops(CropSource):
         h, w = manifest.heights.astype(np.int64), manifest.widths.astype(np.int64)
         side = np.maximum(1, np.round(np.minimum(h, w) * self.fraction)).astype(np.int64)
         boxes = np.stack([(h - side) // 2, (w - side) // 2, side, side], axis=1).astype(np.int32)
-        return EpochCrops(boxes, np.zeros(len(h), dtype=bool), {})
+        return EpochCrops(boxes, np.zeros(len(h), dtype=bool))

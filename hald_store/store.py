@@ -37,7 +37,6 @@ import os
 import shutil
 from typing import Any, Callable, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import torch
 import zarr
@@ -48,13 +47,13 @@ from . import safety
 from .codec import TopKLabels
 from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
+from .locations import ATTR_KEY, filesystem, is_remote, location_exists, open_group
 from .order import epoch_crop_seeds
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
 FORMAT_VERSION = 2  # 2: the label codec is recorded as {"name", "configuration"}
 READABLE_FORMAT_VERSIONS = (1, 2)
-ATTR_KEY = "hald_store"
 # Recorded by stores whose chunks all carry a checksum and are all written (fill values too).
 INTEGRITY = {"checksum": "crc32c", "every_chunk_written": True}
 # Attributes that describe the store but are not build settings (ignored by resume checks).
@@ -89,120 +88,6 @@ def settings_diff(stored: dict, requested: dict) -> list[str]:
         for k in keys
         if stored.get(k) != requested.get(k)
     ]
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """True for an fsspec URL such as ``s3://bucket/labels.zarr`` (False for local paths)."""
-    return "://" in os.fspath(path) and not os.fspath(path).startswith("file://")
-
-
-def filesystem(path: str | os.PathLike, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and root of a local path or URL (credentials and endpoints come
-    from ``storage_options`` or the usual environment, e.g. ``FSSPEC_S3_ENDPOINT_URL``)."""
-    try:
-        return fsspec.core.url_to_fs(os.fspath(path), **(storage_options or {}))
-    except (ImportError, ValueError) as e:
-        raise StoreError(f"cannot use store location {os.fspath(path)!r}: {e}") from e
-
-
-def location_exists(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
-    """Whether anything is at ``path``; an unreachable remote store is a clear :class:`StoreError`."""
-    fs, root = filesystem(path, storage_options)
-    try:
-        return fs.exists(root)
-    except Exception as e:  # network and credential errors, after the client's own retries
-        raise StoreError(f"cannot reach store location {os.fspath(path)!r}: {type(e).__name__}: {e}") from e
-
-
-def remove_location(path: str | os.PathLike, storage_options: dict | None = None) -> None:
-    fs, root = filesystem(path, storage_options)
-    fs.rm(root, recursive=True)
-
-
-def _open_group(path: str, mode: str, storage_options: dict | None) -> zarr.Group:
-    if is_remote(path):
-        return zarr.open_group(path, mode=mode, storage_options=storage_options or {})
-    return zarr.open_group(path, mode=mode)
-
-
-def is_store(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
-    """True when ``path`` holds a hald-store group."""
-    try:
-        return ATTR_KEY in _open_group(os.fspath(path), "r", storage_options).attrs
-    except Exception:  # zarr raises several types for "not a group"
-        return False
-
-
-def is_partial_store(path: str | os.PathLike, storage_options: dict | None = None) -> bool:
-    """True for a remote store whose creation was interrupted (arrays, but no attributes yet)."""
-    try:
-        group = _open_group(os.fspath(path), "r", storage_options)
-        return ATTR_KEY not in group.attrs and "images" in group
-    except Exception:
-        return False
-
-
-def check_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
-                 resumable: bool = True) -> None:
-    """Refuse, before any slow work, an existing output without ``resume``/``overwrite`` and an
-    ``overwrite`` of something that is not a store."""
-    if not location_exists(out, storage_options):
-        return
-    if not (resume or overwrite):
-        how = ("pass resume=True to continue it or overwrite=True to replace it" if resumable
-               else "pass overwrite=True to replace it")
-        raise StoreError(f"output {out!r} already exists; {how}", "resume", "overwrite")
-    fs, root = filesystem(out, storage_options)
-    if overwrite and not (is_store(out, storage_options) or is_partial_store(out, storage_options)
-                          or (fs.isdir(root) and not fs.ls(root))):
-        raise StoreError(f"overwrite=True refuses to replace {out!r}: it is not a hald-store store", "overwrite")
-
-
-def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
-                   stage: bool = False) -> tuple[str, bool]:
-    """Where to write ``out`` and whether to resume there; call it with the output's lock held.
-
-    A new store is created at ``out`` (with ``stage``, for writers that cannot resume, beside
-    it). An ``overwrite`` of a local store is written beside it (``.hald-store-new-<name>``) and
-    swapped in by :func:`finish_output` once complete, so the old store stays readable until
-    then; ``resume`` continues such an interrupted overwrite (with or without ``overwrite``).
-    Object stores cannot rename: there the old store is deleted first.
-    """
-    remote = is_remote(out)
-    staging = safety.sibling(out, "new")
-    if not remote:
-        safety.recover(out, new_is_complete=is_store(staging) and LabelStore.open(staging, allow_incomplete=True).complete)
-        if resume and is_store(staging):
-            return staging, True
-        shutil.rmtree(staging, ignore_errors=True)  # an overwrite killed during its creation
-    check_output(out, resume, overwrite, storage_options, resumable=not stage)
-    if not location_exists(out, storage_options):
-        return (staging if stage and not remote else out), False
-    if resume and not overwrite:
-        if not is_store(out, storage_options):
-            raise StoreError(f"cannot resume: {out!r} exists but is not a hald-store store")
-        return out, True
-    if remote:
-        remove_location(out, storage_options)
-        return out, False
-    return staging, False
-
-
-def finish_output(target: str, out: str) -> None:
-    """Swap a complete overwrite (``target`` from :func:`prepare_output`) into place at ``out``."""
-    if os.path.abspath(target) != os.path.abspath(out):
-        safety.swap_into_place(target, out)
-
-
-def same_location(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two store locations are the same, or one lies inside the other."""
-    a, b = (os.fspath(p).rstrip("/") if is_remote(p) else os.path.realpath(p) for p in (a, b))
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
-def output_lock(out: str):
-    """The exclusive lock of the output ``out`` (see :mod:`hald_store.safety`)."""
-    return safety.store_lock(out, is_remote(out))
 
 
 class CheckedArray:
@@ -358,7 +243,7 @@ class LabelStore:
         if not location_exists(path, storage_options):
             raise StoreError(f"store {path!r} does not exist")
         try:
-            group = _open_group(path, mode, storage_options)
+            group = open_group(path, mode, storage_options)
         except Exception as e:
             raise StoreError(f"{path!r} is not a Zarr group: {e}") from e
         attrs = group.attrs.get(ATTR_KEY)
@@ -416,7 +301,7 @@ class LabelStore:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         try:
-            g = _open_group(tmp, "w", storage_options)
+            g = open_group(tmp, "w", storage_options)
 
             def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dtype: Any = None) -> None:
                 arr = g.create_array(name, shape=data.shape, dtype=dtype or data.dtype, chunks=chunks,
@@ -630,7 +515,7 @@ class LabelStore:
         """Raise :class:`StoreError` if the store at this path is no longer the one opened (rebuilt or
         converted with other settings or images, or removed): its labels would not match."""
         try:
-            now = LabelStore(_open_group(self.path, "r", self.storage_options), self.path, self.storage_options).identity
+            now = LabelStore(open_group(self.path, "r", self.storage_options), self.path, self.storage_options).identity
         except Exception as e:  # gone, mid-swap, or no longer a store
             now = f"unreadable ({type(e).__name__})"
         if now != self.identity:

@@ -28,7 +28,8 @@ from .images import scan_image_folder
 from .mixing import MIXES, apply_mix
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 from .relabel_files import SAMPLER_FILE
-from .store import LabelStore, is_remote
+from .locations import is_remote
+from .store import LabelStore
 
 _DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

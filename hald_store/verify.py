@@ -27,7 +27,8 @@ from .build import batch_stats_teacher
 from .devices import resolve_device
 from .errors import OptionError, StoreError, check_at_least, check_positive_finite
 from .render import read_files
-from .store import LabelStore, output_lock
+from .safety import output_lock
+from .store import LabelStore
 
 
 @dataclass

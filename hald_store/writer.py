@@ -24,13 +24,66 @@ from typing import Callable
 import numpy as np
 
 from .distributed import DistContext
-from .errors import ManifestMismatchError, SettingsMismatchError
+from .errors import ManifestMismatchError, SettingsMismatchError, StoreError
 from .images import Manifest
+from .locations import filesystem, is_partial_store, is_remote, is_store, location_exists, remove_location
 from .schema import StoreSettings
-from .safety import sibling
-from .store import LabelStore, check_output, finish_output, is_remote, output_lock, prepare_output
+from .safety import output_lock, recover, sibling, swap_into_place
+from .store import LabelStore
 
 __all__ = ["StoreWriter", "BlockAssembler"]
+
+
+def check_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                 resumable: bool = True) -> None:
+    """Refuse, before any slow work, an existing output without ``resume``/``overwrite`` and an
+    ``overwrite`` of something that is not a store."""
+    if not location_exists(out, storage_options):
+        return
+    if not (resume or overwrite):
+        how = ("pass resume=True to continue it or overwrite=True to replace it" if resumable
+               else "pass overwrite=True to replace it")
+        raise StoreError(f"output {out!r} already exists; {how}", "resume", "overwrite")
+    fs, root = filesystem(out, storage_options)
+    if overwrite and not (is_store(out, storage_options) or is_partial_store(out, storage_options)
+                          or (fs.isdir(root) and not fs.ls(root))):
+        raise StoreError(f"overwrite=True refuses to replace {out!r}: it is not a hald-store store", "overwrite")
+
+
+def prepare_output(out: str, resume: bool, overwrite: bool, storage_options: dict | None, *,
+                   stage: bool = False) -> tuple[str, bool]:
+    """Where to write ``out`` and whether to resume there; call it with the output's lock held.
+
+    A new store is created at ``out`` (with ``stage``, for writers that cannot resume, beside
+    it). An ``overwrite`` of a local store is written beside it (``.hald-store-new-<name>``) and
+    swapped in by :func:`finish_output` once complete, so the old store stays readable until
+    then; ``resume`` continues such an interrupted overwrite (with or without ``overwrite``).
+    Object stores cannot rename: there the old store is deleted first.
+    """
+    remote = is_remote(out)
+    staging = sibling(out, "new")
+    if not remote:
+        recover(out, new_is_complete=is_store(staging) and LabelStore.open(staging, allow_incomplete=True).complete)
+        if resume and is_store(staging):
+            return staging, True
+        shutil.rmtree(staging, ignore_errors=True)  # an overwrite killed during its creation
+    check_output(out, resume, overwrite, storage_options, resumable=not stage)
+    if not location_exists(out, storage_options):
+        return (staging if stage and not remote else out), False
+    if resume and not overwrite:
+        if not is_store(out, storage_options):
+            raise StoreError(f"cannot resume: {out!r} exists but is not a hald-store store")
+        return out, True
+    if remote:
+        remove_location(out, storage_options)
+        return out, False
+    return staging, False
+
+
+def finish_output(target: str, out: str) -> None:
+    """Swap a complete overwrite (``target`` from :func:`prepare_output`) into place at ``out``."""
+    if os.path.abspath(target) != os.path.abspath(out):
+        swap_into_place(target, out)
 
 
 class StoreWriter:

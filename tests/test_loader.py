@@ -162,7 +162,7 @@ def test_one_stream_runs_across_epochs_and_stays_exact(small_store):
     kept = loader.source.crops(loader.manifest, 5)  # a small store is read once, then gathered in memory
     fields, boxes, flips = store.read_one_crop_per_image(loader.crop_seeds(5))
     assert loader.source._kept and np.array_equal(kept.boxes, boxes) and np.array_equal(kept.flips, flips)
-    assert all(np.array_equal(kept.extra["fields"][k], v) for k, v in fields.items())
+    assert all(np.array_equal(kept.fields[k], v) for k, v in fields.items())
 
 
 def test_cached_crops_are_the_rendered_ones(small_store):
@@ -189,8 +189,8 @@ def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
     assert source is loader.source and epoch == 1
     ahead, fresh = loader.epoch_crops(1), loader.source.crops(loader.manifest, 1)
     assert np.array_equal(ahead.boxes, fresh.boxes) and np.array_equal(ahead.flips, fresh.flips)
-    for name, values in fresh.extra["fields"].items():
-        assert np.array_equal(ahead.extra["fields"][name], values)
+    for name, values in fresh.fields.items():
+        assert np.array_equal(ahead.fields[name], values)
     replaced = type(loader.source)(store, 5.0, True, loader.seed)
     loader.source = replaced  # a plan made for the old source is not used
     assert loader._ahead[0] is not replaced
