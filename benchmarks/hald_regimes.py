@@ -68,7 +68,7 @@ def pooled(seeds: dict[int, dict[str, dict]], codecs: set[str] | None = None) ->
     missing one of them are left out, so two schedules pool the same codecs."""
     out = {}
     for seed, runs in seeds.items():
-        rs = list(runs.values()) if codecs is None else [runs[c] for c in codecs if c in runs]
+        rs = [runs[c] for c in sorted(runs if codecs is None else codecs) if c in runs]
         if not rs or (codecs is not None and len(rs) < len(codecs)):
             continue
         best = [r.get("best_test_top1") for r in rs]
@@ -257,8 +257,9 @@ def curves(work: Path, path: Path) -> None:
         epochs = sorted({r["epoch"] for run in runs for r in run if "val_top1" in r})
         acc = [np.mean([r["val_top1"] for run in runs for r in run if r["epoch"] == e and "val_top1" in r]) for e in epochs]
         top.plot(epochs, 100 * np.asarray(acc), "-o", ms=2, color=f"C{i}", label=f"{schedule} ({len(runs)} seed(s))")
-        loss = [np.mean([r["loss"] for run in runs for r in run if r["epoch"] == e]) for e in range(1, 301)]
-        bottom.semilogy(range(1, 301), loss, color=f"C{i}", lw=0.8)
+        steps = sorted({r["epoch"] for run in runs for r in run})  # a run stopped part-way has fewer
+        loss = [np.mean([r["loss"] for run in runs for r in run if r["epoch"] == e]) for e in steps]
+        bottom.semilogy(steps, loss, color=f"C{i}", lw=0.8)
     for ax in (top, bottom):
         ax.axvspan(75.5, 225.5, color="grey", alpha=0.12)
         ax.grid(alpha=0.3)
