@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch import nn
 
 from hald_store import LabelStore, build_store
 from hald_store.errors import HaldStoreError, OptionError, SettingsMismatchError, TrainingDivergedError
+from hald_store.sources import one_torch_thread
 from hald_store import resolve_model
 from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutmix, lr_factor, make_optimizer, param_groups,
                         parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
@@ -469,22 +469,11 @@ def _same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-@contextmanager
-def _one_torch_thread():
-    """Compute at one thread, as the killed runs' processes do (other counts round differently)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def full_run(tiny, tmp_path_factory) -> Path:
     """The uninterrupted run that killed-and-resumed runs must equal."""
     out = tmp_path_factory.mktemp("full") / "run"
-    with _one_torch_thread():
+    with one_torch_thread():  # as the killed runs' processes (other counts round differently)
         train(_config(tiny, out, val=str(tiny[1])))
     return out
 
@@ -500,7 +489,7 @@ def test_a_kill_at_the_runs_ends_loses_nothing(tiny, tmp_path, full_run, target,
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "final.json").exists()
     store, root = tiny
-    with _one_torch_thread():
+    with one_torch_thread():  # as the killed runs' processes (other counts round differently)
         r = CliRunner().invoke(train_cli, [str(store), str(root), "--out", str(tmp_path / "run"), "--val", str(root),
                                            "--schedule", "soft:1,hard:1,soft:1", "--batch-size", "8", "--resume", "-q"])
     assert r.exit_code == 0, r.output
@@ -525,7 +514,7 @@ def test_resume_without_a_checkpoint_starts_the_run(tiny, tmp_path):
 
 
 def test_partial_last_metrics_line_is_dropped_on_resume(tiny, tmp_path, full_run):
-    with _one_torch_thread():
+    with one_torch_thread():  # as the killed runs' processes (other counts round differently)
         train(_config(tiny, tmp_path / "run", val=str(tiny[1]), stop_after=1))
         with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
             f.write('{"epoch": 2, "phase": 1, "ki')  # a kill while writing epoch 2's line (its checkpoint never came)
