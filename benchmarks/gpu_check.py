@@ -13,7 +13,12 @@ Steps, each recorded in the JSON even when one fails (the run then exits 1):
 4. **throughput** -- our loader against the bare DALI graph, interleaved rounds, median
    images/s (the functions of ``benchmarks/throughput.py``);
 5. **train** -- one soft-label epoch of a ResNet-18 student at the store's input size with
-   ``hald_train``'s Trainer (bf16 autocast and channels-last on CUDA).
+   ``hald_train``'s Trainer (bf16 autocast and channels-last on CUDA);
+6. **cpu_scaling** -- on the host's CPUs (CUDA hidden), a 32-px store of generated images:
+   our loader (crops cached, after a cycle), the loader rendering every epoch and the bare
+   DALI graph, each in a child process pinned to 1, 2, 4, ... cores (``throughput.py --child``).
+
+The report is rewritten after every step, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -42,9 +48,11 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = {"max_levels": 4.0, "mean_levels": 0.5}  # nvJPEG vs libjpeg-turbo IDCT rounding, after resize
 SIZES = {  # full run on a GPU / --dry-run on the CPU
     "gpu": dict(classes=10, per_class=100, image_size=320, input_size=224, crops=2, top_k=5, batch=128,
-                rounds=5),
-    "dry": dict(classes=3, per_class=4, image_size=48, input_size=32, crops=2, top_k=3, batch=4, rounds=1),
+                rounds=5, scaling_per_class=500, scaling_cores=(1, 2, 4, 8, 16), scaling_epochs=4),
+    "dry": dict(classes=3, per_class=4, image_size=48, input_size=32, crops=2, top_k=3, batch=4, rounds=1,
+                scaling_per_class=4, scaling_cores=(1,), scaling_epochs=2),
 }
+SCALING_KINDS = ("loader", "rendering", "bare")  # throughput.py --child: crops cached / cache off / bare graph
 
 
 def exactness(store: LabelStore, root: Path, device: str, batch: int) -> dict[str, Any]:
@@ -95,8 +103,37 @@ def train_epoch(store: LabelStore, root: Path, out: Path, device: str, batch: in
             "passed": bool(losses) and all(np.isfinite(losses))}
 
 
-def step(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-    """Run one step into ``report[name]`` (its error recorded, not raised), timing it."""
+def cpu_scaling(work: Path, size: dict[str, Any], build_device: str) -> dict[str, Any]:
+    """Images/s on the CPU against the cores a child process may use (CUDA hidden from it)."""
+    root = make_shapes_dataset(work / "shapes-32", num_classes=size["classes"],
+                               train_per_class=size["scaling_per_class"], test_per_class=1, size=32) / "train"
+    path = work / "store-32.zarr"
+    teacher = resolve_model("resnet18", size["classes"]).eval()
+    build_store(root, path, teacher, teacher_name="untrained resnet18", num_classes=size["classes"],
+                crops_per_image=size["crops"], top_k=size["top_k"], input_size=32, batch_size=256,
+                device=build_device, overwrite=True, progress=False)
+    batch = min(128, size["classes"] * size["scaling_per_class"])
+    cores = [c for c in size["scaling_cores"] if c <= len(os.sched_getaffinity(0))]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    rates: dict[str, dict[int, float]] = {k: {} for k in SCALING_KINDS}
+    for n in cores:
+        for kind in SCALING_KINDS:
+            out = subprocess.run(
+                [sys.executable, str(HERE / "throughput.py"), "--child", kind, "--child-store", str(path),
+                 "--child-images", str(root), "--batch-size", str(batch), "--child-epochs", str(size["scaling_epochs"])],
+                check=True, capture_output=True, text=True, cwd=HERE, env={**env, "OMP_NUM_THREADS": str(n)},
+                preexec_fn=lambda n=n: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n]))
+            rates[kind][n] = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+            print(f"    {kind:<9} on {n:>2} core(s): {rates[kind][n]:>9,.0f} images/s", flush=True)
+    return {"images": size["classes"] * size["scaling_per_class"], "input_size": 32, "batch_size": batch,
+            "images_per_s": rates, "speedup_vs_1_core": {k: {n: r / v[cores[0]] for n, r in v.items()}
+                                                        for k, v in rates.items()},
+            "passed": all(r > 0 for v in rates.values() for r in v.values())}
+
+
+def step(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]],
+         save: Callable[[], None]) -> dict[str, Any] | None:
+    """Run one step into ``report[name]`` (its error recorded, not raised), timing it; then ``save``."""
     t0 = time.perf_counter()
     try:
         result = fn()
@@ -106,11 +143,21 @@ def step(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) ->
     report[name] = result
     print(f"  {name:<11} {'ok' if result['passed'] else 'FAILED'} ({result['wall_s']:.1f} s)"
           + ("" if result["passed"] else f": {result.get('error', '')}"), flush=True)
+    save()
     return result if "error" not in result else None
 
 
-def run(dry_run: bool, work: Path) -> dict[str, Any]:
-    """All steps; returns the report (``report["passed"]``: every step passed)."""
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """``report`` to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run(dry_run: bool, work: Path, out: Path) -> dict[str, Any]:
+    """All steps, the report rewritten to ``out`` after each; returns it (``report["passed"]``:
+    every step passed)."""
     size = SIZES["dry" if dry_run else "gpu"]
     device = "cpu" if dry_run else "cuda"
     if not dry_run and not (cuda_available() and dali_available()):
@@ -119,10 +166,14 @@ def run(dry_run: bool, work: Path) -> dict[str, Any]:
                               "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
                               "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     t0 = time.perf_counter()
+
+    def save() -> None:
+        write_json(out, report)
+
     root = work / "shapes"
     data = step(report, "data", lambda: {"root": str(make_shapes_dataset(
         root, num_classes=size["classes"], train_per_class=size["per_class"], test_per_class=1,
-        size=size["image_size"])), "images": size["classes"] * size["per_class"], "passed": True})
+        size=size["image_size"])), "images": size["classes"] * size["per_class"], "passed": True}, save)
     images = root / "train"
     store_path = work / "store.zarr"
 
@@ -134,15 +185,17 @@ def run(dry_run: bool, work: Path) -> dict[str, Any]:
                         device=device, overwrite=True, progress=False)
         return {"crops": s.crops_written, "crops_per_s": s.crops_per_second, "passed": s.crops_written > 0}
 
-    if data and step(report, "build", build):
+    if data and step(report, "build", build, save):
         store = LabelStore.open(store_path)
-        step(report, "exactness", lambda: exactness(store, images, device, size["batch"]))
-        step(report, "throughput", lambda: throughput(store, images, size["batch"], size["rounds"]))
-        step(report, "train", lambda: train_epoch(store, images, work / "train", device, size["batch"]))
-    names = ("data", "build", "exactness", "throughput", "train")
+        step(report, "exactness", lambda: exactness(store, images, device, size["batch"]), save)
+        step(report, "throughput", lambda: throughput(store, images, size["batch"], size["rounds"]), save)
+        step(report, "train", lambda: train_epoch(store, images, work / "train", device, size["batch"]), save)
+    step(report, "cpu_scaling", lambda: cpu_scaling(work, size, device), save)
+    names = ("data", "build", "exactness", "throughput", "train", "cpu_scaling")
     report["passed"] = all(report.get(n, {}).get("passed", False) for n in names)
     report["wall_s"] = time.perf_counter() - t0
     report["load_after"] = os.getloadavg()
+    save()
     return report
 
 
@@ -153,11 +206,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default results/gpu_check[-dry-run].json")
     args = ap.parse_args()
     out = args.out or HERE / "results" / f"gpu_check{'-dry-run' if args.dry_run else ''}.json"
-    report = run(args.dry_run, args.work)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, out)
+    report = run(args.dry_run, args.work, out)
     print(f"{'passed' if report['passed'] else 'FAILED'} in {report['wall_s']:.0f} s; wrote {out}")
     sys.exit(0 if report["passed"] else 1)
 
