@@ -13,6 +13,7 @@ import sys
 import click
 
 from .choices import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, MIXES, TEACHER_MODES
+from . import __version__
 from .errors import HaldStoreError, StoreError, environment_failure
 
 
@@ -124,7 +125,7 @@ def _device_option(fn):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.version_option(package_name="hald-store")
+@click.version_option(version=__version__, prog_name="hald-store")  # not importlib.metadata: runs uninstalled
 def main() -> None:
     """Compact teacher soft-label stores with exact crop replay."""
 

@@ -158,8 +158,8 @@ def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
 def agreeing(teacher, batch) -> int:
     """How many crops of a SoftBatch the teacher, re-run on its images, gives the stored top-1."""
     with torch.inference_mode():
-        fresh = teacher(batch.images).argmax(1)
-    return int((fresh == batch.soft.argmax(1)).sum())
+        fresh = teacher(batch.images.to(next(teacher.parameters()).device)).argmax(1).cpu()
+    return int((fresh == batch.soft.argmax(1).cpu()).sum())
 
 
 def kill_after_blocks(cmd: list[str], store: Path, blocks: int = 3) -> None:

@@ -37,8 +37,8 @@ def test_round_trip_matches_teacher(small_set, tmp_path):
     boxes, flips = store.boxes(img, seeds)
     paths = store.manifest().paths
     x = make_renderer("torchvision", size=32)(read_files([small_folder / paths[i] for i in img]), boxes, flips)
-    with torch.inference_mode():
-        logits = resnet20.eval()(x)
+    with torch.inference_mode():  # build_store ran the teacher on the default device (CUDA where present)
+        logits = resnet20.eval()(x.to(next(resnet20.parameters()).device)).cpu()
     expected = store.codec.encode(logits)
     got = store.read_fields(img, seeds)
     for name in expected:

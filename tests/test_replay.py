@@ -64,7 +64,7 @@ def test_replay_reproduces_stored_labels(replay_set):
         plan = store.batches(le)
         for b, batch in zip(loader.batch_order(epoch), loader.iter_epoch(epoch)):
             members = plan["members"][b]
-            assert torch.equal(batch.image_ids, torch.from_numpy(members[members >= 0]))
+            assert torch.equal(batch.image_ids.cpu(), torch.from_numpy(members[members >= 0]))
             assert (batch.crop_seeds == le).all()
             agree += agreeing(teacher, batch)
             total += len(batch.images)
