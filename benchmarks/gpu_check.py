@@ -52,6 +52,7 @@ SIZES = {  # full run on a GPU / --dry-run on the CPU
     "dry": dict(classes=3, per_class=4, image_size=48, input_size=32, crops=2, top_k=3, batch=4, rounds=1,
                 scaling_per_class=4, scaling_cores=(1,), scaling_epochs=2),
 }
+CHECKS = ("exactness", "throughput", "train", "cpu_scaling")  # --steps; the first three need the data and build steps
 SCALING_KINDS = ("loader", "rendering", "bare")  # throughput.py --child: crops cached / cache off / bare graph
 
 
@@ -155,23 +156,26 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(dry_run: bool, work: Path, out: Path) -> dict[str, Any]:
-    """All steps, the report rewritten to ``out`` after each; returns it (``report["passed"]``:
-    every step passed)."""
+def run(dry_run: bool, work: Path, out: Path, checks: tuple[str, ...] = CHECKS) -> dict[str, Any]:
+    """The ``checks`` (and the data and build steps they need), the report rewritten to ``out``
+    after each; returns it (``report["passed"]``: every step run passed)."""
     size = SIZES["dry" if dry_run else "gpu"]
     device = "cpu" if dry_run else "cuda"
     if not dry_run and not (cuda_available() and dali_available()):
         raise SystemExit("gpu_check needs CUDA and DALI (or run it with --dry-run)")
     report: dict[str, Any] = {"dry_run": dry_run, "device": device, "sizes": size, "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
-                              "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+                              "cpus": os.cpu_count(), "checks": list(checks), "load_before": os.getloadavg()}
     t0 = time.perf_counter()
 
     def save() -> None:
         write_json(out, report)
 
+    on_store = {"exactness": lambda: exactness(store, images, device, size["batch"]),
+                "throughput": lambda: throughput(store, images, size["batch"], size["rounds"]),
+                "train": lambda: train_epoch(store, images, work / "train", device, size["batch"])}
     root = work / "shapes"
-    data = step(report, "data", lambda: {"root": str(make_shapes_dataset(
+    data = any(c in on_store for c in checks) and step(report, "data", lambda: {"root": str(make_shapes_dataset(
         root, num_classes=size["classes"], train_per_class=size["per_class"], test_per_class=1,
         size=size["image_size"])), "images": size["classes"] * size["per_class"], "passed": True}, save)
     images = root / "train"
@@ -187,11 +191,11 @@ def run(dry_run: bool, work: Path, out: Path) -> dict[str, Any]:
 
     if data and step(report, "build", build, save):
         store = LabelStore.open(store_path)
-        step(report, "exactness", lambda: exactness(store, images, device, size["batch"]), save)
-        step(report, "throughput", lambda: throughput(store, images, size["batch"], size["rounds"]), save)
-        step(report, "train", lambda: train_epoch(store, images, work / "train", device, size["batch"]), save)
-    step(report, "cpu_scaling", lambda: cpu_scaling(work, size, device), save)
-    names = ("data", "build", "exactness", "throughput", "train", "cpu_scaling")
+        for name in (c for c in checks if c in on_store):
+            step(report, name, on_store[name], save)
+    if "cpu_scaling" in checks:
+        step(report, "cpu_scaling", lambda: cpu_scaling(work, size, device), save)
+    names = [*(("data", "build") if any(c in on_store for c in checks) else ()), *checks]
     report["passed"] = all(report.get(n, {}).get("passed", False) for n in names)
     report["wall_s"] = time.perf_counter() - t0
     report["load_after"] = os.getloadavg()
@@ -204,9 +208,10 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at tiny sizes")
     ap.add_argument("--work", type=Path, default=HERE / "results" / "gpu-check-work")
     ap.add_argument("--out", type=Path, default=None, help="default results/gpu_check[-dry-run].json")
+    ap.add_argument("--steps", nargs="+", choices=CHECKS, default=list(CHECKS), help="the checks to run (default: all)")
     args = ap.parse_args()
     out = args.out or HERE / "results" / f"gpu_check{'-dry-run' if args.dry_run else ''}.json"
-    report = run(args.dry_run, args.work, out)
+    report = run(args.dry_run, args.work, out, tuple(args.steps))
     print(f"{'passed' if report['passed'] else 'FAILED'} in {report['wall_s']:.0f} s; wrote {out}")
     sys.exit(0 if report["passed"] else 1)
 
