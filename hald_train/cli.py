@@ -98,7 +98,8 @@ def main(resume: bool, quiet: bool, **options) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--out", default="demo-output", type=click.Path(file_okay=False),
               help="Where scenes, teacher, store, student runs, summary and plot go.")
-@click.option("--full", is_flag=True, help="40-epoch students (the quick default: 12), and teacher with --train-teacher.")
+@click.option("--full", is_flag=True, help="40-epoch students (the quick default: 12), and teacher with "
+              "--train-teacher.")
 @click.option("--train-teacher", is_flag=True, help="Train the teacher here (12 epochs; 40 with --full) instead of "
               "using the shipped demo teacher.")
 @click.option("--fresh", is_flag=True, help="Remove the demo's earlier outputs in --out and start over "

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from hald_store.errors import HaldStoreError
 from hald_train.cli import demo as demo_cli
 from hald_store import EvalLoader
-from hald_train.demo import (ASSETS, QUICK, SHIPPED_TEACHER, SHIPPED_TEACHER_INFO, DemoSettings, _scenes, format_table,
-                             load_shipped_teacher, run_demo, scenes_sha256, summary_markdown)
+from hald_train.demo import (ASSETS, QUICK, SHIPPED_TEACHER, SHIPPED_TEACHER_INFO, DemoSettings, demo_scenes,
+                             format_table, load_shipped_teacher, make_teacher, run_demo, scenes_sha256,
+                             summary_markdown)
 from hald_train.trainer import evaluate
 
 TINY = DemoSettings(num_classes=3, train_per_class=8, test_per_class=4, teacher_epochs=1, student_epochs=2,
@@ -77,13 +78,23 @@ def test_quick_is_the_default_and_full_is_longer():
 def test_scenes_are_deterministic_and_those_the_shipped_teacher_learnt(tmp_path):
     """The generator, run twice, writes the same bytes, and they are the bytes the shipped teacher
     was trained and tested on: its recorded top-1 is met exactly here."""
-    a, b = _scenes(tmp_path / "a", QUICK), _scenes(tmp_path / "b", QUICK)
+    a, b = demo_scenes(tmp_path / "a", QUICK), demo_scenes(tmp_path / "b", QUICK)
     assert scenes_sha256(a) == scenes_sha256(b) == SHIPPED["scenes_sha256"]
-    assert scenes_sha256(a) != scenes_sha256(_scenes(tmp_path / "c", replace(QUICK, seed=1)))
+    assert scenes_sha256(a) != scenes_sha256(demo_scenes(tmp_path / "c", replace(QUICK, seed=1)))
     teacher, info = load_shipped_teacher(QUICK)
     assert info == SHIPPED and 0 < info["bytes"] <= 600_000
     top1 = evaluate(teacher, EvalLoader(a / "test", input_size=QUICK.input_size, device="cpu"))["top1"]
     assert top1 == SHIPPED["test_top1"] > 2 / QUICK.num_classes
+
+
+def test_make_teacher_is_deterministic(tmp_path):
+    """Two runs of the script that made the shipped teacher write the same bytes (a tiny size)."""
+    tiny = replace(TINY, num_classes=2, train_per_class=4, test_per_class=2, teacher_batch_size=4)
+    a, b = (make_teacher(tmp_path / name, tiny, epochs=1, progress=False) for name in ("a", "b"))
+    assert a["sha256"] == b["sha256"] and a["scenes_sha256"] == b["scenes_sha256"]
+    assert (tmp_path / "a" / SHIPPED_TEACHER).read_bytes() == (tmp_path / "b" / SHIPPED_TEACHER).read_bytes()
+    _, info = load_shipped_teacher(tiny, tmp_path / "a")
+    assert info == a and a["settings"]["num_classes"] == 2
 
 
 def test_shipped_teacher_is_checked_before_loading(tmp_path):
