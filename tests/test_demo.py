@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 from click.testing import CliRunner
@@ -66,6 +66,15 @@ def test_cli_refuses_a_folder_of_another_demo_naming_flags(tmp_path):
     (out / "teacher.pt").write_bytes(b"")
     r = CliRunner().invoke(demo_cli, ["--out", str(out), "-q"])
     assert r.exit_code == 1 and "without demo-settings.json" in r.output, r.output
+
+
+def test_cli_train_teacher_reaches_the_settings(tmp_path):
+    """--train-teacher is a setting: a folder made with the shipped teacher is refused for it."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo-settings.json").write_text(json.dumps(asdict(QUICK)))
+    r = CliRunner().invoke(demo_cli, ["--out", str(out), "-q", "--train-teacher"])
+    assert r.exit_code == 1 and "holds a demo made with other settings" in r.output, r.output
 
 
 def test_quick_is_the_default_and_full_is_longer():
