@@ -9,6 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hald_store", "hald_store.*", "hald_train", "hald_train.*"]),
+    package_data={"hald_train": ["assets/demo_teacher.pt", "assets/demo_teacher.json"]},
     install_requires=[
         # torchvision>=0.29 pulls a matching torch; never pin torch itself (see README).
         "torchvision>=0.29",

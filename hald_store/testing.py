@@ -2,8 +2,10 @@
 a writer of relabel files in the reference layout made with a real teacher, and a store
 opened with every byte it reads counted.
 
-The data (CIFAR-10 JPEGs, distilled sets, teachers) is read from ``$HALD_DATA`` or, by
-default, ``../shared/data`` next to the repository. Nothing is ever downloaded.
+The shared test data (real CIFAR-10 JPEGs, a distilled CIFAR-10 set, pretrained CIFAR ResNet
+teachers; what and why: ``docs/testing.md``) is read from ``$HALD_DATA`` or, by default,
+``../shared/data`` next to the repository; tests that need it skip through ``require_data`` in
+``tests/conftest.py``, all with one reason. Nothing is ever downloaded.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The embedded end-to-end demo: generated scenes -> a teacher -> a label store -> students
 trained with ``shs`` and ``soft-only`` -> a table, a verdict and a plot. No downloads.
 
-Two sizes: :data:`QUICK` (the default: 12-epoch teacher and students; its measured time is in
-``docs/demo/summary.json``) and :data:`FULL` (``hald-demo --full``: 40 epochs each). Each step says what it does and where it writes; a step already finished in the
-output folder with the same settings is reused and said to be (``fresh=True`` /
-``hald-demo --fresh`` starts over).
+The teacher is the one shipped in ``hald_train/assets/`` (:func:`make_teacher` trained it on
+these very scenes: same generator, same seed, checked by the scenes' sha256), loaded after
+checking its sha256; ``train_teacher=True`` (``hald-demo --train-teacher``) trains one here
+instead. Two sizes: :data:`QUICK` (the default; its measured time is in
+``docs/demo/summary.json``) and :data:`FULL` (``hald-demo --full``: 40-epoch students). Each
+step says what it does and where it writes; a step already finished in the output folder with
+the same settings is reused and said to be (``fresh=True`` / ``hald-demo --fresh`` starts over).
 
 Each generated image holds a large object of its class and a smaller distractor of another
 class, so a random crop can show only the distractor: its soft label then contradicts the
@@ -15,9 +18,11 @@ two students' test accuracy as they came out, one seed each.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,11 +60,17 @@ class DemoSettings:
     student_epochs: int = 12
     batch_size: int = 32
     seed: int = 0
+    train_teacher: bool = False  # False: the shipped teacher (teacher_* settings unused)
 
 
 QUICK = DemoSettings()
 FULL = replace(QUICK, teacher_epochs=40, student_epochs=40)
 SETTINGS_FILE = "demo-settings.json"
+ASSETS = Path(__file__).resolve().parent / "assets"
+SHIPPED_TEACHER, SHIPPED_TEACHER_INFO = "demo_teacher.pt", "demo_teacher.json"
+SHIPPED_TEACHER_EPOCHS = 80
+# The settings the shipped teacher depends on: the scenes it was trained on and its input size.
+SCENE_FIELDS = ("num_classes", "train_per_class", "test_per_class", "image_size", "input_size", "seed")
 # Everything the demo writes under its folder (what ``fresh`` removes; nothing else is touched).
 OUTPUTS = ("scenes", "teacher.pt", "labels.zarr", "student-shs", "student-soft-only", "results.json",
            "summary.json", "summary.md", "demo.png", SETTINGS_FILE)
@@ -85,6 +96,73 @@ def train_teacher(train_dir: Path, test_dir: Path, s: DemoSettings, progress: bo
             sched.step()
     test = EvalLoader(test_dir, input_size=s.input_size, device="cpu")
     return model.eval(), evaluate(model, test)["top1"]
+
+
+def scenes_sha256(root: Path) -> str:
+    """sha256 over every file of a generated scenes folder (relative path and bytes, sorted)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def demo_scenes(root: Path, s: DemoSettings) -> Path:
+    """The scenes of ``s`` under ``root`` (generated once; seeded, so the same bytes every time)."""
+    return make_shapes_dataset(root, num_classes=s.num_classes, train_per_class=s.train_per_class,
+                               test_per_class=s.test_per_class, size=s.image_size, seed=s.seed)
+
+
+def make_teacher(assets: str | Path = ASSETS, settings: DemoSettings = QUICK, epochs: int = SHIPPED_TEACHER_EPOCHS,
+                 progress: bool = True) -> dict:
+    """Train the shipped demo teacher on ``settings``' scenes (deterministic: seeded scenes,
+    seeded training, one torch thread) and write its fp16 state dict and a JSON record
+    (settings, test top-1 of the fp16 weights, sha256s, training time) into ``assets``."""
+    assets, s = Path(assets), replace(settings, teacher_epochs=epochs, train_teacher=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            data = demo_scenes(Path(tmp) / "scenes", s)
+            t0 = time.perf_counter()
+            model, top1_fp32 = train_teacher(data / "train", data / "test", s, progress)
+            seconds = time.perf_counter() - t0
+            half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            model.load_state_dict(half)  # back to fp32 values the fp16 file holds
+            top1 = evaluate(model.eval(), EvalLoader(data / "test", input_size=s.input_size, device="cpu"))["top1"]
+            digest = scenes_sha256(data)
+    finally:
+        torch.set_num_threads(threads)
+    assets.mkdir(parents=True, exist_ok=True)
+    tmp_file = assets / f".{SHIPPED_TEACHER}.partial"
+    torch.save(half, tmp_file)
+    os.replace(tmp_file, assets / SHIPPED_TEACHER)
+    info = {"model": "cifar_resnet20", "settings": {k: asdict(s)[k] for k in SCENE_FIELDS},
+            "training": {k: asdict(s)[k] for k in ("teacher_epochs", "teacher_batch_size", "teacher_lr")},
+            "test_top1": top1, "test_top1_fp32": top1_fp32, "train_seconds": round(seconds, 1),
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2), "torch": torch.__version__,
+            "bytes": (assets / SHIPPED_TEACHER).stat().st_size,
+            "sha256": hashlib.sha256((assets / SHIPPED_TEACHER).read_bytes()).hexdigest(), "scenes_sha256": digest}
+    (assets / SHIPPED_TEACHER_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def load_shipped_teacher(s: DemoSettings, assets: str | Path = ASSETS) -> tuple[torch.nn.Module, dict]:
+    """The shipped teacher (its sha256 checked, loaded with ``weights_only=True``) and its record;
+    refuses settings whose scenes differ from those it was trained on."""
+    assets = Path(assets)
+    info = json.loads((assets / SHIPPED_TEACHER_INFO).read_text())
+    ours = {k: asdict(s)[k] for k in SCENE_FIELDS}
+    if ours != info["settings"]:
+        raise HaldStoreError(f"the shipped demo teacher was trained on scenes {info['settings']}, these settings "
+                             f"ask for {ours}; train one here instead (--train-teacher)", "train_teacher")
+    blob = (assets / SHIPPED_TEACHER).read_bytes()
+    if hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise HaldStoreError(f"{assets / SHIPPED_TEACHER} does not match the sha256 in {SHIPPED_TEACHER_INFO} "
+                             "(damaged?); reinstall it or train one here (--train-teacher)", "train_teacher")
+    model = resolve_model(info["model"], s.num_classes)
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in
+                           torch.load(assets / SHIPPED_TEACHER, weights_only=True).items()})
+    return model.eval(), info
 
 
 def _prepare(out: Path, s: DemoSettings, fresh: bool, log: Callable[[str], None]) -> None:
@@ -129,7 +207,8 @@ def run_demo(out: str | Path = "demo-output", settings: DemoSettings = QUICK, pr
 def _run(out: Path, s: DemoSettings, progress: bool, fresh: bool, say: Callable[[str], None]) -> dict:
     t_start, seconds, reused = time.perf_counter(), {}, []
     _prepare(out, s, fresh, say)
-    say(f"hald-demo: {s.teacher_epochs}-epoch teacher, {s.student_epochs}-epoch students; writing to {out.resolve()}")
+    teacher = f"a {s.teacher_epochs}-epoch teacher trained here" if s.train_teacher else "the shipped teacher"
+    say(f"hald-demo: {teacher}, {s.student_epochs}-epoch students; writing to {out.resolve()}")
 
     def step(name: str, done: bool, what: str) -> float:
         say(f"[{len(seconds) + 1}/5] {what}" + (" (reused from an earlier run; --fresh starts over)" if done else ""))
@@ -140,22 +219,37 @@ def _run(out: Path, s: DemoSettings, progress: bool, fresh: bool, say: Callable[
     t = step("scenes", (out / "scenes" / "objects.json").exists(),
              f"scenes: {s.num_classes} shape classes, {s.train_per_class} train + {s.test_per_class} test images each, "
              f"{s.image_size}x{s.image_size} -> {out / 'scenes'}")
-    data = make_shapes_dataset(out / "scenes", num_classes=s.num_classes, train_per_class=s.train_per_class,
-                               test_per_class=s.test_per_class, size=s.image_size, seed=s.seed)
+    data = demo_scenes(out / "scenes", s)
     train_dir, test_dir = data / "train", data / "test"
     seconds["scenes"] = time.perf_counter() - t
 
     teacher_path = out / "teacher.pt"
-    t = step("teacher", teacher_path.exists(),
-             f"teacher: CIFAR ResNet-20, {s.teacher_epochs} epochs on hard labels -> {teacher_path}")
-    teacher = resolve_model("cifar_resnet20", s.num_classes)
-    if teacher_path.exists():
-        saved = torch.load(teacher_path, weights_only=True)
-        teacher.load_state_dict(saved["model"])
-        teacher_top1 = saved["top1"]
+    if s.train_teacher:
+        t = step("teacher", teacher_path.exists(),
+                 f"teacher: CIFAR ResNet-20, {s.teacher_epochs} epochs on hard labels -> {teacher_path}")
+        teacher = resolve_model("cifar_resnet20", s.num_classes)
+        if teacher_path.exists():
+            saved = torch.load(teacher_path, weights_only=True)
+            teacher.load_state_dict(saved["model"])
+            teacher_top1 = saved["top1"]
+        else:
+            teacher, teacher_top1 = train_teacher(train_dir, test_dir, s, progress)
+            torch.save({"model": teacher.state_dict(), "top1": teacher_top1}, teacher_path)
+        teacher_source = f"trained here, {s.teacher_epochs} epochs"
     else:
-        teacher, teacher_top1 = train_teacher(train_dir, test_dir, s, progress)
-        torch.save({"model": teacher.state_dict(), "top1": teacher_top1}, teacher_path)
+        t = time.perf_counter()
+        teacher, shipped = load_shipped_teacher(s)
+        step("teacher", False, f"teacher: using the shipped demo teacher ({shipped['bytes'] / 1024:.0f} KB, top-1 "
+             f"{100 * shipped['test_top1']:.1f}% on the demo test set, sha256 checked); --train-teacher to train "
+             "one here")
+        teacher_top1 = evaluate(teacher, EvalLoader(test_dir, input_size=s.input_size, device="cpu"))["top1"]
+        teacher_source = f"the shipped teacher, {shipped['training']['teacher_epochs']} epochs"
+        if scenes_sha256(data) != shipped["scenes_sha256"]:
+            say("note: these scenes are not byte-identical to those the shipped teacher was trained on (another "
+                "Pillow or libjpeg?)")
+        if teacher_top1 != shipped["test_top1"]:
+            say(f"note: the shipped teacher's test top-1 here is {100 * teacher_top1:.1f}% (recorded: "
+                f"{100 * shipped['test_top1']:.1f}%)")
     seconds["teacher"] = time.perf_counter() - t
 
     store_path = out / "labels.zarr"
@@ -185,6 +279,7 @@ def _run(out: Path, s: DemoSettings, progress: bool, fresh: bool, say: Callable[
     seconds["total"] = time.perf_counter() - t_start
     results = {
         "settings": asdict(s),
+        "teacher": teacher_source,
         "teacher_test_top1": teacher_top1,
         "num_crops": info["num_crops"],
         "label_chunk_bytes": _chunk_bytes(store_path / "labels"),
@@ -259,7 +354,8 @@ def format_table(r: dict) -> str:
     chunks, n = r["label_chunk_bytes"], r["num_crops"]
     sec, m = r["seconds"], r["machine"]
     lines = [
-        f"teacher test top-1   {100 * r['teacher_test_top1']:.1f}%",
+        f"teacher test top-1   {100 * r['teacher_test_top1']:.1f}% ({r['teacher']}; "
+        f"chance {100 / r['settings']['num_classes']:.1f}%)",
         f"label store          {n:,} crops, {r['raw_label_bytes_per_crop']} B/crop of labels before compression "
         f"(a full fp16 vector: {r['reference_fp16_bytes_per_crop']} B/crop)",
         f"                     on disk: {chunks:,} B of label chunks ({chunks / n:.1f} B/crop, compressed) "
@@ -300,9 +396,12 @@ def publish(out: str | Path, docs: str | Path = "docs/demo", readme: str | Path 
     readme.write_text(f"{head}{README_BEGIN}\n{(docs / 'summary.md').read_text()}{README_END}{tail}")
 
 
-if __name__ == "__main__":  # python -m hald_train.demo publish DIR (from the repository root)
+if __name__ == "__main__":  # from the repository root
     import sys
 
-    if sys.argv[1:2] != ["publish"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m hald_train.demo publish DEMO_OUTPUT_DIR")
-    publish(sys.argv[2])
+    if sys.argv[1:2] == ["publish"] and len(sys.argv) == 3:
+        publish(sys.argv[2])
+    elif sys.argv[1:] == ["make-teacher"]:
+        print(json.dumps(make_teacher(), indent=1))
+    else:
+        sys.exit("usage: python -m hald_train.demo publish DEMO_OUTPUT_DIR | make-teacher")

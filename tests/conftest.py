@@ -35,18 +35,24 @@ from hald_store.testing import shared_data_dir, shared_data_path
 from hald_train.scenes import make_shapes_dataset
 from hald_train.trainer import evaluate
 
-DATA_REASON = (f"needs the shared real data (CIFAR-10 JPEGs, pretrained CIFAR ResNet teachers; see docs/testing.md) "
-               f"at {shared_data_dir()}: absent (set HALD_DATA to its location)")
+DATA_WHAT = ("the shared test data (real CIFAR-10 JPEGs, a distilled CIFAR-10 set, pretrained CIFAR ResNet "
+             "teachers; what and why: docs/testing.md)")
+DATA_REASON = (f"needs {DATA_WHAT}, looked for at {shared_data_dir()} (../shared/data beside the repository, or "
+               "$HALD_DATA): absent")
 # A small, fast build: 4 crops of 32 px per image, top-3 uint8, blocks of 8 images.
 SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
              backend="torchvision", progress=False)
 
 
 def require_data(*parts: str) -> Path:
-    """``shared_data_dir()/parts``, or skip the test with :data:`DATA_REASON`."""
+    """``shared_data_dir()/parts``, or skip the test: with :data:`DATA_REASON` when the folder is
+    absent (every such test the same reason, so the summary counts them on one line), naming the
+    missing part when the folder is there without it."""
     path = shared_data_path(*parts)
     if path is None:
-        pytest.skip(DATA_REASON)
+        if not shared_data_dir().is_dir():
+            pytest.skip(DATA_REASON)
+        pytest.skip(f"needs {'/'.join(parts)} of {DATA_WHAT} in {shared_data_dir()}: absent (an incomplete copy?)")
     return path
 
 

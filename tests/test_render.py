@@ -1,6 +1,6 @@
 """Tests for hald_store.render: exact-window crop rendering with DALI and torchvision.
 
-Real images (``$HALD_DATA``, default ``<repo>/../shared/data``), synthetic images written
+Real images (the shared test data: ``require_data`` in ``tests/conftest.py``), synthetic images written
 with PIL, real DALI CPU pipelines; nothing is mocked.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -33,12 +32,8 @@ from hald_store.render import (
     read_files,
 )
 
-from .conftest import photo
+from .conftest import photo, require_data
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("HALD_DATA", REPO_ROOT.parent / "shared" / "data"))
-CIFAR_MINI = DATA / "cifar10-mini" / "train"
-DC_IPC50 = DATA / "cifar10-dc-ipc50"
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable")
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
@@ -51,8 +46,6 @@ CPU_BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]
 
 
 def _files(root: Path, pattern: str, count: int) -> list[Path]:
-    if not root.is_dir():
-        pytest.skip(f"real test images not found at {root} (set HALD_DATA to the shared data folder)")
     files = sorted(root.glob(pattern))
     if len(files) < count:
         pytest.skip(f"expected at least {count} images matching {pattern} under {root}, found {len(files)}")
@@ -61,7 +54,7 @@ def _files(root: Path, pattern: str, count: int) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def cifar_files() -> list[Path]:
-    return _files(CIFAR_MINI, "*/*.jpg", 500)
+    return _files(require_data("cifar10-mini", "train"), "*/*.jpg", 500)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,7 @@ def cifar(cifar_files) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def dc_png() -> list[np.ndarray]:
-    return read_files(_files(DC_IPC50, "*/*.png", 500))
+    return read_files(_files(require_data("cifar10-dc-ipc50"), "*/*.png", 500))
 
 
 # --------------------------------------------------------------------------------------

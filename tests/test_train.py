@@ -383,7 +383,7 @@ def test_demo_end_to_end_small(tmp_path):
     from hald_train.demo import DemoSettings, format_table, run_demo
 
     s = DemoSettings(num_classes=3, train_per_class=8, test_per_class=4, teacher_epochs=1, student_epochs=4,
-                     batch_size=8, teacher_batch_size=8)
+                     batch_size=8, teacher_batch_size=8, train_teacher=True)
     r = run_demo(tmp_path / "demo", s, progress=False)
     assert set(r["students"]) == {"shs", "soft-only"} and r["num_crops"] == 3 * 8 * s.crops_per_image
     assert r["students"]["shs"]["schedule"] == "soft:1,hard:2,soft:1"
