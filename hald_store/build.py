@@ -26,12 +26,12 @@ from . import distributed
 from .batch_plan import BatchPlan, batch_members, mix_recorded
 from .codec import VALUE_CODECS, LabelCodec, check_logits
 from .crop_plan import CropPolicy, plan_image_crops
-from .devices import renderer_device, resolve_device
+from .devices import resolve_device
 from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite, check_seed, preview
 from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
 from .models import model_name, weights_sha256
-from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
+from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .locations import is_remote
 from .store import LabelStore
@@ -251,8 +251,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
         codec = LabelCodec.checked(c.values, c.top_k, num_classes, c.temperature)
         check_resources(out, len(manifest), s, c.chunk_images, codec, "crops_per_image" if c.crops_per_image else "slc",
                         disk=not (c.resume or is_remote(out)))
-        renderer = make_renderer(c.backend, size=c.input_size, mean=c.mean, std=c.std, device=renderer_device(dev),
-                                 **threads_option(c.backend, c.workers))
+        renderer = make_renderer(c.backend, size=c.input_size, mean=c.mean, std=c.std, device=dev, workers=c.workers)
         teacher = teacher.to(dev).eval()
         n = len(manifest)
         plan = None

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from .crop_plan import CropPolicy
-from .devices import renderer_device
 from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
 from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
-from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
+from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, renderer_for
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, Delivery, EpochCrops, EpochPlan, FreshCrops,
                       HardBatch, RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
@@ -303,7 +302,7 @@ class SoftLabelLoader(CropLoader):
                   else StoredCrops(self.store, temperature, dense, seed, sampling))
         self.temperature = source.temperature
         super().__init__(source, images_root, self.store.manifest(),
-                         self.store.render_spec.renderer(backend, device, workers, **renderer_kw),
+                         renderer_for(self.store.render_spec, backend, device, workers, **renderer_kw),
                          batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
                          world_size=world_size, prefetch=prefetch, workers=workers, cache_decoded=cache_decoded,
                          cache_crops=cache_crops, check_batch_size=not self.replay)
@@ -348,7 +347,7 @@ class HardLabelLoader(CropLoader):
         check_image_root(manifest, images_root, check_hashes=check_hashes)
         seed = store.settings.plan_seed if seed is None else seed
         super().__init__(FreshCrops(store.crop_policy, seed), images_root, manifest,
-                         store.render_spec.renderer(backend, device, workers, **renderer_kw), batch_size=batch_size,
+                         renderer_for(store.render_spec, backend, device, workers, **renderer_kw), batch_size=batch_size,
                          shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
                          prefetch=prefetch, workers=workers, cache_decoded=cache_decoded)
 
@@ -376,8 +375,7 @@ class HardLabelLoader(CropLoader):
         ``loader_kw`` are :class:`CropLoader`'s (``batch_size=256``, ``shuffle=True``,
         ``drop_last``, ``rank``, ``world_size``, ``prefetch``, ``cache_decoded``)."""
         self = cls.__new__(cls)
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
-                                 **threads_option(backend, workers))
+        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=device, workers=workers)
         options = {"batch_size": 256, "shuffle": True, "drop_last": False, "rank": 0, "world_size": 1, **loader_kw}
         CropLoader.__init__(self, FreshCrops(crop_policy, seed), images_root,
                             scan_image_folder(images_root, progress=progress, verify=False), renderer, seed=seed,
@@ -418,8 +416,7 @@ class EvalLoader(CropLoader):
                 f"{f'; missing: {preview(map(repr, lacking))}' if lacking else ''}"
                 f"{'; same names in a different order' if not extra and not lacking else ''}"
             )
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
-                                 **threads_option(backend, workers))
+        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=device, workers=workers)
         super().__init__(source, images_root, manifest, renderer, batch_size=min(batch_size, len(manifest)),
                          shuffle=False, seed=0, drop_last=False, rank=0, world_size=1, prefetch=prefetch,
                          workers=workers, cache_decoded=cache_decoded, cache_crops=cache_crops)

@@ -352,7 +352,7 @@ class LabelStore:
     # -------------------------------------------------------------- properties
     @property
     def render_spec(self) -> RenderSpec:
-        """How the crops were rendered; ``store.render_spec.renderer(...)`` reproduces them."""
+        """How the crops were rendered; ``render.renderer_for(store.render_spec)`` reproduces them."""
         return self.settings.render_spec
 
     @property

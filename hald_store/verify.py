@@ -26,7 +26,7 @@ from .batch_plan import batch_members, mix_recorded
 from .build import batch_stats_teacher
 from .devices import resolve_device
 from .errors import OptionError, StoreError, check_at_least, check_positive_finite
-from .render import read_files
+from .render import read_files, renderer_for
 from .safety import output_lock
 from .store import LabelStore
 
@@ -194,7 +194,7 @@ def teacher_logits(
     """Fresh teacher logits (n, C) float32 on CPU for stored crops ``(image_ids[i], seeds[i])``,
     re-rendered as the store records (:attr:`LabelStore.render_spec`)."""
     dev = resolve_device(device)
-    renderer = store.render_spec.renderer(device=dev)
+    renderer = renderer_for(store.render_spec, device=dev)
     paths = store.manifest().paths
     boxes, flips = store.boxes(image_ids, seeds)
     teacher = teacher.to(dev).eval()
@@ -224,7 +224,7 @@ def replayed_teacher_logits(
     through ``teacher`` in the recorded mode (BatchNorm on batch statistics for
     ``teacher_mode="train"``) with the recorded mix; returns (image ids, crop seeds, logits)."""
     dev = resolve_device(device)
-    renderer = store.render_spec.renderer(device=dev)
+    renderer = renderer_for(store.render_spec, device=dev)
     files = [Path(images, p) for p in store.manifest().paths]
     labelling = store.settings.labelling
     model = teacher.to(dev).eval()
