@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batch_plan import BatchPlan, batch_members, mix_recorded
+from .batch_plan import BatchPlan
 from .codec import VALUE_CODECS, LabelCodec, check_logits
 from .crop_plan import CropPolicy, plan_image_crops
 from .devices import resolve_device
@@ -32,6 +32,7 @@ from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
 from .models import model_name, weights_sha256
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
+from .replay import replay_batches
 from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .locations import is_remote
 from .store import LabelStore
@@ -117,11 +118,9 @@ def _recorded_batches(
     yields (epoch, positions = image indices, image indices, images)."""
     mix = store.settings.labelling.mix
     for epoch in epochs:
-        plan = store.batches(epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
-        members = [batch_members(plan, b) for b in range(len(plan["members"]))]
-        for b, (m, x) in enumerate(zip(members, stream([(m, boxes[m], flips[m]) for m in members]))):
-            yield epoch, m, m, mix_recorded(mix, x, plan, b)
+        for m, x in replay_batches(store.batches(epoch), boxes, flips, mix, stream):
+            yield epoch, m, m, x
 
 
 def batch_stats_teacher(teacher: nn.Module) -> nn.Module:

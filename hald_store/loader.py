@@ -28,8 +28,9 @@ import torch
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
-from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
+from .order import epoch_crop_seeds, samples_per_rank
 from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, renderer_for
+from .replay import replay_epoch
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, Delivery, EpochCrops, EpochPlan, FreshCrops,
                       HardBatch, RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
