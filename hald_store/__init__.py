@@ -23,6 +23,7 @@ _EXPORTS = {
     **dict.fromkeys(("Manifest", "scan_image_folder"), "images"),
     **dict.fromkeys(("ImportSummary", "import_reference"), "importer"),
     **dict.fromkeys(("CropLoader", "EvalLoader", "HardLabelLoader", "SoftLabelLoader"), "loader"),
+    **dict.fromkeys(("LoaderOptions", "RenderOptions"), "options"),
     "epoch_crop_seeds": "order",
     **dict.fromkeys(("load_checkpoint", "load_teacher", "resolve_model"), "models"),
     **dict.fromkeys(("make_renderer", "renderer_for"), "render"),

@@ -31,6 +31,7 @@ from .errors import HaldStoreError, OptionError, check_at_least, check_positive_
 from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
 from .models import model_name, weights_sha256
+from .options import RenderOptions
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 from .replay import replay_batches
 from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
@@ -135,10 +136,12 @@ def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(RenderOptions):
     """How to build a store (``hald-store build`` flags map one to one; ``--scale``, ``--ratio``
     and ``--flip-prob`` make ``crop_policy``). Exactly one of ``crops_per_image`` and ``slc``
-    (soft labels per class) is given; see the README for the meaning of each option."""
+    (soft labels per class) is given; see the README for the meaning of each option. The
+    rendering options (``backend``, ``device`` -- the teacher's too --, ``workers``, also the
+    scan's threads, and ``cache_decoded``) are the loaders' (:class:`~hald_store.options.RenderOptions`)."""
 
     teacher_name: str | None = None  # recorded; default: the spec resolve_model/load_teacher built it from, else its class name
     num_classes: int | None = None  # teacher output width; default: the number of class folders
@@ -151,12 +154,8 @@ class BuildConfig:
     crop_policy: CropPolicy = CropPolicy()
     seed: int = 0  # crop plan seed
     batch_size: int = 256  # teacher batch size
-    device: str | torch.device = "auto"
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
-    backend: str = "auto"
-    workers: int | None = None  # rendering threads (DALI) or processes (torchvision); default: the cores
-    cache_decoded: bool | str = "auto"  # as for the loaders
     manifest: Manifest | str | os.PathLike | None = None  # a scan made earlier: skips the scan
     chunk_images: int = 1024
     layout: str = "block"  # "sharded": an epoch reads ~1/S of the labels (see hald_store.store)

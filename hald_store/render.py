@@ -46,6 +46,7 @@ from .devices import renderer_device
 from .distributed import default_threads
 from .errors import HaldStoreError, ImageError
 from .images import as_encoded, image_size
+from .options import BACKENDS
 from .schema import RenderSpec
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
     "renderer_for",
 ]
 
-BACKENDS = ("dali", "torchvision")
 DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
