@@ -122,7 +122,8 @@ def _load_teacher(teacher: str, checkpoint: str | None, num_classes: int, random
 
 
 def _device_option(fn):
-    return click.option("--device", default=RenderOptions.device, show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+    return click.option("--device", default=RenderOptions.device, show_default=True,
+                        help="auto, cpu, cuda or cuda:N.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

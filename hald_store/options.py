@@ -56,7 +56,7 @@ class LoaderOptions(RenderOptions):
 
     def loading(self, seed: int) -> dict[str, Any]:
         """The :class:`~hald_store.loader.CropLoader` keywords, with ``seed`` where :attr:`seed` is None."""
-        return {"batch_size": self.batch_size, "shuffle": self.shuffle, "seed": seed if self.seed is None else self.seed,
-                "drop_last": self.drop_last, "rank": self.rank, "world_size": self.world_size,
+        return {"batch_size": self.batch_size, "shuffle": self.shuffle,
+                "seed": seed if self.seed is None else self.seed, "drop_last": self.drop_last, "rank": self.rank, "world_size": self.world_size,
                 "prefetch": self.prefetch, "workers": self.workers, "cache_decoded": self.cache_decoded,
                 "cache_crops": self.cache_crops}

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .choices import IMAGENET_MEAN, IMAGENET_STD
-from .devices import renderer_device
+from .devices import cuda_available, renderer_device, require_cuda
 from .distributed import default_threads
 from .errors import HaldStoreError, ImageError
 from .images import as_encoded, image_size
@@ -94,11 +94,6 @@ def _dali_import_error() -> str | None:
 def dali_available() -> bool:
     """True when NVIDIA DALI can be imported."""
     return _dali_import_error() is None
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device."""
-    return bool(torch.cuda.is_available())
 
 
 def read_files(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
@@ -160,11 +155,8 @@ def check_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, firs
 def _check_device(device: str) -> None:
     if device not in DEVICES:
         raise HaldStoreError(f"renderer device={device!r} is not one of {DEVICES}")
-    if device == "gpu" and not cuda_available():
-        raise HaldStoreError(
-            "device='gpu' was requested but torch.cuda.is_available() is False; "
-            "pass device='cpu' (or device='auto')"
-        )
+    if device == "gpu":
+        require_cuda(device)
 
 
 def _check_stats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
@@ -620,18 +612,19 @@ def make_renderer(
     ``backend``: ``"auto"`` (DALI when importable, else torchvision), ``"dali"`` or
     ``"torchvision"``. ``device``: ``"auto"`` (GPU when CUDA is available and the backend is
     DALI, else CPU), ``"cpu"`` or ``"gpu"``, or a user device name (``cuda``, ``cuda:N``, a
-    torch device: :func:`~hald_store.devices.renderer_device`). ``workers``: DALI threads
-    (ignored by torchvision, which renders in the stream's worker processes). Extra keywords go to the renderer class
-    (``max_batch_size`` and ``num_threads`` for DALI; ``interpolation``, ``antialias`` and
-    ``device_id`` for both). Explicit requests that cannot be met raise
-    :class:`HaldStoreError`; ``"auto"`` falls back silently (and then drops DALI-only
-    keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
+    torch device: :func:`~hald_store.devices.renderer_device`; ``cuda:N`` sets ``device_id``).
+    ``workers``: DALI threads (ignored by torchvision, which renders in the stream's worker
+    processes). Extra keywords go to the renderer class (``max_batch_size`` and
+    ``num_threads`` for DALI; ``interpolation``, ``antialias`` and ``device_id`` for both).
+    Explicit requests that cannot be met raise :class:`HaldStoreError`; ``"auto"`` falls back
+    silently (and then drops DALI-only keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
     CUDA tensors.
     """
     if backend not in ("auto",) + BACKENDS:
         raise HaldStoreError(f"unknown renderer backend {backend!r}; use one of {('auto',) + BACKENDS}")
-    if device not in ("auto",) + DEVICES:
-        device = renderer_device(device)
+    requested, (device, index) = device, renderer_device(device)
+    if index is not None:
+        kw.setdefault("device_id", index)
     if backend == "dali" and not dali_available():
         raise HaldStoreError(
             f"backend='dali' was requested but NVIDIA DALI cannot be imported ({_dali_import_error()}); "
@@ -640,11 +633,8 @@ def make_renderer(
     auto_backend = backend == "auto"
     if auto_backend:
         backend = "dali" if dali_available() else "torchvision"
-    if device == "gpu" and not cuda_available():
-        raise HaldStoreError(
-            "device='gpu' was requested but torch.cuda.is_available() is False; "
-            "pass device='cpu' or device='auto'"
-        )
+    if device == "gpu":
+        require_cuda(requested)
     if device == "auto":
         device = "gpu" if backend == "dali" and cuda_available() else "cpu"
 

@@ -333,7 +333,7 @@ def test_batch_size_and_rank_errors(small_store):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_gpu_requested_without_cuda(small_store):
     store, root = small_store
-    with pytest.raises(HaldStoreError, match="device='gpu' was requested but torch.cuda.is_available"):
+    with pytest.raises(HaldStoreError, match="device='cuda' was requested but torch.cuda.is_available"):
         SoftLabelLoader(store, root, device="cuda")
     assert SoftLabelLoader(store, root, batch_size=8, device="auto").device.type == "cpu"
 

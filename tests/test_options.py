@@ -10,7 +10,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hald_store import BuildConfig, EvalLoader, HardLabelLoader, LabelStore, LoaderOptions, RenderOptions, SoftLabelLoader
+from hald_store import (BuildConfig, EvalLoader, HardLabelLoader, LabelStore, LoaderOptions, RenderOptions,
+                        SoftLabelLoader)
 from hald_store.cli import main as store_cli
 from hald_store.render import dali_available
 from hald_train.cli import main as train_cli
