@@ -11,6 +11,7 @@ from typing import Any, Mapping
 __all__ = ["BACKENDS", "RenderOptions", "LoaderOptions"]
 
 BACKENDS = ("dali", "torchvision")  # renderer backends; "auto" picks one (see hald_store.render.make_renderer)
+_NOT_LOADING = ("backend", "device", "check_hashes")  # they make the renderer and check the images
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ class LoaderOptions(RenderOptions):
         return replace(options or cls(), **chosen), {k: v for k, v in keywords.items() if k not in names}
 
     def loading(self, seed: int) -> dict[str, Any]:
-        """The :class:`~hald_store.loader.CropLoader` keywords, with ``seed`` where :attr:`seed` is None."""
-        return {"batch_size": self.batch_size, "shuffle": self.shuffle,
-                "seed": seed if self.seed is None else self.seed, "drop_last": self.drop_last, "rank": self.rank, "world_size": self.world_size,
-                "prefetch": self.prefetch, "workers": self.workers, "cache_decoded": self.cache_decoded,
-                "cache_crops": self.cache_crops}
+        """The :class:`~hald_store.loader.CropLoader` keywords (every field but those that make
+        the renderer or check the images), with ``seed`` where :attr:`seed` is None."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_LOADING}
+        return {**out, "seed": seed if self.seed is None else self.seed}

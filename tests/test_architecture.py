@@ -60,3 +60,11 @@ def test_schema_stands_below_rendering_and_the_package_root():
              if isinstance(n, ast.ImportFrom) and ((n.level == 1 and n.module is None) or n.module == "hald_store")]
     assert not roots, "schema.py imports the package root"
     assert not _imports(PACKAGE / "schema.py") & {"render", "stream", "loader"}, "schema.py imports rendering"
+
+
+def test_replay_and_device_resolution_have_one_home():
+    """The recorded batch arrays are named in replay.py only; only devices.py asks torch about CUDA."""
+    batch_paths = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "replay.py" and '"batches/' in p.read_text())
+    assert not batch_paths, f"modules naming store paths of recorded batch arrays outside replay.py: {batch_paths}"
+    cuda = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "devices.py" and "cuda.is_available(" in p.read_text())
+    assert not cuda, f"modules resolving CUDA outside devices.py: {cuda}"
