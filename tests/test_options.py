@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from hald_store import (BuildConfig, EvalLoader, HardLabelLoader, LabelStore, LoaderOptions, RenderOptions,
                         SoftLabelLoader)
 from hald_store.cli import main as store_cli
+from hald_store.errors import HaldStoreError
 from hald_store.render import dali_available
 from hald_train.cli import main as train_cli
 
@@ -27,7 +28,7 @@ def options_store(tmp_path_factory, resnet20):
     return LabelStore.open(out), root
 
 
-def _same(a, b) -> None:
+def _same(a, b) -> None:  # (workers=0 below: rendered in this process, no forked workers)
     assert len(a) == len(b)
     for x, y in zip(a, b):
         assert torch.equal(x.images, y.images) and torch.equal(x.image_ids, y.image_ids)
@@ -35,9 +36,9 @@ def _same(a, b) -> None:
 
 def test_an_options_object_and_keywords_give_the_same_loader(options_store):
     store, root = options_store
-    o = LoaderOptions(backend="torchvision", device="cpu", batch_size=4, seed=5, shuffle=True)
+    o = LoaderOptions(backend="torchvision", device="cpu", workers=0, batch_size=4, seed=5, shuffle=True)
     by_object = SoftLabelLoader(store, root, o)
-    by_keywords = SoftLabelLoader(store, root, backend="torchvision", device="cpu", batch_size=4, seed=5)
+    by_keywords = SoftLabelLoader(store, root, backend="torchvision", device="cpu", workers=0, batch_size=4, seed=5)
     assert by_object.options == by_keywords.options == o
     _same(list(by_object.iter_epoch(1)), list(by_keywords.iter_epoch(1)))
     other_seed = SoftLabelLoader(store, root, o, seed=6)  # a keyword overrides the options object
@@ -49,7 +50,7 @@ def test_an_options_object_and_keywords_give_the_same_loader(options_store):
 
 def test_eval_loader_takes_the_options_but_delivers_every_image_in_order(options_store):
     _, root = options_store
-    ev = EvalLoader(root, LoaderOptions(backend="torchvision", shuffle=True, seed=9, rank=1, world_size=2,
+    ev = EvalLoader(root, LoaderOptions(backend="torchvision", workers=0, shuffle=True, seed=9, rank=1, world_size=2,
                                         batch_size=5), input_size=32)
     assert (ev.shuffle, ev.rank, ev.world_size, ev.batch_size) == (False, 0, 1, 5)
     ids = torch.cat([b.image_ids for b in ev.iter_epoch(0)])
@@ -61,7 +62,7 @@ def test_workers_and_other_keywords_reach_the_renderer(options_store):
     store, root = options_store
     loader = SoftLabelLoader(store, root, backend="dali", device="cpu", workers=2, batch_size=4, max_batch_size=16)
     assert (loader.renderer.num_threads, loader.renderer.max_batch_size) == (2, 16)
-    with pytest.raises(Exception, match="unknown option"):
+    with pytest.raises(HaldStoreError, match=r"unknown option\(s\) \[.no_such_option.\]"):
         SoftLabelLoader(store, root, backend="torchvision", batch_size=4, no_such_option=1)
 
 
