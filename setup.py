@@ -1,8 +1,12 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("hald_store/_version.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="hald-store",
-    version="0.1.0",
+    version=VERSION,
     description="Compact soft-label stores, exact crop replay and the HALD schedule for "
     "dataset distillation and fast knowledge distillation.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hald_store import LabelStore, SoftLabelLoader, build_store, resolve_model
-from hald_store.render import cuda_available, dali_available, default_threads, read_files
+from hald_store.render import cuda_available, dali_available, default_threads, read_files, renderer_for
 from hald_train.scenes import make_shapes_dataset
 from hald_train.trainer import TrainConfig, Trainer
 
@@ -58,8 +58,8 @@ SCALING_KINDS = ("loader", "rendering", "bare")  # throughput.py --child: crops 
 
 def exactness(store: LabelStore, root: Path, device: str, batch: int) -> dict[str, Any]:
     """Every stored crop rendered on ``device`` (DALI) and by the CPU store renderer."""
-    on_device = store.render_spec.renderer("dali", device)
-    on_cpu = store.render_spec.renderer("dali", "cpu")
+    on_device = renderer_for(store.render_spec, "dali", device)
+    on_cpu = renderer_for(store.render_spec, "dali", "cpu")
     paths, (levels_max, diff_sum, count, identical) = store.manifest().paths, (0.0, 0.0, 0, True)
     scale = 255 * torch.tensor(store.render_spec.std).view(1, 3, 1, 1)  # normalized units -> 8-bit levels
     images, seeds = np.divmod(np.arange(store.num_crops), store.crops_per_image)

@@ -10,9 +10,8 @@ and ``--version`` do not import torch.
 
 from __future__ import annotations
 
+from ._version import __version__
 from .lazy import lazy_exports
-
-__version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -24,9 +23,10 @@ _EXPORTS = {
     **dict.fromkeys(("Manifest", "scan_image_folder"), "images"),
     **dict.fromkeys(("ImportSummary", "import_reference"), "importer"),
     **dict.fromkeys(("CropLoader", "EvalLoader", "HardLabelLoader", "SoftLabelLoader"), "loader"),
+    **dict.fromkeys(("LoaderOptions", "RenderOptions"), "options"),
     "epoch_crop_seeds": "order",
     **dict.fromkeys(("load_checkpoint", "load_teacher", "resolve_model"), "models"),
-    "make_renderer": "render",
+    **dict.fromkeys(("make_renderer", "renderer_for"), "render"),
     **dict.fromkeys(("RenderSpec", "StoreSettings"), "schema"),
     "LabelStore": "store",
     **dict.fromkeys(("VerifyReport", "teacher_logits", "verify_store"), "verify"),

@@ -4,7 +4,7 @@ mode, CutMix/MixUp inside the batch), as the reference pipelines make them.
 Labelling epoch ``e`` labels crop seed ``e`` of every image: the images are shuffled with
 ``(seed, e)`` and cut into batches of ``batch_size`` (the last one may be short); batch ``b``
 draws its mix ``(perm, lam, box)`` from ``(seed, e, b)``. Everything is a pure function of
-the plan's fields, and the store also records it, so a loader replays exactly these batches.
+the plan's fields, and the store also records it (:mod:`hald_store.replay`), so a loader replays exactly these batches.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-import torch
-
-from .mixing import MIXES, apply_mix, draw_mix
+from .mixing import MIXES, draw_mix
+from .replay import BATCH_ARRAYS
 
 _MEMBERS_KEY, _MIX_KEY = 0xBA7C4, 0x313
 
@@ -57,9 +56,9 @@ class BatchPlan:
         """The whole plan: ``members``/``perm`` (epochs, batches, batch_size) int64 (-1 padded),
         ``lam`` (epochs, batches) float32 and ``box`` (epochs, batches, 4) int32 ``(y0, y1, x0, x1)``."""
         shape = (self.epochs, self.num_batches)
-        out = {"members": np.stack([self.members(e) for e in range(self.epochs)]),
-               "perm": np.full((*shape, self.batch_size), -1, dtype=np.int64),
-               "lam": np.ones(shape, dtype=np.float32), "box": np.zeros((*shape, 4), dtype=np.int32)}
+        out = dict(zip(BATCH_ARRAYS, (np.stack([self.members(e) for e in range(self.epochs)]),
+                                      np.full((*shape, self.batch_size), -1, dtype=np.int64),
+                                      np.ones(shape, dtype=np.float32), np.zeros((*shape, 4), dtype=np.int32))))
         for e in range(self.epochs):
             for b in range(self.num_batches):
                 n = int((out["members"][e, b] >= 0).sum())
@@ -67,14 +66,3 @@ class BatchPlan:
                                           np.random.default_rng([self.seed, e, b, _MIX_KEY]))
                 out["perm"][e, b, :n], out["lam"][e, b], out["box"][e, b] = perm, lam, box
         return out
-
-
-def batch_members(plan: dict[str, np.ndarray], b: int) -> np.ndarray:
-    """Image indices of recorded batch ``b`` of ``plan`` (a store's :meth:`~hald_store.store.LabelStore.batches`)."""
-    members = plan["members"][b]
-    return members[members >= 0]
-
-
-def mix_recorded(kind: str, images: torch.Tensor, plan: dict[str, np.ndarray], b: int) -> torch.Tensor:
-    """Recorded batch ``b``'s rendered ``images``, mixed exactly as when it was labelled."""
-    return apply_mix(kind, images, plan["perm"][b][: len(images)], float(plan["lam"][b]), plan["box"][b])

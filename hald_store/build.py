@@ -23,15 +23,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .batch_plan import BatchPlan, batch_members, mix_recorded
+from .batch_plan import BatchPlan
 from .codec import VALUE_CODECS, LabelCodec, check_logits
 from .crop_plan import CropPolicy, plan_image_crops
-from .devices import renderer_device, resolve_device
+from .devices import resolve_device
 from .errors import HaldStoreError, OptionError, check_at_least, check_positive_finite, check_seed, preview
 from .images import Manifest, check_image_root, class_names, scan_image_folder
 from .mixing import MIXES
 from .models import model_name, weights_sha256
-from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files, threads_option
+from .options import RenderOptions
+from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
+from .replay import replay_batches
 from .schema import LAYOUTS, TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .locations import is_remote
 from .store import LabelStore
@@ -117,11 +119,9 @@ def _recorded_batches(
     yields (epoch, positions = image indices, image indices, images)."""
     mix = store.settings.labelling.mix
     for epoch in epochs:
-        plan = store.batches(epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
-        members = [batch_members(plan, b) for b in range(len(plan["members"]))]
-        for b, (m, x) in enumerate(zip(members, stream([(m, boxes[m], flips[m]) for m in members]))):
-            yield epoch, m, m, mix_recorded(mix, x, plan, b)
+        for m, x in replay_batches(store.batches(epoch), boxes, flips, mix, stream):
+            yield epoch, m, m, x
 
 
 def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
@@ -136,10 +136,12 @@ def batch_stats_teacher(teacher: nn.Module) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(RenderOptions):
     """How to build a store (``hald-store build`` flags map one to one; ``--scale``, ``--ratio``
     and ``--flip-prob`` make ``crop_policy``). Exactly one of ``crops_per_image`` and ``slc``
-    (soft labels per class) is given; see the README for the meaning of each option."""
+    (soft labels per class) is given; see the README for the meaning of each option. The
+    rendering options (``backend``, ``device`` -- the teacher's too --, ``workers``, also the
+    scan's threads, and ``cache_decoded``) are the loaders' (:class:`~hald_store.options.RenderOptions`)."""
 
     teacher_name: str | None = None  # recorded; default: the spec resolve_model/load_teacher built it from, else its class name
     num_classes: int | None = None  # teacher output width; default: the number of class folders
@@ -152,12 +154,8 @@ class BuildConfig:
     crop_policy: CropPolicy = CropPolicy()
     seed: int = 0  # crop plan seed
     batch_size: int = 256  # teacher batch size
-    device: str | torch.device = "auto"
     mean: Sequence[float] = IMAGENET_MEAN
     std: Sequence[float] = IMAGENET_STD
-    backend: str = "auto"
-    workers: int | None = None  # rendering threads (DALI) or processes (torchvision); default: the cores
-    cache_decoded: bool | str = "auto"  # as for the loaders
     manifest: Manifest | str | os.PathLike | None = None  # a scan made earlier: skips the scan
     chunk_images: int = 1024
     layout: str = "block"  # "sharded": an epoch reads ~1/S of the labels (see hald_store.store)
@@ -251,8 +249,7 @@ def build_store(images: str | os.PathLike, out: str | os.PathLike, teacher: nn.M
         codec = LabelCodec.checked(c.values, c.top_k, num_classes, c.temperature)
         check_resources(out, len(manifest), s, c.chunk_images, codec, "crops_per_image" if c.crops_per_image else "slc",
                         disk=not (c.resume or is_remote(out)))
-        renderer = make_renderer(c.backend, size=c.input_size, mean=c.mean, std=c.std, device=renderer_device(dev),
-                                 **threads_option(c.backend, c.workers))
+        renderer = make_renderer(c.backend, size=c.input_size, mean=c.mean, std=c.std, device=dev, workers=c.workers)
         teacher = teacher.to(dev).eval()
         n = len(manifest)
         plan = None

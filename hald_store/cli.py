@@ -15,6 +15,7 @@ import click
 from .choices import IMAGENET_MEAN, IMAGENET_STD, LAYOUTS, MIXES, TEACHER_MODES
 from . import __version__
 from .errors import HaldStoreError, StoreError, environment_failure
+from .options import BACKENDS, RenderOptions
 
 
 class _ValueCodecs(click.Choice):
@@ -121,7 +122,8 @@ def _load_teacher(teacher: str, checkpoint: str | None, num_classes: int, random
 
 
 def _device_option(fn):
-    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(fn)
+    return click.option("--device", default=RenderOptions.device, show_default=True,
+                        help="auto, cpu, cuda or cuda:N.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -147,9 +149,9 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=256, help="Teacher batch size.")
 @_device_option
 @_normalization_options
-@click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto",
+@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=RenderOptions.backend,
               help="Crop renderer (the same one training uses).")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=int, default=RenderOptions.workers,
               help="Rendering threads (DALI) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .codec import LabelCodec
 from .errors import HaldStoreError, OptionError
 from .locations import same_location
+from .replay import BATCH_ARRAYS, batch_path
 from .store import LabelStore
 from .writer import StoreWriter
 
@@ -44,7 +45,7 @@ def reencode_store(
                           "the others are gone", "top_k")
     codec = LabelCodec.checked(values, top_k, src.num_classes, src.temperature)
     so = src.storage_options
-    batches = {k: src.array(f"batches/{k}")[:] for k in ("members", "perm", "lam", "box")} if src.batch_mode else None
+    batches = {k: src.array(batch_path(k))[:] for k in BATCH_ARRAYS} if src.batch_mode else None
     with StoreWriter(dst, overwrite=overwrite, storage_options=so, resumable=False) as writer:
         out = writer.open(src.manifest(), lambda a, b: (src.array("crops/box")[a:b], src.array("crops/flip")[a:b]),
                           src.settings.reencoded(codec), src.chunk_images, batches=batches)

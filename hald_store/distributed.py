@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .devices import cuda_available
 from .errors import HaldStoreError
 
 
@@ -33,7 +34,7 @@ class DistContext:
 
     def device(self) -> torch.device:
         """``cuda:local_rank`` when CUDA is available, else the CPU."""
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if cuda_available() else torch.device("cpu")
 
     def barrier(self) -> None:
         if self.active:
@@ -107,6 +108,6 @@ def context() -> DistContext:
     if world <= 1:
         return DistContext()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda_available() else "gloo")
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
                        local_rank=int(os.environ.get("LOCAL_RANK", "0")))

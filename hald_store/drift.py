@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .codec import TopKLabels
 from .errors import ImageError, OptionError, StoreError, check_at_least, check_positive_finite
 from .images import DIGEST_SIZE
-from .render import read_files
+from .render import read_files, renderer_for
 from .store import LabelStore
 
 __all__ = ["DriftReport", "measure_drift", "write_drift"]
@@ -233,7 +233,7 @@ def _gallery(report: DriftReport, store: LabelStore, images: Path, path: Path) -
 
     ids, seeds = report.top_crops[:, 0].astype(np.int64), report.top_crops[:, 1].astype(np.int64)
     boxes, flips = store.boxes(ids, seeds)
-    renderer = store.render_spec.renderer(device="cpu")
+    renderer = renderer_for(store.render_spec, device="cpu")
     pixels = renderer.render_uint8(read_files(_image_files(store, images, ids)), boxes, flips).cpu().numpy()
     idx, probs, _ = store.read(ids, seeds).topk_probs(report.temperature)
 

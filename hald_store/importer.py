@@ -36,6 +36,7 @@ from .errors import HaldStoreError, OptionError, check_at_least, check_positive_
 from .images import Manifest, scan_image_folder
 from .mixing import MIXES
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer
+from .replay import BATCH_ARRAYS
 from .relabel_files import SAMPLER_FILE, ReferenceBatch, ReferenceLabels, open_reference
 from .schema import TEACHER_MODES, LabellingPlan, RenderSpec, StoreSettings, TeacherInfo, check_choice
 from .store import LabelStore
@@ -247,7 +248,7 @@ def import_reference(
 
         boxes = np.zeros((n, s, 4), dtype=np.int32)
         flips = np.zeros((n, s), dtype=bool)
-        plan: dict[str, list[np.ndarray]] = {"members": [], "perm": [], "lam": [], "box": []}
+        plan: dict[str, list[np.ndarray]] = {k: [] for k in BATCH_ARRAYS}
         fields_per_epoch: list[dict[str, np.ndarray]] = []
         codec: LabelCodec | None = None
         resolved: str | None = None
@@ -295,7 +296,7 @@ def import_reference(
             max_err = max(max_err, float((decoded - source).abs().max()))
             agree += int((decoded.argmax(1) == source.argmax(1)).sum())
             fields_per_epoch.append(fields)
-            for key, value in (("members", members), ("perm", perm), ("lam", lam), ("box", mix_box)):
+            for key, value in zip(BATCH_ARRAYS, (members, perm, lam, mix_box)):
                 plan[key].append(value)
         assert codec is not None and resolved is not None
 

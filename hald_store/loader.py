@@ -19,6 +19,7 @@ import functools
 import os
 import threading
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -26,17 +27,18 @@ import numpy as np
 import torch
 
 from .crop_plan import CropPolicy
-from .devices import renderer_device
 from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
-from .order import epoch_crop_seeds, replay_epoch, samples_per_rank
-from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, threads_option
+from .options import LoaderOptions
+from .order import epoch_crop_seeds, samples_per_rank
+from .render import IMAGENET_MEAN, IMAGENET_STD, CropRenderer, make_renderer, renderer_for
+from .replay import replay_epoch
 from .sources import (HARD_CROP_STREAM, CentreCrops, CropSource, Delivery, EpochCrops, EpochPlan, FreshCrops,
                       HardBatch, RecordedBatches, Sampling, SoftBatch, StoredCrops, one_torch_thread)
 from .store import LabelStore
 from .stream import CropStream, fits_cache, open_stream
 
-__all__ = ["CropLoader", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "SoftBatch", "HardBatch",
+__all__ = ["CropLoader", "LoaderOptions", "SoftLabelLoader", "HardLabelLoader", "EvalLoader", "SoftBatch", "HardBatch",
            "HARD_CROP_STREAM", "epoch_crop_seeds", "replay_epoch"]
 
 
@@ -253,38 +255,30 @@ class SoftLabelLoader(CropLoader):
     """Stored crops with their soft labels: one stored crop per image and epoch, cycling
     through all of an image's crops before repeating one (:func:`epoch_crop_seeds`).
 
-    ``soft`` is dense ``(B, C)`` probabilities at ``temperature`` (the store's by default) or,
-    with ``dense=False``, :class:`~hald_store.codec.TopKLabels`. A store of batch-specific
-    labels is read in *replay* mode (:class:`~hald_store.sources.RecordedBatches`):
-    ``batch_size`` must equal the labelling batch size, ``shuffle`` shuffles the order of the
-    recorded batches and ranks get whole batches.
+    ``options`` (:class:`~hald_store.options.LoaderOptions`, or its fields as keywords:
+    ``SoftLabelLoader(store, root, batch_size=64, device="cpu")``; other keywords go to the
+    renderer) say how crops are rendered, sampled and delivered. ``soft`` is dense ``(B, C)``
+    probabilities at ``temperature`` (the store's by default) or, with ``dense=False``,
+    :class:`~hald_store.codec.TopKLabels`. A store of batch-specific labels is read in *replay*
+    mode (:class:`~hald_store.sources.RecordedBatches`): ``batch_size`` must equal the labelling
+    batch size, ``shuffle`` shuffles the order of the recorded batches and ranks get whole batches.
     """
 
     def __init__(
         self,
         store: LabelStore | str | os.PathLike,
         images_root: str | os.PathLike,
+        options: LoaderOptions | None = None,
         *,
-        batch_size: int = 256,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
         temperature: float | None = None,
         dense: bool = True,
-        backend: str = "auto",
-        device: str = "auto",
-        prefetch: int = 2,
-        workers: int | None = None,
-        cache_decoded: bool | str = "auto",
-        cache_crops: bool | str = "auto",
-        check_hashes: bool = False,
         replay: bool | None = None,
-        **renderer_kw,
+        **keywords: Any,
     ) -> None:
+        o, renderer_kw = LoaderOptions.of(options, keywords)
+        self.options = o
         self.store = _open(store)
-        check_image_root(self.store.manifest(), images_root, check_hashes=check_hashes)
+        check_image_root(self.store.manifest(), images_root, check_hashes=o.check_hashes)
         self.replay = self.store.batch_mode if replay is None else bool(replay)
         if self.replay != self.store.batch_mode:
             raise HaldStoreError(
@@ -292,21 +286,20 @@ class SoftLabelLoader(CropLoader):
                 if self.store.batch_mode else f"store {self.store.path!r} has no recorded labelling batches to replay"
             )
         labelling = self.store.settings.labelling
-        if self.replay and batch_size != labelling.batch_size:
+        if self.replay and o.batch_size != labelling.batch_size:
             raise HaldStoreError(
                 f"replaying {self.store.path!r} needs batch_size = the labelling batch size "
-                f"{labelling.batch_size} (its labels depend on the batch), got {batch_size}"
+                f"{labelling.batch_size} (its labels depend on the batch), got {o.batch_size}"
             )
         temperature = self.store.temperature if temperature is None else float(temperature)
-        sampling = Sampling(seed, shuffle, rank, world_size, drop_last)
+        loading = o.loading(seed=0)
+        sampling = Sampling(loading["seed"], o.shuffle, o.rank, o.world_size, o.drop_last)
         source = (RecordedBatches(self.store, temperature, dense, sampling) if self.replay
-                  else StoredCrops(self.store, temperature, dense, seed, sampling))
+                  else StoredCrops(self.store, temperature, dense, sampling.seed, sampling))
         self.temperature = source.temperature
         super().__init__(source, images_root, self.store.manifest(),
-                         self.store.render_spec.renderer(backend, device, workers, **renderer_kw),
-                         batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
-                         world_size=world_size, prefetch=prefetch, workers=workers, cache_decoded=cache_decoded,
-                         cache_crops=cache_crops, check_batch_size=not self.replay)
+                         renderer_for(self.store.render_spec, o.backend, o.device, o.workers, **renderer_kw),
+                         **loading, check_batch_size=not self.replay)
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         """Stored crop seed of every image in ``epoch``."""
@@ -321,36 +314,26 @@ class HardLabelLoader(CropLoader):
     """Fresh random crops (new ones every epoch, same crop policy) with the image's class.
 
     Build it from a store (``HardLabelLoader(store, images_root)``: the store's images, crop
-    policy, input size and renderer) or from a plain image folder with :meth:`from_folder`.
+    policy, input size and renderer; the store's plan seed unless ``seed`` is given) or from a
+    plain image folder with :meth:`from_folder`. ``options`` and keywords as for
+    :class:`SoftLabelLoader`.
     """
 
     def __init__(
         self,
         store: LabelStore | str | os.PathLike,
         images_root: str | os.PathLike,
-        *,
-        batch_size: int = 256,
-        shuffle: bool = True,
-        seed: int | None = None,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        backend: str = "auto",
-        device: str = "auto",
-        prefetch: int = 2,
-        workers: int | None = None,
-        cache_decoded: bool | str = "auto",
-        check_hashes: bool = False,
-        **renderer_kw,
+        options: LoaderOptions | None = None,
+        **keywords: Any,
     ) -> None:
+        o, renderer_kw = LoaderOptions.of(options, keywords)
+        self.options = o
         store = _open(store)
         manifest = store.manifest()
-        check_image_root(manifest, images_root, check_hashes=check_hashes)
-        seed = store.settings.plan_seed if seed is None else seed
-        super().__init__(FreshCrops(store.crop_policy, seed), images_root, manifest,
-                         store.render_spec.renderer(backend, device, workers, **renderer_kw), batch_size=batch_size,
-                         shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size,
-                         prefetch=prefetch, workers=workers, cache_decoded=cache_decoded)
+        check_image_root(manifest, images_root, check_hashes=o.check_hashes)
+        loading = o.loading(seed=store.settings.plan_seed)
+        super().__init__(FreshCrops(store.crop_policy, loading["seed"]), images_root, manifest,
+                         renderer_for(store.render_spec, o.backend, o.device, o.workers, **renderer_kw), **loading)
 
     @property
     def crop_policy(self) -> CropPolicy:
@@ -360,53 +343,47 @@ class HardLabelLoader(CropLoader):
     def from_folder(
         cls,
         images_root: str | os.PathLike,
+        options: LoaderOptions | None = None,
         *,
         input_size: int,
         crop_policy: CropPolicy = CropPolicy(),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        seed: int = 0,
-        backend: str = "auto",
-        device: str = "auto",
-        workers: int | None = None,
         progress: bool = False,
-        **loader_kw,
+        **keywords: Any,
     ) -> "HardLabelLoader":
-        """A hard-label loader over an image folder (scanned now), without a store.
-        ``loader_kw`` are :class:`CropLoader`'s (``batch_size=256``, ``shuffle=True``,
-        ``drop_last``, ``rank``, ``world_size``, ``prefetch``, ``cache_decoded``)."""
+        """A hard-label loader over an image folder (scanned now), without a store (seed 0 unless given)."""
         self = cls.__new__(cls)
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
-                                 **threads_option(backend, workers))
-        options = {"batch_size": 256, "shuffle": True, "drop_last": False, "rank": 0, "world_size": 1, **loader_kw}
-        CropLoader.__init__(self, FreshCrops(crop_policy, seed), images_root,
-                            scan_image_folder(images_root, progress=progress, verify=False), renderer, seed=seed,
-                            workers=workers, **options)
+        self.options, renderer_kw = LoaderOptions.of(options, keywords)
+        o, loading = self.options, self.options.loading(seed=0)
+        renderer = make_renderer(o.backend, size=input_size, mean=mean, std=std, device=o.device, workers=o.workers,
+                                 **renderer_kw)
+        CropLoader.__init__(self, FreshCrops(crop_policy, loading["seed"]), images_root,
+                            scan_image_folder(images_root, progress=progress, verify=False), renderer, **loading)
         return self
 
 
 class EvalLoader(CropLoader):
     """Whole images (a centred square covering ``crop_fraction`` of the shorter side, resized
-    to ``input_size``), in folder order, with their class: for validation and testing."""
+    to ``input_size``), in folder order, with their class: for validation and testing.
+    ``options`` and keywords as for :class:`SoftLabelLoader`, less the sampling ones (every
+    image once, in order, on one rank)."""
 
     def __init__(
         self,
         images_root: str | os.PathLike,
+        options: LoaderOptions | None = None,
         *,
         input_size: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         crop_fraction: float = 1.0,
-        batch_size: int = 256,
         class_names: Sequence[str] | None = None,
-        backend: str = "auto",
-        device: str = "auto",
-        prefetch: int = 2,
-        workers: int | None = None,
-        cache_decoded: bool | str = "auto",
-        cache_crops: bool | str = "auto",
         progress: bool = False,
+        **keywords: Any,
     ) -> None:
+        o, renderer_kw = LoaderOptions.of(options, keywords)
+        self.options = o
         source = CentreCrops(crop_fraction)
         manifest = scan_image_folder(images_root, progress=progress, verify=False)  # sizes only
         if class_names is not None and list(class_names) != manifest.class_names:
@@ -418,11 +395,11 @@ class EvalLoader(CropLoader):
                 f"{f'; missing: {preview(map(repr, lacking))}' if lacking else ''}"
                 f"{'; same names in a different order' if not extra and not lacking else ''}"
             )
-        renderer = make_renderer(backend, size=input_size, mean=mean, std=std, device=renderer_device(device),
-                                 **threads_option(backend, workers))
-        super().__init__(source, images_root, manifest, renderer, batch_size=min(batch_size, len(manifest)),
-                         shuffle=False, seed=0, drop_last=False, rank=0, world_size=1, prefetch=prefetch,
-                         workers=workers, cache_decoded=cache_decoded, cache_crops=cache_crops)
+        renderer = make_renderer(o.backend, size=input_size, mean=mean, std=std, device=o.device, workers=o.workers,
+                                 **renderer_kw)
+        in_order = replace(o, batch_size=min(o.batch_size, len(manifest)), shuffle=False, seed=0, drop_last=False,
+                           rank=0, world_size=1)
+        super().__init__(source, images_root, manifest, renderer, **in_order.loading(seed=0))
 
     @property
     def crop_fraction(self) -> float:

@@ -1,4 +1,4 @@
-"""Pure visiting orders: which images, crops and recorded batches an epoch uses.
+"""Pure visiting orders: which images and crops an epoch uses (recorded batches: :mod:`hald_store.replay`).
 
 Everything here is a function of its arguments (seeds, epoch, rank), so every process and
 every resumed run computes the same order without talking to the others -- the role FFCV
@@ -11,9 +11,7 @@ import math
 
 import numpy as np
 
-from .errors import HaldStoreError
-
-__all__ = ["samples_per_rank", "epoch_order", "block_epoch_order", "epoch_crop_seeds", "replay_epoch", "replay_batch_order"]
+__all__ = ["samples_per_rank", "epoch_order", "block_epoch_order", "epoch_crop_seeds"]
 
 
 def samples_per_rank(num_samples: int, world_size: int, drop_last: bool) -> int:
@@ -72,19 +70,3 @@ def epoch_crop_seeds(num_images: int, crops_per_image: int, epoch: int, seed: in
     a = units[rng.integers(len(units), size=blocks)]
     b = rng.integers(s, size=blocks)
     return np.repeat((a * e + b) % s, blk)[:num_images]
-
-
-def replay_epoch(crops_per_image: int, epoch: int, seed: int = 0) -> int:
-    """The labelling epoch whose recorded batches training epoch ``epoch`` replays: the pool of
-    ``crops_per_image`` labelling epochs is drawn without replacement, reshuffled every cycle."""
-    cycle, e = divmod(int(epoch), int(crops_per_image))
-    return int(np.random.default_rng([int(seed), cycle, 0xE90C]).permutation(crops_per_image)[e])
-
-
-def replay_batch_order(num_batches: int, epoch: int, seed: int, *, shuffle: bool = True, rank: int = 0,
-                       world_size: int = 1, drop_last: bool = False) -> np.ndarray:
-    """This rank's recorded batch indices for ``epoch``: whole batches dealt to ranks."""
-    if samples_per_rank(num_batches, world_size, drop_last) == 0:
-        raise HaldStoreError(f"{num_batches} recorded batches cannot feed {world_size} ranks with drop_last")
-    return epoch_order(num_batches, epoch, seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                       drop_last=drop_last)

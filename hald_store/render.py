@@ -42,9 +42,12 @@ import numpy as np
 import torch
 
 from .choices import IMAGENET_MEAN, IMAGENET_STD
+from .devices import cuda_available, renderer_device, require_cuda
 from .distributed import default_threads
 from .errors import HaldStoreError, ImageError
 from .images import as_encoded, image_size
+from .options import BACKENDS
+from .schema import RenderSpec
 
 __all__ = [
     "BACKENDS",
@@ -58,14 +61,13 @@ __all__ = [
     "image_size",
     "check_boxes",
     "default_threads",
-    "threads_option",
     "CropRenderer",
     "TorchvisionRenderer",
     "DaliRenderer",
     "make_renderer",
+    "renderer_for",
 ]
 
-BACKENDS = ("dali", "torchvision")
 DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -92,11 +94,6 @@ def _dali_import_error() -> str | None:
 def dali_available() -> bool:
     """True when NVIDIA DALI can be imported."""
     return _dali_import_error() is None
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA device."""
-    return bool(torch.cuda.is_available())
 
 
 def read_files(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
@@ -158,11 +155,8 @@ def check_boxes(boxes: np.ndarray, heights: np.ndarray, widths: np.ndarray, firs
 def _check_device(device: str) -> None:
     if device not in DEVICES:
         raise HaldStoreError(f"renderer device={device!r} is not one of {DEVICES}")
-    if device == "gpu" and not cuda_available():
-        raise HaldStoreError(
-            "device='gpu' was requested but torch.cuda.is_available() is False; "
-            "pass device='cpu' (or device='auto')"
-        )
+    if device == "gpu":
+        require_cuda(device)
 
 
 def _check_stats(name: str, values: Sequence[float]) -> tuple[float, float, float]:
@@ -599,13 +593,6 @@ def short_error(exc: Exception) -> str:
     return " | ".join(keep[-3:] or lines[-1:])
 
 
-def threads_option(backend: str, workers: int | None) -> dict:
-    """``{"num_threads": workers}`` when ``backend`` resolves to DALI and ``workers`` is set:
-    the keyword that gives a DALI renderer its threads (torchvision uses worker processes)."""
-    dali = backend == "dali" or (backend == "auto" and dali_available())
-    return {"num_threads": max(1, int(workers))} if dali and workers is not None else {}
-
-
 # ---------------------------------------------------------------------------------------
 # factory
 # ---------------------------------------------------------------------------------------
@@ -616,24 +603,28 @@ def make_renderer(
     size: int = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    device: str = "auto",
+    device: str | torch.device = "auto",
+    workers: int | None = None,
     **kw: Any,
 ) -> CropRenderer:
     """Build a renderer.
 
     ``backend``: ``"auto"`` (DALI when importable, else torchvision), ``"dali"`` or
     ``"torchvision"``. ``device``: ``"auto"`` (GPU when CUDA is available and the backend is
-    DALI, else CPU), ``"cpu"`` or ``"gpu"``. Extra keywords go to the renderer class
-    (``max_batch_size`` and ``num_threads`` for DALI; ``interpolation``, ``antialias`` and
-    ``device_id`` for both). Explicit requests that cannot be met raise
-    :class:`HaldStoreError`; ``"auto"`` falls back silently (and then drops DALI-only
-    keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
+    DALI, else CPU), ``"cpu"`` or ``"gpu"``, or a user device name (``cuda``, ``cuda:N``, a
+    torch device: :func:`~hald_store.devices.renderer_device`; ``cuda:N`` sets ``device_id``).
+    ``workers``: DALI threads (ignored by torchvision, which renders in the stream's worker
+    processes). Extra keywords go to the renderer class (``max_batch_size`` and
+    ``num_threads`` for DALI; ``interpolation``, ``antialias`` and ``device_id`` for both).
+    Explicit requests that cannot be met raise :class:`HaldStoreError`; ``"auto"`` falls back
+    silently (and then drops DALI-only keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
     CUDA tensors.
     """
     if backend not in ("auto",) + BACKENDS:
         raise HaldStoreError(f"unknown renderer backend {backend!r}; use one of {('auto',) + BACKENDS}")
-    if device not in ("auto",) + DEVICES:
-        raise HaldStoreError(f"unknown renderer device {device!r}; use one of {('auto',) + DEVICES}")
+    requested, (device, index) = device, renderer_device(device)
+    if index is not None:
+        kw.setdefault("device_id", index)
     if backend == "dali" and not dali_available():
         raise HaldStoreError(
             f"backend='dali' was requested but NVIDIA DALI cannot be imported ({_dali_import_error()}); "
@@ -642,15 +633,14 @@ def make_renderer(
     auto_backend = backend == "auto"
     if auto_backend:
         backend = "dali" if dali_available() else "torchvision"
-    if device == "gpu" and not cuda_available():
-        raise HaldStoreError(
-            "device='gpu' was requested but torch.cuda.is_available() is False; "
-            "pass device='cpu' or device='auto'"
-        )
+    if device == "gpu":
+        require_cuda(requested)
     if device == "auto":
         device = "gpu" if backend == "dali" and cuda_available() else "cpu"
 
     if backend == "dali":
+        if workers is not None:
+            kw.setdefault("num_threads", max(1, int(workers)))
         return DaliRenderer(size, mean, std, device=device, **kw)
     if auto_backend:  # fell back: DALI-only tuning knobs do not apply
         kw = {k: v for k, v in kw.items() if k not in _DALI_ONLY_KWARGS}
@@ -661,3 +651,20 @@ def make_renderer(
             f"antialias and device_id apply; {list(_DALI_ONLY_KWARGS)} are DALI-only)"
         )
     return TorchvisionRenderer(size, mean, std, device=device, **kw)
+
+
+def renderer_for(spec: RenderSpec, backend: str = "auto", device: str | torch.device = "auto",
+                 workers: int | None = None, **kw: Any) -> CropRenderer:
+    """A renderer that reproduces the pixels ``spec`` records (a store's
+    :attr:`~hald_store.store.LabelStore.render_spec`). ``backend="auto"`` is the recorded
+    backend (torchvision, with a warning, where a DALI store meets a machine without DALI); the
+    rest is :func:`make_renderer`'s."""
+    if backend == "auto":
+        backend = spec.backend
+        if backend == "dali" and not dali_available():
+            warnings.warn("this store was labelled with DALI-rendered crops but DALI is not installed; using "
+                          "the torchvision renderer, whose pixels differ slightly (see the README's tolerance "
+                          "table)", stacklevel=3)
+            backend = "torchvision"
+    return make_renderer(backend, size=spec.size, mean=spec.mean, std=spec.std, device=device, workers=workers,
+                         interpolation=spec.interpolation, antialias=spec.antialias, **kw)

@@ -11,18 +11,15 @@ the attribute JSON that ``zarr.json`` holds and ``from_dict`` reads it back, the
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
-from . import __version__
+from ._version import __version__
 from .batch_plan import BatchPlan
 from .choices import LAYOUTS, TEACHER_MODES
 from .codec import LabelCodec
 from .crop_plan import CropPolicy
-from .devices import renderer_device
 from .errors import OptionError, StoreError, preview
-from .render import CropRenderer, dali_available, make_renderer, threads_option
 
 __all__ = ["TEACHER_MODES", "LAYOUTS", "check_choice", "TeacherInfo", "RenderSpec", "LabellingPlan", "StoreSettings"]
 
@@ -64,9 +61,16 @@ class TeacherInfo:
                    {k: v for k, v in d.items() if k not in known})
 
 
+class Recording(Protocol):
+    """What :meth:`RenderSpec.of` reads: a renderer's record (:meth:`~hald_store.render.CropRenderer.record`)."""
+
+    def record(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class RenderSpec:
-    """How the store's crops were rendered: what a loader needs to reproduce their pixels."""
+    """How the store's crops were rendered: what a loader needs to reproduce their pixels
+    (:func:`~hald_store.render.renderer_for` builds the renderer that does)."""
 
     backend: str
     size: int
@@ -77,7 +81,7 @@ class RenderSpec:
     versions: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"torchvision_version": ...}
 
     @classmethod
-    def of(cls, renderer: CropRenderer) -> "RenderSpec":
+    def of(cls, renderer: Recording) -> "RenderSpec":
         """The spec a store records for ``renderer``."""
         r = renderer.record()
         return cls.from_dict({"input_size": r["size"], "mean": r["mean"], "std": r["std"], "renderer": r})
@@ -98,23 +102,6 @@ class RenderSpec:
         return cls(r["backend"], int(attrs["input_size"]), tuple(attrs["mean"]), tuple(attrs["std"]),
                    r.get("interpolation", "bilinear"), bool(r.get("antialias", True)),
                    {k: v for k, v in r.items() if k not in known})
-
-    def renderer(self, backend: str = "auto", device: str = "auto", workers: int | None = None,
-                 **kw: Any) -> CropRenderer:
-        """A renderer that reproduces these pixels. ``backend="auto"`` is the recorded backend
-        (torchvision, with a warning, where a DALI store meets a machine without DALI);
-        ``device`` is a user device name (auto, cpu, cuda, cuda:N); ``workers`` DALI threads;
-        ``kw`` goes to :func:`~hald_store.render.make_renderer`."""
-        if backend == "auto":
-            backend = self.backend
-            if backend == "dali" and not dali_available():
-                warnings.warn("this store was labelled with DALI-rendered crops but DALI is not installed; using "
-                              "the torchvision renderer, whose pixels differ slightly (see the README's tolerance "
-                              "table)", stacklevel=3)
-                backend = "torchvision"
-        return make_renderer(backend, size=self.size, mean=self.mean, std=self.std, device=renderer_device(device),
-                             interpolation=self.interpolation, antialias=self.antialias,
-                             **threads_option(backend, workers), **kw)
 
 
 @dataclass(frozen=True)

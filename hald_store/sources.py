@@ -32,8 +32,8 @@ from .codec import TopKLabels
 from .crop_plan import CropPolicy, plan_crops
 from .errors import HaldStoreError
 from .images import Manifest
-from .batch_plan import batch_members, mix_recorded
-from .order import block_epoch_order, epoch_order, replay_batch_order, replay_epoch, samples_per_rank
+from .order import block_epoch_order, epoch_order, samples_per_rank
+from .replay import batch_members, batch_path, mix_recorded, replay_batch_order, replay_epoch
 from .store import LabelStore
 
 __all__ = ["HARD_CROP_STREAM", "Sampling", "Delivery", "SoftBatch", "HardBatch", "EpochCrops", "StoredEpoch",
@@ -293,13 +293,13 @@ class StoredCrops(CropSource):
 
 class RecordedBatches(StoredCrops):
     """Replay of a batch-specific store: training epoch ``e`` yields the recorded batches of
-    labelling epoch :func:`~hald_store.order.replay_epoch`, each with its recorded members and
+    labelling epoch :func:`~hald_store.replay.replay_epoch`, each with its recorded members and
     mix applied to the regenerated crops; whole batches are dealt to ranks by ``sampling``."""
 
     def __init__(self, store: LabelStore, temperature: float, dense: bool, sampling: Sampling) -> None:
         super().__init__(store, temperature, dense, sampling.seed, sampling)
         self.mix = store.settings.labelling.mix
-        members = store.array("batches/members")
+        members = store.array(batch_path("members"))
         short = not (members[0, -1] >= 0).all()  # a short last batch is dropped with drop_last
         self.recorded = members.shape[1] - int(short and sampling.drop_last)
 

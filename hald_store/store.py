@@ -49,6 +49,7 @@ from .errors import SettingsMismatchError, StoreError
 from .images import Manifest, check_image_root
 from .locations import ATTR_KEY, filesystem, is_remote, location_exists, open_group
 from .order import epoch_crop_seeds
+from .replay import BATCH_ARRAYS, batch_path
 from .schema import NOT_SETTINGS, RenderSpec, StoreSettings
 
 FORMAT_NAME = "hald-store"
@@ -223,7 +224,7 @@ class LabelStore:
         names += ["images/mtime_ns"] if "images/mtime_ns" in self.group else []
         names += ["crops/box", "crops/flip"] + [f"labels/{k}" for k in self.codec.fields()]
         if self.batch_mode:
-            names += [f"batches/{k}" for k in ("members", "perm", "lam", "box")]
+            names += [batch_path(k) for k in BATCH_ARRAYS]
         return names + ["progress/block_done"]
 
     def block_of_chunk(self, name: str, coords: tuple[int, ...]) -> int | None:
@@ -335,7 +336,7 @@ class LabelStore:
             for name, (dtype, shape) in codec.fields().items():
                 per_crop(f"labels/{name}", dtype, tuple(shape), label_seeds, fill_value=0)
             for name, data in (batches or {}).items():
-                put(f"batches/{name}", data, (1, *data.shape[1:]))
+                put(batch_path(name), data, (1, *data.shape[1:]))
             blocks = math.ceil(n / ci) if batches is None else s
             g.create_array("progress/block_done", shape=(blocks,), dtype=np.uint8, chunks=(1,),
                            fill_value=0, compressors=[Crc32cCodec()])
@@ -352,7 +353,7 @@ class LabelStore:
     # -------------------------------------------------------------- properties
     @property
     def render_spec(self) -> RenderSpec:
-        """How the crops were rendered; ``store.render_spec.renderer(...)`` reproduces them."""
+        """How the crops were rendered; ``render.renderer_for(store.render_spec)`` reproduces them."""
         return self.settings.render_spec
 
     @property
@@ -408,7 +409,7 @@ class LabelStore:
         ((batches, batch_size), -1 padded), ``lam`` (batches,), ``box`` (batches, 4)."""
         if not self.batch_mode:
             raise StoreError(f"store {self.path!r} has per-crop labels, not recorded labelling batches")
-        return {k: self.array(f"batches/{k}")[epoch] for k in ("members", "perm", "lam", "box")}
+        return {k: self.array(batch_path(k))[epoch] for k in BATCH_ARRAYS}
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Image index range ``[start, stop)`` of a block (per-crop stores)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,10 @@ from .crop_plan import CropPolicy, plan_crops
 from .batch_plan import BatchPlan
 from .errors import HaldStoreError
 from .images import scan_image_folder
-from .mixing import MIXES, apply_mix
+from .mixing import MIXES
 from .render import IMAGENET_MEAN, IMAGENET_STD, make_renderer, read_files
 from .relabel_files import SAMPLER_FILE
+from .replay import replay_batches
 from .locations import is_remote
 from .store import LabelStore
 
@@ -105,17 +106,21 @@ def write_reference_epochs(
     hw = np.stack([manifest.heights, manifest.widths, manifest.heights, manifest.widths], 1).astype(np.float64)
     sampler: dict[int, torch.Tensor] = {}
     written = []
+
+    def render(requests: list) -> Iterator[torch.Tensor]:
+        return (renderer([encoded[i] for i in ids], bx, fl) for ids, bx, fl in requests)
+
     for e in range(epochs):
-        members = plan["members"][e]
-        order = members[members >= 0] if with_sampler_indices else np.arange(n)
+        batches = {k: v[e] for k, v in plan.items()}
+        if not with_sampler_indices:  # the images in folder order, cut as the recorded batches
+            members = np.arange(batches["members"].size)
+            batches["members"] = np.where(members < n, members, -1).reshape(batches["members"].shape)
+        order = batches["members"][batches["members"] >= 0]
         boxes, flips = plan_crops(seed, np.arange(n), e, manifest.heights, manifest.widths, crop_policy)
         coords = boxes / hw
         entries = []
-        for b, b0 in enumerate(range(0, n, batch_size)):
-            ids = order[b0 : b0 + batch_size]
-            x = renderer([encoded[i] for i in ids], boxes[ids], flips[ids])
-            perm, lam, box = plan["perm"][e, b, : len(ids)], float(plan["lam"][e, b]), plan["box"][e, b]
-            x = apply_mix(mix, x, perm, lam, box)
+        for b, (ids, x) in enumerate(replay_batches(batches, boxes, flips, mix, render)):
+            perm, lam, box = batches["perm"][b, : len(ids)], float(batches["lam"][b]), batches["box"][b]
             with torch.inference_mode():
                 probs = torch.softmax(model(x.to(dev)).float() / temperature, dim=1).half().cpu()
             y0, y1, x0, x1 = (int(v) for v in box)

@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .batch_plan import batch_members, mix_recorded
 from .build import batch_stats_teacher
 from .devices import resolve_device
 from .errors import OptionError, StoreError, check_at_least, check_positive_finite
-from .render import read_files
+from .render import read_files, renderer_for
+from .replay import batch_path, replay_batches
 from .safety import output_lock
 from .store import LabelStore
 
@@ -194,7 +195,7 @@ def teacher_logits(
     """Fresh teacher logits (n, C) float32 on CPU for stored crops ``(image_ids[i], seeds[i])``,
     re-rendered as the store records (:attr:`LabelStore.render_spec`)."""
     dev = resolve_device(device)
-    renderer = store.render_spec.renderer(device=dev)
+    renderer = renderer_for(store.render_spec, device=dev)
     paths = store.manifest().paths
     boxes, flips = store.boxes(image_ids, seeds)
     teacher = teacher.to(dev).eval()
@@ -224,13 +225,17 @@ def replayed_teacher_logits(
     through ``teacher`` in the recorded mode (BatchNorm on batch statistics for
     ``teacher_mode="train"``) with the recorded mix; returns (image ids, crop seeds, logits)."""
     dev = resolve_device(device)
-    renderer = store.render_spec.renderer(device=dev)
+    renderer = renderer_for(store.render_spec, device=dev)
     files = [Path(images, p) for p in store.manifest().paths]
+
+    def render(requests: list) -> Iterator[torch.Tensor]:
+        return (renderer(read_files([files[i] for i in ids]), bx, fl) for ids, bx, fl in requests)
+
     labelling = store.settings.labelling
     model = teacher.to(dev).eval()
     if labelling.teacher_mode == "train":
         model = batch_stats_teacher(model)
-    per_epoch = store.array("batches/members").shape[1]
+    per_epoch = store.array(batch_path("members")).shape[1]
     ids, seeds, out = [], [], []
     bar = tqdm(total=sample, desc="verify: teacher (replayed batches)", unit="crop", disable=not progress, leave=False)
     for pick in rng.permutation(store.crops_per_image * per_epoch):
@@ -238,10 +243,7 @@ def replayed_teacher_logits(
             break
         epoch, b = divmod(int(pick), per_epoch)
         boxes, flips = store.array("crops/box")[:, epoch], store.array("crops/flip")[:, epoch]
-        plan = store.batches(epoch)
-        members = batch_members(plan, b)
-        x = mix_recorded(labelling.mix, renderer(read_files([files[i] for i in members]), boxes[members],
-                                                 flips[members]), plan, b)
+        [(members, x)] = replay_batches(store.batches(epoch), boxes, flips, labelling.mix, render, [b])
         with torch.inference_mode():
             out.append(model(x.to(dev)).float().cpu())
         ids.append(members)

@@ -9,6 +9,7 @@ from typing import Callable
 import click
 
 from hald_store.cli import _friendly_errors
+from hald_store.options import BACKENDS, RenderOptions
 
 from .phases import PHASE_KINDS, option_fields
 from .presets import RESETS, TRAIN_PRESETS
@@ -66,9 +67,9 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
 @click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")
 @click.option("--seed", type=int, default=0)
-@click.option("--backend", type=click.Choice(["auto", "dali", "torchvision"]), default="auto")
-@click.option("--device", default="auto", help="auto, cpu or cuda.")
-@click.option("--workers", type=int, default=None,
+@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=RenderOptions.backend)
+@click.option("--device", default=RenderOptions.device, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, default=RenderOptions.workers,
               help="Data-path threads (DALI) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--amp/--no-amp", default=True, help="bf16 autocast and channels-last on CUDA (always off on CPU).")
 @click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")

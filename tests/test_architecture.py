@@ -51,3 +51,20 @@ def test_no_import_circle_in_hald_store():
 def test_hald_store_never_imports_hald_train():
     upward = sorted(p.name for p in PACKAGE.glob("*.py") if "hald_train" in _imports(p))
     assert not upward, f"hald_store modules importing hald_train: {upward}"
+
+
+def test_schema_stands_below_rendering_and_the_package_root():
+    """The format description imports neither the DALI glue nor the package (its version is ``_version``)."""
+    source = (PACKAGE / "schema.py").read_text()
+    roots = [n for n in ast.walk(ast.parse(source))
+             if isinstance(n, ast.ImportFrom) and ((n.level == 1 and n.module is None) or n.module == "hald_store")]
+    assert not roots, "schema.py imports the package root"
+    assert not _imports(PACKAGE / "schema.py") & {"render", "stream", "loader"}, "schema.py imports rendering"
+
+
+def test_replay_and_device_resolution_have_one_home():
+    """The recorded batch arrays are named in replay.py only; only devices.py asks torch about CUDA."""
+    batch_paths = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "replay.py" and '"batches/' in p.read_text())
+    assert not batch_paths, f"modules naming store paths of recorded batch arrays outside replay.py: {batch_paths}"
+    cuda = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "devices.py" and "cuda.is_available(" in p.read_text())
+    assert not cuda, f"modules resolving CUDA outside devices.py: {cuda}"

@@ -333,19 +333,17 @@ def test_batch_size_and_rank_errors(small_store):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_gpu_requested_without_cuda(small_store):
     store, root = small_store
-    with pytest.raises(HaldStoreError, match="device='gpu' was requested but torch.cuda.is_available"):
+    with pytest.raises(HaldStoreError, match="device='cuda' was requested but torch.cuda.is_available"):
         SoftLabelLoader(store, root, device="cuda")
     assert SoftLabelLoader(store, root, batch_size=8, device="auto").device.type == "cpu"
 
 
 def test_dali_store_without_dali_falls_back_with_warning(small_store, monkeypatch):
     import hald_store.render as render_mod
-    import hald_store.schema as schema_mod
 
     store, root = small_store
     assert store.attrs["renderer"]["backend"] == "dali"
     monkeypatch.setattr(render_mod, "_dali_import_error", lambda: "No module named 'nvidia.dali'")
-    monkeypatch.setattr(schema_mod, "dali_available", lambda: False)
     with pytest.warns(UserWarning, match="DALI is not installed; using the torchvision renderer"):
         auto = SoftLabelLoader(store, root, batch_size=4)
     assert auto.renderer.backend == "torchvision"

@@ -15,7 +15,7 @@ from hald_store.batch_plan import BatchPlan
 from hald_store.build import batch_stats_teacher
 from hald_store.cli import main
 from hald_store.errors import HaldStoreError
-from hald_store.loader import replay_epoch
+from hald_store.replay import replay_epoch
 from hald_train import TrainConfig, train
 
 from .conftest import agreeing, build_replay_store, require_data

@@ -6,7 +6,7 @@ import json
 import click
 import pytest
 
-from hald_store import LabelCodec, RenderSpec, StoreSettings
+from hald_store import LabelCodec, RenderSpec, StoreSettings, renderer_for
 from hald_store.cli import flag_message
 from hald_store.errors import OptionError, StoreError
 from hald_store.schema import LabellingPlan, TeacherInfo
@@ -84,7 +84,7 @@ def test_partial_attributes_read_with_defaults():
 
 def test_render_spec_rebuilds_the_recorded_renderer():
     spec = RenderSpec("torchvision", 24, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic", False)
-    r = spec.renderer(device="cpu")
+    r = renderer_for(spec, device="cpu")
     assert (r.backend, r.size, r.interpolation, r.antialias, r.mean) == ("torchvision", 24, "bicubic", False,
                                                                          (0.5, 0.5, 0.5))
     assert RenderSpec.of(r) == RenderSpec("torchvision", 24, (0.5,) * 3, (0.25,) * 3, "bicubic", False,

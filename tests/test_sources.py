@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hald_store import CropLoader, LabelStore
-from hald_store.render import read_files
+from hald_store.render import read_files, renderer_for
 from hald_store.sources import FixedCrops
 
 from .conftest import tiny_store
@@ -24,7 +24,7 @@ def fixed_store(tmp_path_factory, resnet20):
 def test_fixed_crops_deliver_crop_zero_of_every_image_every_epoch(fixed_store):
     store, root = fixed_store
     source = FixedCrops(store, store.temperature, True, seed=3)
-    loader = CropLoader(source, root, store.manifest(), store.render_spec.renderer("torchvision", "cpu"),
+    loader = CropLoader(source, root, store.manifest(), renderer_for(store.render_spec, "torchvision", "cpu"),
                         batch_size=5, shuffle=True, seed=3, drop_last=False, rank=0, world_size=1)
     paths = store.manifest().paths
     seen = {}
