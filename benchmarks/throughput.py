@@ -19,7 +19,10 @@ each round runs every contender once, so a shared machine's load hits all alike.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import subprocess
 import sys
@@ -206,7 +209,8 @@ def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None
 
 # ----------------------------------------------------------------------------- scaling
 def child(args) -> None:
-    """Run inside ``taskset``: images/s of our loader or of the bare graph, printed as JSON."""
+    """Run pinned to some cores: images/s of our loader or of the bare graph, printed as JSON
+    (with ``--profile``: a cProfile of the main thread written there instead)."""
     store, root = LabelStore.open(args.child_store), Path(args.child_images)
     if args.child == "bare":
         fn = bare_dali(store, root, args.batch_size, default_threads())
@@ -214,8 +218,30 @@ def child(args) -> None:
         crops = args.child == "loader"
         fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
                            store.crops_per_image if crops else 0)
+    if args.profile:
+        return profile(fn, args, store)
     rates = interleaved({"x": fn}, args.child_epochs)["x"]
     print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
+
+
+def profile(fn: callable, args, store: LabelStore) -> None:
+    """cProfile of ``--child-epochs`` epochs after a warm-up one, with the main thread's CPU
+    time per batch (``time.thread_time``: what the one Python thread spends, waits excluded)."""
+    fn(0)
+    prof, cpu0, t0 = cProfile.Profile(), time.thread_time(), time.perf_counter()
+    prof.enable()
+    n = sum(fn(e) for e in range(1, args.child_epochs + 1))
+    prof.disable()
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+    batches = args.child_epochs * -(-store.num_images // args.batch_size)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    head = (f"# throughput.py --child {args.child}: {store.num_images} images, {store.render_spec.size} px, batch "
+            f"{args.batch_size}, {args.child_epochs} epochs ({batches} batches), {default_threads()} core(s)\n"
+            f"# {n / wall:,.0f} img/s; main thread CPU {1e3 * cpu / batches:.2f} ms per batch "
+            f"(wall {1e3 * wall / batches:.2f} ms per batch); load average {os.getloadavg()}\n")
+    Path(args.profile).write_text(head + text.getvalue())
+    print(head, end="")
 
 
 def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
@@ -318,6 +344,7 @@ def main() -> None:
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", help="with --child: write a cProfile of the main thread to this file")
     args = ap.parse_args()
     if args.child:
         return child(args)
