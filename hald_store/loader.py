@@ -146,16 +146,16 @@ class CropLoader:
         """``epoch``'s crops, batches and render requests; for sources that read the store (or
         plan every image), the next epoch's plan is then made ahead -- on a background thread
         while this one trains when it is slow (at FKD scale the pass over the store takes tens
-        of seconds) -- and its requests are queued on the stream before this epoch ends.
-        Errors surface here."""
-        check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
+        of seconds, and checking the image files takes a stat per file) -- and its requests are
+        queued on the stream before this epoch ends. Errors surface here."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
             plan = ahead[2]()
         else:
             plan = self._plan(self.source, epoch)
         if self.source.plan_ahead:
-            later = in_background if self.source.slow_crops(self.manifest) else when_asked
+            slow = self.source.slow_crops(self.manifest) or self.stream.reads_files
+            later = in_background if slow else when_asked
             self._ahead = (self.source, epoch + 1, later(self._plan, self.source, epoch + 1))
         return plan
 
@@ -164,6 +164,12 @@ class CropLoader:
         return self.epoch_plan(epoch).crops
 
     def _plan(self, source: CropSource, epoch: int) -> EpochPlan:
+        """The plan of ``epoch``, made after checking that no image file changed under a running
+        loader (sizes and times, :func:`~hald_store.images.check_image_root`), so that a changed
+        file is refused before the epoch's requests reach the stream. Skipped once the stream
+        holds every image decoded: its pixels were checked against the manifest's hashes."""
+        if self.stream.reads_files:
+            check_image_root(self.manifest, self.root)
         delivery, crops = self.delivery, source.crops(self.manifest, epoch)
         batches = source.batches(len(self.manifest), epoch, crops, delivery)
         requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches]
