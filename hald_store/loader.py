@@ -45,6 +45,10 @@ class CropLoader:
     ``rank``/``world_size`` like ``DistributedSampler``, rendered ``prefetch`` batches ahead on
     ``workers`` threads (DALI) or processes (torchvision); see the module docstring.
 
+    Batches are NCHW float32, with channels-last strides when the renderer's
+    ``memory_format`` is ``"channels_last"`` (a loader keyword passed on to the renderer; DALI
+    then writes HWC and the loader hands out a view, no copy; same values).
+
     ``cache_decoded`` keeps every image decoded in memory (DALI on the CPU; same pixels):
     ``"auto"`` does so for small images (see :func:`hald_store.stream.cache_decoded_default`).
     ``cache_crops`` keeps every crop the loader renders, for sources that draw from a fixed set
@@ -146,16 +150,15 @@ class CropLoader:
         """``epoch``'s crops, batches and render requests; for sources that read the store (or
         plan every image), the next epoch's plan is then made ahead -- on a background thread
         while this one trains when it is slow (at FKD scale the pass over the store takes tens
-        of seconds, and checking the image files takes a stat per file) -- and its requests are
-        queued on the stream before this epoch ends. Errors surface here."""
+        of seconds) -- and its requests are queued on the stream before this epoch ends.
+        Errors surface here."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
             plan = ahead[2]()
         else:
             plan = self._plan(self.source, epoch)
         if self.source.plan_ahead:
-            slow = self.source.slow_crops(self.manifest) or self.stream.reads_files
-            later = in_background if slow else when_asked
+            later = in_background if self.source.slow_crops(self.manifest) else when_asked
             self._ahead = (self.source, epoch + 1, later(self._plan, self.source, epoch + 1))
         return plan
 
@@ -164,12 +167,6 @@ class CropLoader:
         return self.epoch_plan(epoch).crops
 
     def _plan(self, source: CropSource, epoch: int) -> EpochPlan:
-        """The plan of ``epoch``, made after checking that no image file changed under a running
-        loader (sizes and times, :func:`~hald_store.images.check_image_root`), so that a changed
-        file is refused before the epoch's requests reach the stream. Skipped once the stream
-        holds every image decoded: its pixels were checked against the manifest's hashes."""
-        if self.stream.reads_files:
-            check_image_root(self.manifest, self.root)
         delivery, crops = self.delivery, source.crops(self.manifest, epoch)
         batches = source.batches(len(self.manifest), epoch, crops, delivery)
         requests = [(ids, crops.boxes[ids], crops.flips[ids]) for ids in batches]
@@ -196,12 +193,14 @@ class CropLoader:
         if not on:
             return None
         dev = self.device
-        self._crops = (self.source, torch.empty((count, 3, size, size), device=dev),
-                       torch.zeros(count, dtype=torch.bool, device=dev))
+        crops = (torch.empty((count, size, size, 3), device=dev).permute(0, 3, 1, 2)  # channels-last strides
+                 if self.renderer.memory_format == "channels_last" else torch.empty((count, 3, size, size), device=dev))
+        self._crops = (self.source, crops, torch.zeros(count, dtype=torch.bool, device=dev))
         return self._crops[1:]
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
         plan = self.epoch_plan(epoch)
+        files = FileCheck(self.manifest, self.root, plan.batches[start_batch:])
         make, cache = self.source.make_batch, self._crop_cache()
         if cache is not None:
             crops, filled = cache
@@ -210,7 +209,8 @@ class CropLoader:
             if all(bool(filled[r].all()) for r in rows[start_batch:]):  # every crop rendered before: gather
                 for k in range(start_batch, len(rows)):
                     with one_torch_thread():
-                        images = crops.index_select(0, rows[k])
+                        images = gather(crops, rows[k])
+                    files.wait(k - start_batch)
                     yield make(images, plan, k)
                 return
         requests = plan.requests[start_batch:] if start_batch else plan.requests
@@ -218,7 +218,59 @@ class CropLoader:
             if cache is not None:
                 crops.index_copy_(0, rows[k], images)
                 filled[rows[k]] = True
+            files.wait(k - start_batch)
             yield make(images, plan, k)
+
+
+class FileCheck:
+    """An epoch's check that no image file changed under a running loader (sizes and times,
+    :func:`~hald_store.images.check_image_root`), on a background thread, in delivery order:
+    the images of batch ``k`` are checked after the epoch started and before :meth:`wait`
+    ``(k)`` returns, so a changed file is refused (the error names it) before a batch with its
+    pixels is handed out, while the consumer's thread spends nothing on it. Pieces of batches
+    grow from one batch to :data:`CHECK_PIECE` images (the first batch waits for little)."""
+
+    def __init__(self, manifest: Manifest, root: Path, batches: Sequence[np.ndarray]) -> None:
+        self.ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
+        self.done, self.error = 0, None  # images checked (in delivery order); the check's error
+        self._cond = threading.Condition()
+        order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
+        threading.Thread(target=self._run, args=(manifest, root, order), name="hald-file-check", daemon=True).start()
+
+    def _run(self, manifest: Manifest, root: Path, order: np.ndarray) -> None:
+        start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
+        while start < len(order):
+            end = min(start + piece, len(order))
+            try:
+                check_image_root(manifest, root, rows=order[start:end])
+            except BaseException as e:  # handed to the consumer by wait()
+                with self._cond:
+                    self.error = e
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.done = start = end
+                self._cond.notify_all()
+            piece = min(2 * piece, CHECK_PIECE)
+
+    def wait(self, k: int) -> None:
+        """Return once the images of batches ``0..k`` are checked; raise the check's error if
+        one of them changed."""
+        need = int(self.ends[k])
+        with self._cond:
+            self._cond.wait_for(lambda: self.done >= need or self.error is not None)
+            if self.done < need:
+                raise self.error
+
+
+CHECK_PIECE = 16384  # images checked per call at most (each call resolves the class folders' real paths)
+
+
+def gather(crops: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``crops[rows]`` in the memory format of ``crops`` (contiguous or channels-last NCHW)."""
+    if crops.is_contiguous():
+        return crops.index_select(0, rows)
+    return crops.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

@@ -104,11 +104,6 @@ class CropStream:
                     return ImageError(f"cannot render {self.files[i]}: {exc}")
         return None
 
-    @property
-    def reads_files(self) -> bool:
-        """Whether the next requests read the image files (not a cache of their decoded pixels)."""
-        return True
-
     def close(self) -> None:
         """Release threads and processes (a stream is also cleaned up when garbage-collected)."""
 
@@ -134,10 +129,6 @@ class DaliStream(CropStream):
         self._names = object_rows([np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files])
         self._decoded: np.ndarray | None = None
         self._runner: DaliRunner | None = None
-
-    @property
-    def reads_files(self) -> bool:
-        return not self.cache_decoded or self._decoded is None
 
     def _get_runner(self) -> DaliRunner:
         if self._runner is None or self._runner.broken:
