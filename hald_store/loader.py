@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import threading
 import weakref
 from pathlib import Path
@@ -101,6 +102,8 @@ class CropLoader:
         self.cache_crops = cache_crops
         self._crops: tuple[CropSource, torch.Tensor, torch.Tensor] | None = None  # (source, crops, filled)
         self._ahead: tuple[CropSource, int, Callable[[], EpochPlan]] | None = None  # (source, epoch, its plan)
+        self._checks: queue.SimpleQueue | None = None  # FileCheck jobs for the file-check thread
+        self._check: FileCheck | None = None  # the latest
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
                                               workers=workers, cache_decoded=cache_decoded, digests=manifest.digests)
@@ -198,9 +201,21 @@ class CropLoader:
         self._crops = (self.source, crops, torch.zeros(count, dtype=torch.bool, device=dev))
         return self._crops[1:]
 
+    def _check_files(self, batches: Sequence[np.ndarray]) -> FileCheck:
+        """Queue the check of the files of ``batches`` on the loader's file-check thread."""
+        if self._checks is None:
+            self._checks = queue.SimpleQueue()
+            threading.Thread(target=serve_checks, args=(self._checks,), name="hald-file-check", daemon=True).start()
+            weakref.finalize(self, self._checks.put, None)  # the thread ends with the loader
+        if self._check is not None:
+            self._check.cancelled = True  # its epoch was left or is over
+        self._check = FileCheck(self.manifest, self.root, batches)
+        self._checks.put(self._check)
+        return self._check
+
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
         plan = self.epoch_plan(epoch)
-        files = FileCheck(self.manifest, self.root, plan.batches[start_batch:])
+        files = self._check_files(plan.batches[start_batch:])
         make, cache = self.source.make_batch, self._crop_cache()
         if cache is not None:
             crops, filled = cache
@@ -224,25 +239,26 @@ class CropLoader:
 
 class FileCheck:
     """An epoch's check that no image file changed under a running loader (sizes and times,
-    :func:`~hald_store.images.check_image_root`), on a background thread, in delivery order:
-    the images of batch ``k`` are checked after the epoch started and before :meth:`wait`
-    ``(k)`` returns, so a changed file is refused (the error names it) before a batch with its
-    pixels is handed out, while the consumer's thread spends nothing on it. Pieces of batches
-    grow from one batch to :data:`CHECK_PIECE` images (the first batch waits for little)."""
+    :func:`~hald_store.images.check_image_root`), run by the loader's file-check thread
+    (:func:`serve_checks`), in delivery order: the images of batch ``k`` are checked after the
+    epoch started and before :meth:`wait` ``(k)`` returns, so a changed file is refused (the
+    error names it) before a batch with its pixels is handed out, while the consumer's thread
+    spends nothing on it. Pieces of batches grow from one batch to :data:`CHECK_PIECE` images
+    (the first batch waits for little); ``cancelled`` stops it (an epoch left early)."""
 
     def __init__(self, manifest: Manifest, root: Path, batches: Sequence[np.ndarray]) -> None:
+        self.manifest, self.root = manifest, root
         self.ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
-        self.done, self.error = 0, None  # images checked (in delivery order); the check's error
+        self.order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
+        self.done, self.error, self.cancelled = 0, None, False  # images checked (in delivery order); its error
         self._cond = threading.Condition()
-        order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
-        threading.Thread(target=self._run, args=(manifest, root, order), name="hald-file-check", daemon=True).start()
 
-    def _run(self, manifest: Manifest, root: Path, order: np.ndarray) -> None:
+    def run(self) -> None:
         start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
-        while start < len(order):
-            end = min(start + piece, len(order))
+        while start < len(self.order) and not self.cancelled:
+            end = min(start + piece, len(self.order))
             try:
-                check_image_root(manifest, root, rows=order[start:end])
+                check_image_root(self.manifest, self.root, rows=self.order[start:end])
             except BaseException as e:  # handed to the consumer by wait()
                 with self._cond:
                     self.error = e
@@ -261,6 +277,13 @@ class FileCheck:
             self._cond.wait_for(lambda: self.done >= need or self.error is not None)
             if self.done < need:
                 raise self.error
+
+
+def serve_checks(jobs: queue.SimpleQueue) -> None:
+    """A loader's file-check thread (one per loader, not one per epoch: under load, starting
+    a thread took milliseconds): runs the :class:`FileCheck` jobs in turn, until ``None``."""
+    for job in iter(jobs.get, None):
+        job.run()
 
 
 CHECK_PIECE = 16384  # images checked per call at most (each call resolves the class folders' real paths)
