@@ -1,11 +1,15 @@
 """Data-path throughput, side by side in interleaved rounds: our loader against the bare DALI
 graph doing the same work (the physical limit), FFCV (raw pixels and JPEG, when installed: see
 ``requirements-ffcv.txt``), the reference PIL loop and a DataLoader with workers; how the loader
-scales from 1 to 2 cores; and build speed.
+scales with the cores it may use (``--cores``); and build speed.
 
     python benchmarks/throughput.py            # 32 px, 64 px and 224 px workloads (~10 min on 2 cores)
     python benchmarks/throughput.py --quick    # fewer images and rounds
     python benchmarks/throughput.py --workloads cifar-32px photo-224px   # the issue-19 table
+    python benchmarks/throughput.py --workloads cifar-32px --scaling-only --scaling-kinds rendering bare \
+        --cores 1 2 4 --baseline /tmp/main-copy     # children pinned to 1, 2, 4 cores, this vs another version
+    python benchmarks/throughput.py --child rendering --child-store S --child-images DIR --profile p.txt
+                                                    # cProfile + main-thread CPU per batch of one child
 
 Workloads: cifar10-mini (500 real 32x32 JPEGs, 32-px crops, ResNet-56 teacher); the first
 ``--tiny-classes`` classes of Tiny-ImageNet (64x64, 64-px crops); and ``--photo-images``
