@@ -181,7 +181,7 @@ class DaliStream(CropStream):
             found = self.culprit(*requests[done : done + chunk])
             if found is not None:
                 raise found from exc
-            names = preview(self.files[i] for i in requests[done][0])
+            names = preview(self.files[i] for r in requests[done : done + chunk] for i in r[0])
             raise HaldStoreError(f"the DALI pipeline failed on a batch of {names}: {exc}") from exc
 
     def _run(self, requests, ahead):
