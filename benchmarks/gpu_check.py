@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ from hald_train.scenes import make_shapes_dataset
 from hald_train.trainer import TrainConfig, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import bare_dali, interleaved, loader_epochs  # noqa: E402
+from throughput import bare_dali, interleaved, loader_epochs, pinned_rate  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = {"max_levels": 4.0, "mean_levels": 0.5}  # nvJPEG vs libjpeg-turbo IDCT rounding, after resize
@@ -115,16 +114,11 @@ def cpu_scaling(work: Path, size: dict[str, Any], build_device: str) -> dict[str
                 device=build_device, overwrite=True, progress=False)
     batch = min(128, size["classes"] * size["scaling_per_class"])
     cores = [c for c in size["scaling_cores"] if c <= len(os.sched_getaffinity(0))]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     rates: dict[str, dict[int, float]] = {k: {} for k in SCALING_KINDS}
     for n in cores:
         for kind in SCALING_KINDS:
-            out = subprocess.run(
-                [sys.executable, str(HERE / "throughput.py"), "--child", kind, "--child-store", str(path),
-                 "--child-images", str(root), "--batch-size", str(batch), "--child-epochs", str(size["scaling_epochs"])],
-                check=True, capture_output=True, text=True, cwd=HERE, env={**env, "OMP_NUM_THREADS": str(n)},
-                preexec_fn=lambda n=n: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n]))
-            rates[kind][n] = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+            rates[kind][n] = pinned_rate(kind, path, root, n, batch, size["scaling_epochs"],
+                                         env={"CUDA_VISIBLE_DEVICES": ""})
             print(f"    {kind:<9} on {n:>2} core(s): {rates[kind][n]:>9,.0f} images/s", flush=True)
     return {"images": size["classes"] * size["scaling_per_class"], "input_size": 32, "batch_size": batch,
             "images_per_s": rates, "speedup_vs_1_core": {k: {n: r / v[cores[0]] for n, r in v.items()}

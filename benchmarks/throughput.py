@@ -1,11 +1,15 @@
 """Data-path throughput, side by side in interleaved rounds: our loader against the bare DALI
 graph doing the same work (the physical limit), FFCV (raw pixels and JPEG, when installed: see
 ``requirements-ffcv.txt``), the reference PIL loop and a DataLoader with workers; how the loader
-scales from 1 to 2 cores; and build speed.
+scales with the cores it may use (``--cores``); and build speed.
 
     python benchmarks/throughput.py            # 32 px, 64 px and 224 px workloads (~10 min on 2 cores)
     python benchmarks/throughput.py --quick    # fewer images and rounds
     python benchmarks/throughput.py --workloads cifar-32px photo-224px   # the issue-19 table
+    python benchmarks/throughput.py --workloads cifar-32px --scaling-only --scaling-kinds rendering bare \
+        --cores 1 2 4 --baseline /tmp/main-copy     # children pinned to 1, 2, 4 cores, this vs another version
+    python benchmarks/throughput.py --child rendering --child-store S --child-images DIR --profile p.txt
+                                                    # cProfile + main-thread CPU per batch of one child
 
 Workloads: cifar10-mini (500 real 32x32 JPEGs, 32-px crops, ResNet-56 teacher); the first
 ``--tiny-classes`` classes of Tiny-ImageNet (64x64, 64-px crops); and ``--photo-images``
@@ -19,7 +23,10 @@ each round runs every contender once, so a shared machine's load hits all alike.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import os
 import subprocess
 import sys
@@ -206,7 +213,8 @@ def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None
 
 # ----------------------------------------------------------------------------- scaling
 def child(args) -> None:
-    """Run inside ``taskset``: images/s of our loader or of the bare graph, printed as JSON."""
+    """Run pinned to some cores: images/s of our loader or of the bare graph, printed as JSON
+    (with ``--profile``: a cProfile of the main thread written there instead)."""
     store, root = LabelStore.open(args.child_store), Path(args.child_images)
     if args.child == "bare":
         fn = bare_dali(store, root, args.batch_size, default_threads())
@@ -214,26 +222,92 @@ def child(args) -> None:
         crops = args.child == "loader"
         fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
                            store.crops_per_image if crops else 0)
+    if args.profile:
+        return profile(fn, args, store)
     rates = interleaved({"x": fn}, args.child_epochs)["x"]
     print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
 
 
+def profile(fn: callable, args, store: LabelStore) -> None:
+    """cProfile of ``--child-epochs`` epochs after a warm-up one, with the main thread's CPU
+    time per batch (``time.thread_time``: what the one Python thread spends, waits excluded)."""
+    fn(0)
+    prof, cpu0, t0 = cProfile.Profile(), time.thread_time(), time.perf_counter()
+    prof.enable()
+    n = sum(fn(e) for e in range(1, args.child_epochs + 1))
+    prof.disable()
+    wall, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
+    batches = args.child_epochs * -(-store.num_images // args.batch_size)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+    head = (f"# throughput.py --child {args.child}: {store.num_images} images, {store.render_spec.size} px, batch "
+            f"{args.batch_size}, {args.child_epochs} epochs ({batches} batches), {default_threads()} core(s)\n"
+            f"# {n / wall:,.0f} img/s; main thread CPU {1e3 * cpu / batches:.2f} ms per batch "
+            f"(wall {1e3 * wall / batches:.2f} ms per batch); load average {os.getloadavg()}\n")
+    Path(args.profile).write_text(head + text.getvalue())
+    print(head, end="")
+
+
+def pinned_rate(kind: str, store: str | Path, root: Path, cores: int, batch_size: int, epochs: int,
+                library: str | None = None, env: dict[str, str] | None = None) -> float:
+    """images/s of ``throughput.py --child kind`` in a child process pinned to the first ``cores``
+    of this process's cores (``os.sched_setaffinity``; torch at as many threads), importing
+    ``hald_store`` from ``library`` when given (a copy of another version), else this one;
+    ``env`` is added to the child's environment."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores), **(env or {})}
+    if library:
+        env["PYTHONPATH"] = library
+    out = subprocess.run(
+        [sys.executable, str(HERE / "throughput.py"), "--child", kind, "--child-store", str(store),
+         "--child-images", str(root), "--batch-size", str(batch_size), "--child-epochs", str(epochs)],
+        check=True, capture_output=True, text=True, cwd=HERE, env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores]))
+    return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+
+
 def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
     """Our loader (crops cached, after a cycle), the loader rendering every epoch (cache_crops
-    off) and the bare graph, pinned to 1 and to 2 cores (``taskset``), interleaved."""
+    off) and the bare graph (``--scaling-kinds``), pinned to each of ``--cores``, interleaved;
+    with ``--baseline DIR``, the same children importing that copy of the library too."""
+    libraries = {"": None, **({" [baseline]": args.baseline} if args.baseline else {})}
     rates: dict[str, list[float]] = {}
     for _ in range(args.scaling_rounds):
-        for kind in ("loader", "rendering", "bare"):
-            for cores in ("0", "0,1"):
-                busy0, own0 = busy_cpu_seconds()
-                out = subprocess.run(
-                    ["taskset", "-c", cores, sys.executable, str(HERE / "throughput.py"), "--child", kind,
-                     "--child-store", store.path, "--child-images", str(root), "--batch-size", str(args.batch_size),
-                     "--child-epochs", "2"], check=True, capture_output=True, text=True, cwd=HERE)
-                busy1, own1 = busy_cpu_seconds()
-                rates.setdefault(f"{kind} on {cores.count(',') + 1} core(s)", []).append(json.loads(out.stdout)["rate"])
-                rates.setdefault("other processes' CPU-s per scaling run", []).append(max(0.0, busy1 - busy0 - (own1 - own0)))
+        for kind in args.scaling_kinds:
+            for cores in args.cores:
+                for tag, library in libraries.items():
+                    busy0, own0 = busy_cpu_seconds()
+                    rate = pinned_rate(kind, store.path, root, cores, args.batch_size, args.child_epochs, library)
+                    busy1, own1 = busy_cpu_seconds()
+                    rates.setdefault(f"{kind}{tag} on {cores} core(s)", []).append(rate)
+                    rates.setdefault(OTHER_CPU, []).append(max(0.0, busy1 - busy0 - (own1 - own0)))
+        rates.setdefault(SCALING_LOAD, []).append(os.getloadavg()[0])
     return rates
+
+
+OTHER_CPU, SCALING_LOAD = "other processes' CPU-s per scaling run", "load average (1 min) after each scaling round"
+
+
+def scaling_rows(name: str, rates: dict[str, list[float]], args) -> list[dict]:
+    """Speed-ups over the fewest cores, and (with ``--baseline``) this version over the baseline."""
+    rows, other, loads = [], rates.pop(OTHER_CPU, [0.0]), rates.pop(SCALING_LOAD, [])
+    first = args.cores[0]
+    for kind in args.scaling_kinds:
+        for tag in ("", " [baseline]") if args.baseline else ("",):
+            base = rates.get(f"{kind}{tag} on {first} core(s)")
+            for cores in args.cores[1:] if base else ():
+                ratio = float(np.median(rates[f"{kind}{tag} on {cores} core(s)"]) / np.median(base))
+                rows.append({"workload": name, "what": f"{kind}{tag}: {cores} cores / {first}", "ratio": ratio})
+        for cores in args.cores if args.baseline else ():
+            now, then = (rates.get(f"{kind}{tag} on {cores} core(s)") for tag in ("", " [baseline]"))
+            if now and then:  # the median of the per-round ratios: each round runs both under the same load
+                ratio = float(np.median(np.array(now) / np.array(then)))
+                rows.append({"workload": name, "what": f"{kind} on {cores} core(s): this / baseline", "ratio": ratio})
+    for row in rows:
+        print(f"  {row['what']:<60}{row['ratio']:6.2f}x")
+    print(f"  other processes took up to {max(other):.1f} CPU-s per scaling run; load average after each round: "
+          f"{', '.join(f'{x:.1f}' for x in loads)}")
+    rows.append({"workload": name, "what": "scaling load", "other_processes_cpu_s_per_run": other, "loads": loads})
+    return rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -246,6 +320,13 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
              "outside_teacher": summary.outside_teacher_fraction, "crops": store.num_crops}]
     print(f"\n{name}: {store.num_images} images, input {store.render_spec.size} px, batch {b}; build "
           f"{summary.crops_per_second:,.0f} crops/s, {100 * summary.outside_teacher_fraction:.1f}% outside the teacher")
+    if args.scaling_only:
+        rates = scaling(store, root, args)
+        other = {k: rates.pop(k) for k in (OTHER_CPU, SCALING_LOAD)}
+        for what, r in rates.items():
+            rows.append({"workload": name, "what": what, "images_per_s": float(np.median(r)), "rounds": r})
+            print(f"  {what:<60}{np.median(r):>9,.0f} /s  (rounds: {', '.join(f'{x:,.0f}' for x in r)})")
+        return rows + scaling_rows(name, {**rates, **other}, args)
     epoch_file = work / f"{name}-epoch.pt"
     write_epoch_file(store, root, epoch_file, epoch=0, batch_size=b)
     threads = default_threads()
@@ -276,10 +357,9 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
     rates = interleaved(contenders, args.rounds, loads)
     print(f"  load average (1 min) per round: {', '.join(f'{x:.1f}' for x in loads)}")
     rows.append({"workload": name, "what": "load average (1 min) per round", "loads": loads})
-    other_cpu = []
-    if name in args.scaling:
-        rates.update(scaling(store, root, args))
-        other_cpu = rates.pop("other processes' CPU-s per scaling run")
+    scaled = scaling(store, root, args) if name in args.scaling else {}
+    extra = {k: scaled.pop(k) for k in (OTHER_CPU, SCALING_LOAD) if k in scaled}
+    rates.update(scaled)
     bare = np.median(rates["bare DALI graph (physical limit)"])
     ref = np.median(rates["reference PIL loop, 1 process"])
     ffcv = next((r for k, r in rates.items() if k.startswith("FFCV, raw")), None)
@@ -291,14 +371,8 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
                      "vs_bare_dali": med / bare, "vs_reference_loop": med / ref, "vs_ffcv_raw_per_round": vs_ffcv})
         print(f"  {what:<92}{med:>9,.0f} /s  {med / bare:6.2f}x bare  {med / ref:6.2f}x PIL loop  "
               f"{'' if vs_ffcv is None else f'{vs_ffcv:5.2f}x FFCV raw  '}(rounds: {', '.join(f'{x:,.0f}' for x in r)})")
-    for kind in ("loader", "rendering", "bare"):
-        one, two = f"{kind} on 1 core(s)", f"{kind} on 2 core(s)"
-        if one in rates:
-            ratio = float(np.median(rates[two]) / np.median(rates[one]))
-            rows.append({"workload": name, "what": f"{kind}: 2 cores / 1 core", "ratio": ratio,
-                         "other_processes_cpu_s_per_run": other_cpu})
-            print(f"  {kind}: 2 cores / 1 core = {ratio:.2f}x (other processes took up to {max(other_cpu):.1f} "
-                  f"CPU-s per scaling run)")
+    if scaled:
+        rows += scaling_rows(name, {**scaled, **extra}, args)
     return rows
 
 
@@ -310,14 +384,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", nargs="*", default=["cifar-32px", "tiny-64px", "photo-224px"])
-    ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to 1 vs 2 cores")
+    ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to --cores")
+    ap.add_argument("--cores", nargs="+", type=int, default=[1, 2], help="core counts the scaling children are pinned to")
+    ap.add_argument("--scaling-kinds", nargs="+", choices=["loader", "rendering", "bare"],
+                    default=["loader", "rendering", "bare"], help="what the scaling children run")
     ap.add_argument("--scaling-rounds", type=int, default=3)
+    ap.add_argument("--scaling-only", action="store_true", help="only the scaling children (no contenders table)")
+    ap.add_argument("--baseline", help="a copy of another version of the repository (e.g. `git archive main`): "
+                                       "the scaling children run against it too, interleaved")
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
     ap.add_argument("--child", choices=["loader", "rendering", "bare"], help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
-    ap.add_argument("--child-epochs", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child-epochs", type=int, default=2, help="epochs each scaling child times (after a warm-up)")
+    ap.add_argument("--profile", help="with --child: write a cProfile of the main thread to this file")
     args = ap.parse_args()
     if args.child:
         return child(args)

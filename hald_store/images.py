@@ -285,8 +285,10 @@ def scan_image_folder(
     )
 
 
-def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashes: bool = False) -> None:
-    """Raise :class:`ManifestMismatchError` naming the files unless ``root`` holds the manifest's.
+def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashes: bool = False,
+                     rows: np.ndarray | None = None) -> None:
+    """Raise :class:`ManifestMismatchError` naming the files unless ``root`` holds the manifest's
+    (or its ``rows``: image indices, when given).
 
     One ``stat`` per file: sizes are compared, and so are modification times where the manifest
     has them; a file whose time differs (a copy, or a replaced file) is re-hashed and accepted
@@ -297,30 +299,33 @@ def check_image_root(manifest: Manifest, root: str | os.PathLike, *, check_hashe
     root = Path(root)
     if not root.is_dir():
         raise ManifestMismatchError(f"image root {str(root)!r} is not a directory")
-    outside = outside_class_folders(root, manifest.paths)
+    rows = np.arange(len(manifest)) if rows is None else np.asarray(rows, np.int64)
+    paths = [manifest.paths[i] for i in rows]
+    outside = outside_class_folders(root, paths)
     if outside:
         raise ManifestMismatchError(f"{manifest.source}: image path(s) {preview(map(repr, outside))} lead outside their "
                                     f"class folder in {str(root)!r} through a link; they were not opened")
-    stats = np.full((len(manifest), 2), -1, dtype=np.int64)  # size, mtime
-    for i, rel in enumerate(manifest.paths):
+    stats = np.full((len(rows), 2), -1, dtype=np.int64)  # size, mtime
+    for k, rel in enumerate(paths):
         try:
             st = os.stat(os.path.join(root, rel))
         except OSError:
             continue
-        stats[i] = st.st_size, st.st_mtime_ns
+        stats[k] = st.st_size, st.st_mtime_ns
     missing = stats[:, 0] < 0
-    changed = ~missing & (stats[:, 0] != manifest.nbytes)
+    changed = ~missing & (stats[:, 0] != manifest.nbytes[rows])
     rehash = ~missing & ~changed
     if not check_hashes:
-        rehash &= np.zeros(len(manifest), bool) if manifest.mtimes is None else stats[:, 1] != manifest.mtimes
-    for i in np.flatnonzero(rehash):
-        digest = hashlib.blake2b((root / manifest.paths[i]).read_bytes(), digest_size=DIGEST_SIZE).digest()
-        changed[i] = digest != manifest.digests[i].tobytes() or not manifest.digests[i].any()
+        rehash &= np.zeros(len(rows), bool) if manifest.mtimes is None else stats[:, 1] != manifest.mtimes[rows]
+    for k in np.flatnonzero(rehash):
+        i = rows[k]
+        digest = hashlib.blake2b((root / paths[k]).read_bytes(), digest_size=DIGEST_SIZE).digest()
+        changed[k] = digest != manifest.digests[i].tobytes() or not manifest.digests[i].any()
     if manifest.mtimes is not None:
         verified = rehash & ~changed
-        manifest.mtimes[verified] = stats[verified, 1]
+        manifest.mtimes[rows[verified]] = stats[verified, 1]
     if missing.any() or changed.any():
-        parts = [f"{int(mask.sum())} {label} ({preview(manifest.paths[i] for i in np.flatnonzero(mask))})"
+        parts = [f"{int(mask.sum())} {label} ({preview(paths[k] for k in np.flatnonzero(mask))})"
                  for label, mask in (("missing", missing), ("changed", changed)) if mask.any()]
         raise ManifestMismatchError(
             f"image root {str(root)!r} does not match the images recorded in {manifest.source}: {'; '.join(parts)}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import queue
 import threading
 import weakref
 from dataclasses import replace
@@ -46,6 +47,10 @@ class CropLoader:
     """Batches of crops from a :class:`~hald_store.sources.CropSource`: seeded, sharded by
     ``rank``/``world_size`` like ``DistributedSampler``, rendered ``prefetch`` batches ahead on
     ``workers`` threads (DALI) or processes (torchvision); see the module docstring.
+
+    Batches are NCHW float32, with channels-last strides when the renderer's
+    ``memory_format`` is ``"channels_last"`` (a loader keyword passed on to the renderer; DALI
+    then writes HWC and the loader hands out a view, no copy; same values).
 
     ``cache_decoded`` keeps every image decoded in memory (DALI on the CPU; same pixels):
     ``"auto"`` does so for small images (see :func:`hald_store.stream.cache_decoded_default`).
@@ -99,6 +104,8 @@ class CropLoader:
         self.cache_crops = cache_crops
         self._crops: tuple[CropSource, torch.Tensor, torch.Tensor] | None = None  # (source, crops, filled)
         self._ahead: tuple[CropSource, int, Callable[[], EpochPlan]] | None = None  # (source, epoch, its plan)
+        self._checks: queue.SimpleQueue | None = None  # FileCheck jobs for the file-check thread
+        self._check: FileCheck | None = None  # the latest
         self.stream: CropStream = open_stream(renderer, [self.root / p for p in manifest.paths], manifest.heights,
                                               manifest.widths, batch_size=self.batch_size, prefetch=prefetch,
                                               workers=workers, cache_decoded=cache_decoded, digests=manifest.digests)
@@ -150,7 +157,6 @@ class CropLoader:
         while this one trains when it is slow (at FKD scale the pass over the store takes tens
         of seconds) -- and its requests are queued on the stream before this epoch ends.
         Errors surface here."""
-        check_image_root(self.manifest, self.root)  # sizes and times: no file changed under a running loader
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] is self.source and ahead[1] == epoch:
             plan = ahead[2]()
@@ -192,12 +198,26 @@ class CropLoader:
         if not on:
             return None
         dev = self.device
-        self._crops = (self.source, torch.empty((count, 3, size, size), device=dev),
-                       torch.zeros(count, dtype=torch.bool, device=dev))
+        crops = (torch.empty((count, size, size, 3), device=dev).permute(0, 3, 1, 2)  # channels-last strides
+                 if self.renderer.memory_format == "channels_last" else torch.empty((count, 3, size, size), device=dev))
+        self._crops = (self.source, crops, torch.zeros(count, dtype=torch.bool, device=dev))
         return self._crops[1:]
+
+    def _check_files(self, batches: Sequence[np.ndarray]) -> FileCheck:
+        """Queue the check of the files of ``batches`` on the loader's file-check thread."""
+        if self._checks is None:
+            self._checks = queue.SimpleQueue()
+            threading.Thread(target=serve_checks, args=(self._checks,), name="hald-file-check", daemon=True).start()
+            weakref.finalize(self, self._checks.put, None)  # the thread ends with the loader
+        if self._check is not None:
+            self._check.cancelled = True  # its epoch was left or is over
+        self._check = FileCheck(self.manifest, self.root, batches)
+        self._checks.put(self._check)
+        return self._check
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
         plan = self.epoch_plan(epoch)
+        files = self._check_files(plan.batches[start_batch:])
         make, cache = self.source.make_batch, self._crop_cache()
         if cache is not None:
             crops, filled = cache
@@ -206,7 +226,8 @@ class CropLoader:
             if all(bool(filled[r].all()) for r in rows[start_batch:]):  # every crop rendered before: gather
                 for k in range(start_batch, len(rows)):
                     with one_torch_thread():
-                        images = crops.index_select(0, rows[k])
+                        images = gather(crops, rows[k])
+                    files.wait(k - start_batch)
                     yield make(images, plan, k)
                 return
         requests = plan.requests[start_batch:] if start_batch else plan.requests
@@ -214,7 +235,67 @@ class CropLoader:
             if cache is not None:
                 crops.index_copy_(0, rows[k], images)
                 filled[rows[k]] = True
+            files.wait(k - start_batch)
             yield make(images, plan, k)
+
+
+class FileCheck:
+    """An epoch's check that no image file changed under a running loader (sizes and times,
+    :func:`~hald_store.images.check_image_root`), run by the loader's file-check thread
+    (:func:`serve_checks`), in delivery order: the images of batch ``k`` are checked after the
+    epoch started and before :meth:`wait` ``(k)`` returns, so a changed file is refused (the
+    error names it) before a batch with its pixels is handed out, while the consumer's thread
+    spends nothing on it. Pieces of batches grow from one batch to :data:`CHECK_PIECE` images
+    (the first batch waits for little); ``cancelled`` stops it (an epoch left early)."""
+
+    def __init__(self, manifest: Manifest, root: Path, batches: Sequence[np.ndarray]) -> None:
+        self.manifest, self.root = manifest, root
+        self.ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
+        self.order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
+        self.done, self.error, self.cancelled = 0, None, False  # images checked (in delivery order); its error
+        self._cond = threading.Condition()
+
+    def run(self) -> None:
+        start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
+        while start < len(self.order) and not self.cancelled:
+            end = min(start + piece, len(self.order))
+            try:
+                check_image_root(self.manifest, self.root, rows=self.order[start:end])
+            except BaseException as e:  # handed to the consumer by wait()
+                with self._cond:
+                    self.error = e
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.done = start = end
+                self._cond.notify_all()
+            piece = min(2 * piece, CHECK_PIECE)
+
+    def wait(self, k: int) -> None:
+        """Return once the images of batches ``0..k`` are checked; raise the check's error if
+        one of them changed."""
+        need = int(self.ends[k])
+        with self._cond:
+            self._cond.wait_for(lambda: self.done >= need or self.error is not None)
+            if self.done < need:
+                raise self.error
+
+
+def serve_checks(jobs: queue.SimpleQueue) -> None:
+    """A loader's file-check thread (one per loader, not one per epoch: under load, starting
+    a thread took milliseconds): runs the :class:`FileCheck` jobs in turn, until ``None``."""
+    for job in iter(jobs.get, None):
+        job.run()
+
+
+CHECK_PIECE = 16384  # images checked per call at most (each call resolves the class folders' real paths)
+
+
+def gather(crops: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``crops[rows]`` in the memory format of ``crops`` (contiguous or channels-last NCHW)."""
+    if crops.is_contiguous():
+        return crops.index_select(0, rows)
+    return crops.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

@@ -72,7 +72,8 @@ DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
-_RUNTIME_KEYS = ("device", "device_id") + _DALI_ONLY_KWARGS
+_RUNTIME_KEYS = ("device", "device_id", "memory_format") + _DALI_ONLY_KWARGS
+MEMORY_FORMATS = ("contiguous", "channels_last")
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ class CropRenderer:
         antialias: bool = True,
         device: str = "cpu",
         device_id: int = 0,
+        memory_format: str = "contiguous",
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise HaldStoreError(f"size must be a positive integer (output side in pixels), got {size!r}")
@@ -202,11 +204,15 @@ class CropRenderer:
         _check_device(device)
         self.device = device
         self.device_id = int(device_id)
+        if memory_format not in MEMORY_FORMATS:
+            raise HaldStoreError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+        self.memory_format = memory_format
 
     # -- public API ---------------------------------------------------------------------
 
     def __call__(self, encoded: Sequence[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
-        """Normalized crops, float32 ``(N, 3, size, size)`` RGB on :attr:`torch_device`."""
+        """Normalized crops, float32 ``(N, 3, size, size)`` RGB on :attr:`torch_device`, with
+        channels-last strides for ``memory_format="channels_last"`` (same values)."""
         encoded, boxes, flips = _check_inputs(encoded, boxes, flips)
         return self._render(encoded, boxes, flips, normalize=True)
 
@@ -225,6 +231,7 @@ class CropRenderer:
             "size": self.size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "memory_format": self.memory_format,
         }
 
     def record(self) -> dict:
@@ -304,7 +311,10 @@ class TorchvisionRenderer(CropRenderer):
             return out.permute(0, 2, 3, 1).contiguous().to(self.torch_device)
         x = out.to(torch.float32).div_(255.0)
         mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (self.mean, self.std))
-        return x.sub_(mean).div_(std).to(self.torch_device)
+        x = x.sub_(mean).div_(std)
+        if self.memory_format == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.torch_device)
 
 
 class DaliRenderer(CropRenderer):
@@ -331,8 +341,9 @@ class DaliRenderer(CropRenderer):
         device_id: int = 0,
         interpolation: str = "bilinear",
         antialias: bool = True,
+        memory_format: str = "contiguous",
     ) -> None:
-        super().__init__(size, mean, std, interpolation, antialias, device, device_id)
+        super().__init__(size, mean, std, interpolation, antialias, device, device_id, memory_format)
         if not dali_available():
             raise HaldStoreError(
                 f"the DALI renderer needs NVIDIA DALI, which cannot be imported "
@@ -414,8 +425,8 @@ class DaliRenderer(CropRenderer):
             img = fn.resize(img, size=[size, size], interp_type=interp, antialias=self.antialias)
             if output == "normalized":
                 return fn.crop_mirror_normalize(
-                    img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW"
-                )
+                    img, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
+                    output_layout="HWC" if self.memory_format == "channels_last" else "CHW")
             return fn.flip(img, horizontal=flip, vertical=0)
 
         pipe = crops()
@@ -462,36 +473,51 @@ class DaliRenderer(CropRenderer):
 
 
 class CropFeeder:
-    """The external source of a DALI crop pipeline: per call, the inputs of the next request.
+    """The external source of a DALI crop pipeline: per call, the inputs of the next chunk of
+    up to ``chunk`` requests (one DALI batch; :class:`DaliRunner` slices its output back into
+    the requests).
 
     A request is ``(ids, boxes, flips)``: rows of ``data`` (file names as uint8, file bytes or
     decoded images), their integer windows and flip bits. Requests wait in a queue; when it is
     empty the feeder asks ``more()`` (the next epoch's requests, or None), and raises
-    ``StopIteration`` when there are none, which ends the DALI epoch. DALI reads the returned
-    buffers in place, so the last ``keep_alive`` (> the pipeline's queue depth) are kept referenced.
+    ``StopIteration`` when there are none, which ends the DALI epoch. A chunk never spans two
+    of those lists. DALI reads the returned buffers in place, so the last ``keep_alive``
+    (> the pipeline's queue depth) are kept referenced.
     """
 
-    def __init__(self, kind: str, keep_alive: int) -> None:
-        self.kind = kind
-        self.data: Sequence[np.ndarray] = []
+    def __init__(self, kind: str, keep_alive: int, chunk: int = 1) -> None:
+        self.kind, self.chunk = kind, max(1, int(chunk))
+        self.data: np.ndarray = np.zeros(0, object)
         self.widths = np.zeros(0, np.int64)
         self.queue: collections.deque = collections.deque()
+        self.sizes: collections.deque = collections.deque()  # request sizes of each chunk handed to DALI, in order
         self.more: Callable[[], Sequence | None] | None = None
         self.alive: collections.deque = collections.deque(maxlen=keep_alive)
 
     def start(self, data: Sequence[np.ndarray] | np.ndarray, widths: np.ndarray) -> None:
-        self.data, self.widths = data, np.asarray(widths, np.int64)
+        """Render from ``data``: an array (of same-size images, or :func:`object_rows`) or a sequence."""
+        self.data = data if isinstance(data, np.ndarray) else object_rows(data)
+        self.widths = np.asarray(widths, np.int64)
 
     def __call__(self) -> tuple:
         if not self.queue and self.more is not None:
             more, self.more = self.more, None
-            self.queue.extend(more() or ())
+            self.extend(more() or ())
         if not self.queue:
             raise StopIteration
-        ids, boxes, flips = self.queue.popleft()
-        boxes = np.asarray(boxes, dtype=np.int64)
-        data = self.data[ids] if isinstance(self.data, np.ndarray) else [self.data[i] for i in ids]
-        flips = np.asarray(flips, dtype=np.int32)
+        members = []
+        while self.queue and len(members) < self.chunk:
+            request, last = self.queue.popleft()
+            members.append(request)
+            if last:
+                break
+        self.sizes.append([len(r[0]) for r in members])
+        ids = np.concatenate([np.asarray(r[0], np.int64) for r in members])
+        boxes = np.concatenate([np.asarray(r[1], np.int64).reshape(-1, 4) for r in members])
+        flips = np.concatenate([np.asarray(r[2]).reshape(-1) for r in members]).astype(np.int32)
+        data = self.data[ids]
+        if data.dtype == object:
+            data = data.tolist()
         if self.kind == "encoded":
             dec = _decode_windows(boxes, self.widths[ids])
             out = data, _i32(dec[:, :2]), _i32(dec[:, 2:]), _i32(boxes[:, :2] - dec[:, :2]), _i32(boxes[:, 2:]), flips
@@ -500,28 +526,57 @@ class CropFeeder:
         self.alive.append(out)  # DALI reads these buffers in place (no_copy) until they are consumed
         return out
 
+    def extend(self, requests: Sequence) -> None:
+        """Queue ``requests`` as one list (a chunk stops at its end)."""
+        self.queue.extend((r, k == len(requests) - 1) for k, r in enumerate(requests))
+
+
+def object_rows(items: Sequence[Any]) -> np.ndarray:
+    """``items`` as a 1-D object array: a batch of them is then one vectorized gather."""
+    rows = np.empty(len(items), object)
+    for i, item in enumerate(items):  # item by item: numpy would otherwise stack same-shape arrays
+        rows[i] = item
+    return rows
+
+
+# Requests rendered per DALI batch: chunks of about CHUNK_PIXELS output pixels (2,048 crops at
+# 32 px, 1 batch at 224 px), so that the per-run cost of the Python thread that drives DALI is
+# spread over many small crops and DALI's threads get enough samples per run.
+CHUNK_PIXELS = 2048 * 32 * 32
+
+
+def render_chunk(batch_size: int, size: int) -> int:
+    """How many requests of ``batch_size`` crops of ``size`` px one DALI run renders (>= 1)."""
+    return max(1, CHUNK_PIXELS // (int(batch_size) * int(size) ** 2))
+
 
 class DaliRunner:
     """One DALI crop pipeline fed by a :class:`CropFeeder`; batches are handed out without a
-    copy (``exec_dynamic`` + DLPack).
+    copy (``exec_dynamic`` + DLPack; a chunk's output is sliced into its requests' batches, views).
 
-    Requests are queued (:meth:`queue`) and rendered ``prefetch`` batches ahead on the pipeline's own
-    threads; :meth:`take` yields the next ``n`` batches in order. The pipeline keeps running
-    across calls (no drain between epochs) as long as requests are queued in time -- the
-    feeder's ``more`` is asked when the queue runs dry. A ``take`` that is left early or fails
-    marks the runner ``broken`` (its queue holds stale batches): build a new one.
+    Requests are queued (:meth:`queue`) and rendered ``prefetch`` batches ahead (at least two
+    chunks) on the pipeline's own threads, ``chunk`` requests per DALI run; :meth:`take` yields
+    the next ``n`` batches in order. The pipeline keeps running across calls (no drain between
+    epochs) as long as requests are queued in time -- the feeder's ``more`` is asked when the
+    queue runs dry. A ``take`` that is left early or fails marks the runner ``broken`` (its
+    queue holds stale batches): build a new one. ``channels_last`` (normalized output) hands
+    out NCHW views with channels-last strides of DALI's HWC output, no copy.
     """
 
-    def __init__(self, renderer: DaliRenderer, kind: str, output: str, batch_size: int, prefetch: int = 2) -> None:
-        self.output = output
-        self.feeder = CropFeeder(kind, keep_alive=prefetch + 2)
-        self.pipe = renderer.pipeline(kind, output, self.feeder, batch_size, prefetch)
+    def __init__(self, renderer: DaliRenderer, kind: str, output: str, batch_size: int, prefetch: int = 2,
+                 chunk: int = 1) -> None:
+        self.output, self.chunk = output, max(1, int(chunk))
+        self.channels_last = output == "normalized" and renderer.memory_format == "channels_last"
+        depth = max(2 if self.chunk > 1 else 1, -(-int(prefetch) // self.chunk))
+        self.feeder = CropFeeder(kind, keep_alive=depth + 2, chunk=self.chunk)
+        self.pipe = renderer.pipeline(kind, output, self.feeder, batch_size * self.chunk, depth)
         self.broken = False
         self.outstanding = 0  # requests queued or in flight and not yet taken
+        self._ready: collections.deque = collections.deque()  # batches of the current chunk not yet taken
 
     def queue(self, requests: Sequence) -> None:
         """Append ``requests`` to what the pipeline renders."""
-        self.feeder.queue.extend(requests)
+        self.feeder.extend(requests)
         self.outstanding += len(requests)
 
     def run(self, data: Sequence[np.ndarray], widths: np.ndarray, requests: Sequence) -> Iterator[Any]:
@@ -541,20 +596,34 @@ class DaliRunner:
             yield out
 
     def _next(self) -> Any:
+        if not self._ready:
+            self._ready.extend(self._split(self._run_once(), self.feeder.sizes.popleft()))
+        self.outstanding -= 1
+        return self._ready.popleft()
+
+    def _run_once(self) -> Any:
         try:
             (out,) = self.pipe.run()
         except StopIteration:  # the feeder had run dry (nothing queued in time): start a new DALI epoch
             self.pipe.reset()
             (out,) = self.pipe.run()
-        self.outstanding -= 1
         if self.output == "raw":
             out = out.as_cpu() if hasattr(out, "as_cpu") else out
             return [np.array(out[i]) for i in range(len(out))]
         tensor = out.as_tensor()
         if self.pipe.device_id is None or not hasattr(tensor, "as_cpu"):
-            return torch.from_dlpack(tensor)
-        with torch.cuda.device(self.pipe.device_id):
-            return torch.from_dlpack(tensor)
+            x = torch.from_dlpack(tensor)
+        else:
+            with torch.cuda.device(self.pipe.device_id):
+                x = torch.from_dlpack(tensor)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+    @staticmethod
+    def _split(out: Any, sizes: list[int]) -> list[Any]:
+        if len(sizes) == 1:
+            return [out]
+        ends = np.cumsum(sizes)
+        return [out[a:b] for a, b in zip(ends - sizes, ends)]
 
 
 def _i32(a: np.ndarray) -> np.ndarray:
@@ -615,7 +684,8 @@ def make_renderer(
     torch device: :func:`~hald_store.devices.renderer_device`; ``cuda:N`` sets ``device_id``).
     ``workers``: DALI threads (ignored by torchvision, which renders in the stream's worker
     processes). Extra keywords go to the renderer class (``max_batch_size`` and
-    ``num_threads`` for DALI; ``interpolation``, ``antialias`` and ``device_id`` for both).
+    ``num_threads`` for DALI; ``interpolation``, ``antialias``, ``device_id`` and
+    ``memory_format`` for both).
     Explicit requests that cannot be met raise :class:`HaldStoreError`; ``"auto"`` falls back
     silently (and then drops DALI-only keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
     CUDA tensors.
@@ -644,11 +714,11 @@ def make_renderer(
         return DaliRenderer(size, mean, std, device=device, **kw)
     if auto_backend:  # fell back: DALI-only tuning knobs do not apply
         kw = {k: v for k, v in kw.items() if k not in _DALI_ONLY_KWARGS}
-    unknown = sorted(set(kw) - {"interpolation", "antialias", "device_id"})
+    unknown = sorted(set(kw) - {"interpolation", "antialias", "device_id", "memory_format"})
     if unknown:
         raise HaldStoreError(
             f"unknown option(s) {unknown} for the torchvision renderer (only interpolation, "
-            f"antialias and device_id apply; {list(_DALI_ONLY_KWARGS)} are DALI-only)"
+            f"antialias, device_id and memory_format apply; {list(_DALI_ONLY_KWARGS)} are DALI-only)"
         )
     return TorchvisionRenderer(size, mean, std, device=device, **kw)
 

@@ -31,7 +31,7 @@ import torch
 from .errors import HaldStoreError, ImageError, preview
 from .images import DIGEST_SIZE
 from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
-                       read_files, thin_boxes)
+                     object_rows, read_files, render_chunk, thin_boxes)
 
 __all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default", "fits_cache"]
 
@@ -93,14 +93,15 @@ class CropStream:
         boxes = np.concatenate([np.asarray(r[1], np.int64).reshape(-1, 4) for r in requests])
         check_boxes(boxes, self.heights[ids], self.widths[ids], name_of=lambda i: self.files[ids[i]])
 
-    def culprit(self, request: Request) -> ImageError | None:
-        """Render a failed request one sample at a time: an error naming the first bad file."""
-        ids, boxes, flips = request
-        for k, i in enumerate(ids):
-            try:
-                self.renderer(read_files([self.files[i]]), np.asarray(boxes)[k : k + 1], np.asarray(flips)[k : k + 1])
-            except HaldStoreError as exc:
-                return ImageError(f"cannot render {self.files[i]}: {exc}")
+    def culprit(self, *requests: Request) -> ImageError | None:
+        """Render failed requests one sample at a time: an error naming the first bad file."""
+        for ids, boxes, flips in requests:
+            for k, i in enumerate(ids):
+                try:
+                    self.renderer(read_files([self.files[i]]), np.asarray(boxes)[k : k + 1],
+                                  np.asarray(flips)[k : k + 1])
+                except HaldStoreError as exc:
+                    return ImageError(f"cannot render {self.files[i]}: {exc}")
         return None
 
     def close(self) -> None:
@@ -125,19 +126,20 @@ class DaliStream(CropStream):
             cache_decoded = renderer.device == "cpu" and cache_decoded_default(self.heights, self.widths)
         self.batch_size = int(batch_size)
         self.cache_decoded = bool(cache_decoded)
-        self._names = [np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files]
-        self._decoded: list[np.ndarray] | np.ndarray | None = None
+        self._names = object_rows([np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files])
+        self._decoded: np.ndarray | None = None
         self._runner: DaliRunner | None = None
 
     def _get_runner(self) -> DaliRunner:
         if self._runner is None or self._runner.broken:
             kind = "decoded" if self.cache_decoded else "path"
-            self._runner = DaliRunner(self.renderer, kind, "normalized", self.batch_size, self.prefetch)
+            self._runner = DaliRunner(self.renderer, kind, "normalized", self.batch_size, self.prefetch,
+                                      chunk=render_chunk(self.batch_size, self.renderer.size))
         return self._runner
 
-    def decoded(self) -> list[np.ndarray] | np.ndarray:
+    def decoded(self) -> np.ndarray:
         """Every image decoded (HWC uint8), once: the cache of ``cache_decoded`` (one
-        ``(N, H, W, 3)`` array when all images have the same size). The files are read here and,
+        ``(N, H, W, 3)`` array when all images have the same size, else an object array). The files are read here and,
         given ``digests`` (the manifest's BLAKE2b-128; rows of zeros are not checked), checked before DALI sees them: DALI 2.4
         often crashes the process (SIGSEGV) when one image of a large batch fails to decode."""
         if self._decoded is None:
@@ -152,7 +154,7 @@ class DaliStream(CropStream):
             images = [img for batch in self._named(runner.run(data, self.widths, requests), requests)
                       for img in batch]
             # Same-size images (the usual distilled set) go in one array: a batch is then one gather.
-            self._decoded = np.stack(images) if len({im.shape for im in images}) == 1 else images
+            self._decoded = np.stack(images) if len({im.shape for im in images}) == 1 else object_rows(images)
         return self._decoded
 
     def _check_digests(self, data: list[np.ndarray]) -> None:
@@ -165,8 +167,9 @@ class DaliStream(CropStream):
             raise ImageError(f"{len(changed)} image file(s) changed since the store was built (their content differs "
                              f"from the manifest's hash): {preview(changed)}; restore them or rebuild the store")
 
-    def _named(self, batches: Iterator, requests: list[Request]) -> Iterator:
-        """``batches``, with a failure turned into an error naming the bad file."""
+    def _named(self, batches: Iterator, requests: list[Request], chunk: int = 1) -> Iterator:
+        """``batches``, with a failure (of a chunk of up to ``chunk`` requests rendered together)
+        turned into an error naming the bad file."""
         done = 0
         try:
             for batch in batches:
@@ -175,10 +178,10 @@ class DaliStream(CropStream):
         except Exception as exc:
             if done >= len(requests):
                 raise
-            found = self.culprit(requests[done])
+            found = self.culprit(*requests[done : done + chunk])
             if found is not None:
                 raise found from exc
-            names = preview(self.files[i] for i in requests[done][0])
+            names = preview(self.files[i] for r in requests[done : done + chunk] for i in r[0])
             raise HaldStoreError(f"the DALI pipeline failed on a batch of {names}: {exc}") from exc
 
     def _run(self, requests, ahead):
@@ -195,7 +198,7 @@ class DaliStream(CropStream):
         self._ahead = None
         runner.feeder.more = None if ahead is None else functools.partial(
             self._queue_ahead, weakref.ref(runner), weakref.WeakMethod(ahead) if hasattr(ahead, "__self__") else lambda: ahead)
-        batches = self._named(runner.take(len(requests)), requests)
+        batches = self._named(runner.take(len(requests)), requests, runner.chunk)
         return batches if self.cache_decoded else self._fix_thin(batches, requests)
 
     def _queue_ahead(self, runner: weakref.ref, ahead: weakref.WeakMethod) -> Sequence[Request]:
@@ -258,7 +261,8 @@ class WorkerStream(CropStream):
         if self.workers < 0:
             raise HaldStoreError(f"workers must be >= 0, got {workers}")
         self.cpu_renderer = TorchvisionRenderer(renderer.size, renderer.mean, renderer.std,
-                                                interpolation=renderer.interpolation, antialias=renderer.antialias)
+                                                interpolation=renderer.interpolation, antialias=renderer.antialias,
+                                                memory_format=renderer.memory_format)
 
     def _run(self, requests, ahead):
         requests = list(requests)

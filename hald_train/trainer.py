@@ -200,6 +200,8 @@ class Trainer:
                       rank=self.ranks.rank, world_size=self.ranks.world_size, workers=c.workers)
         if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
             common.update(device="cuda", device_id=self.ranks.local_rank)
+        if c.amp and torch.cuda.is_available() and c.device != "cpu":  # bf16 on CUDA: the student is channels-last
+            common.update(memory_format="channels_last")
         self.phases: dict[str, PhaseKind] = {}  # the schedule's kinds (in registration order), each with its loader
         for kind in (k for k in PHASE_KINDS if k in self.schedule.kinds()):
             self.phases[kind] = PHASE_KINDS[kind](c.phase_options(kind))

@@ -181,6 +181,37 @@ def test_cached_crops_are_the_rendered_ones(small_store):
     assert all(torch.equal(a, b.images) for a, b in zip(first, _all(evaluate), strict=True))
 
 
+@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+def test_channels_last_delivery_has_the_same_values(small_store, backend):
+    store, root = small_store
+    kw = dict(batch_size=5, seed=3, backend=backend, device="cpu")
+    plain = SoftLabelLoader(store, root, cache_crops=False, **kw)
+    for cache_crops in (False, True):
+        last = SoftLabelLoader(store, root, cache_crops=cache_crops, memory_format="channels_last", **kw)
+        for epoch in range(store.crops_per_image + 1):  # with the crop cache, the last epoch is gathered from it
+            got = _all(last, epoch)
+            _same_batches(_all(plain, epoch), got)
+            assert all(b.images.is_contiguous(memory_format=torch.channels_last) and not b.images.is_contiguous()
+                       for b in got)
+
+
+def test_a_file_changed_under_a_running_loader_is_refused_before_its_batch(small_store, tmp_path):
+    store, root = small_store
+    images = Path(shutil.copytree(root, tmp_path / "images"))
+    loader = SoftLabelLoader(store, images, batch_size=4, cache_decoded=False, cache_crops=False)
+    assert len(_all(loader, 0)) == 6
+    batches, paths = loader.epoch_plan(1).batches, store.manifest().paths
+    victim, other = paths[batches[3][1]], paths[batches[0][0]]
+    (images / victim).write_bytes((images / other).read_bytes())  # another valid image: decodes, but not this one
+    got = []
+    with pytest.raises(ManifestMismatchError, match=rf"1 changed \({victim}\)"):
+        for batch in loader.iter_epoch(1):
+            got.append(batch)
+    assert len(got) <= 3  # batches 0-2 may be handed out (their files are checked first), never batch 3
+    (images / victim).write_bytes((root / victim).read_bytes())
+    assert len(_all(loader, 2)) == 6  # its own bytes back (a new time): accepted after a hash
+
+
 def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
     store, root = small_store
     loader = SoftLabelLoader(store, root, batch_size=8, backend="torchvision", device="cpu")

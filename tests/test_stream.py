@@ -12,7 +12,7 @@ import torch
 from hald_store.crop_plan import CropPolicy, plan_crops
 from hald_store.errors import HaldStoreError, ImageError
 from hald_store.images import scan_image_folder
-from hald_store.render import dali_available, make_renderer, read_files
+from hald_store.render import DaliRunner, dali_available, make_renderer, read_files
 from hald_store.stream import DaliStream, WorkerStream, open_stream
 
 from .conftest import copy_subset, photo, require_data
@@ -48,6 +48,26 @@ def test_stream_equals_the_exact_renderer(folder, backend, cache):
         assert [len(x) for x in got] == [6, 6, 6, 2]
         for (ids, boxes, flips), x in zip(requests, got):
             assert torch.equal(x, renderer(read_files([files[i] for i in ids]), boxes, flips))
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_chunks_of_requests_are_sliced_back_exactly(folder, memory_format):
+    """One DALI run renders a chunk of requests (here 3: chunks of 18 and 2 crops per list),
+    handed out as views of its output, in the memory format asked for."""
+    m = scan_image_folder(folder, progress=False)
+    files = [folder / p for p in m.paths]
+    exact = make_renderer("dali", size=24, device="cpu")
+    runner = DaliRunner(make_renderer("dali", size=24, device="cpu", memory_format=memory_format), "encoded",
+                        "normalized", 6, prefetch=1, chunk=3)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    for seed in (0, 1):
+        requests = _requests(m, 6, seed)
+        got = list(runner.run(read_files(files), m.widths, requests))
+        assert [len(x) for x in got] == [6, 6, 6, 2] and got[0].data_ptr() != got[1].data_ptr()
+        for (ids, boxes, flips), x in zip(requests, got):
+            assert x.is_contiguous(memory_format=fmt)
+            assert torch.equal(x, exact(read_files([files[i] for i in ids]), boxes, flips))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
