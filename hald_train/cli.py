@@ -12,7 +12,7 @@ from hald_store.cli import _friendly_errors
 from hald_store.options import BACKENDS, RenderOptions
 
 from .phases import PHASE_KINDS, option_fields
-from .presets import RESETS, TRAIN_PRESETS
+from .presets import DECAY_PARAMS, OPTIMIZERS, RESETS, TRAIN_PRESETS
 from .schedule import PRESETS
 
 
@@ -50,12 +50,12 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--hard-epochs", type=int, default=None,
               help="Hard epochs of a named schedule [default: half of --epochs].")
 @click.option("--batch-size", type=int, default=64)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=OPTIMIZERS[0])
 @click.option("--lr", type=float, default=1e-3)
 @click.option("--lr-eta", type=float, default=2.0,
               help="LR = lr * 0.5 * (1 + cos(pi * epoch / epochs / eta)) per epoch: 1 decays to 0, 2 to half.")
 @click.option("--weight-decay", type=float, default=0.01)
-@click.option("--decay-params", type=click.Choice(["weights", "all"]), default="weights",
+@click.option("--decay-params", type=click.Choice(DECAY_PARAMS), default=DECAY_PARAMS[0],
               help="weights: decay only conv/linear weights (name has 'weight', ndim > 1), as the reference.")
 @click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
 @click.option("--warmup-epochs", type=int, default=0)

@@ -9,7 +9,8 @@ from torch import nn
 
 from hald_store.errors import HaldStoreError
 
-DECAY_PARAMS = ("weights", "all")
+from .presets import DECAY_PARAMS, OPTIMIZERS
+
 
 
 def lr_factor(t: float, total: int, warmup: int = 0, eta: float = 1.0) -> float:
@@ -52,4 +53,4 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, 
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, beta2))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    raise HaldStoreError(f"optimizer must be adamw or sgd, got {name!r}")
+    raise HaldStoreError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")

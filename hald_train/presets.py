@@ -1,4 +1,4 @@
-"""Named training recipes and optimizer-reset choices, importable without torch (``hald-train
+"""Named training recipes and the optimizer choices, importable without torch (``hald-train
 --help`` lists them); :mod:`hald_train.trainer` uses them."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from typing import Any
 
 from .phases import PHASE_KINDS
 
+OPTIMIZERS = ("adamw", "sgd")  # hald_train.optim.make_optimizer
+DECAY_PARAMS = ("weights", "all")  # which parameters weight decay reaches (hald_train.optim.param_groups)
 # When fresh optimizer moments start: at phase changes into which kinds.
 RESETS = {"never": (), "every": tuple(PHASE_KINDS), **{f"to-{kind}": (kind,) for kind in PHASE_KINDS}}
 # Settings of named recipes; each value cites the HALD code (Jiacheng8/HALD) it reproduces.

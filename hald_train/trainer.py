@@ -24,12 +24,13 @@ from hald_store import EvalLoader, HardLabelLoader, LabelStore, SoftLabelLoader,
 from hald_store.errors import (HaldStoreError, OptionError, SettingsMismatchError, StoreError,
                                TrainingDivergedError, check_at_least,
                                check_in_range, check_positive_finite, check_seed)
+from hald_store.devices import cuda_available
 from hald_store.safety import run_dir_lock
 from hald_store.store import settings_diff
 
 from .optim import lr_factor, make_optimizer
 from .phases import PHASE_KINDS, PhaseKind, option_fields, options_dataclass, options_of
-from .presets import RESETS, TRAIN_PRESETS
+from .presets import DECAY_PARAMS, OPTIMIZERS, RESETS, TRAIN_PRESETS
 from .report import CURVE, FINAL, METRICS, MODEL, learning_curve_png
 from .schedule import Schedule, parse_schedule
 
@@ -56,11 +57,11 @@ class TrainConfig(options_dataclass()):
     epochs: int | None = None  # needed by named schedules (shs, ...); an explicit schedule sums its own
     hard_epochs: int | None = None
     batch_size: int = 64
-    optimizer: str = "adamw"
+    optimizer: str = OPTIMIZERS[0]
     lr: float = 1e-3
     lr_eta: float = 2.0  # the LR ends at lr * 0.5 * (1 + cos(pi / lr_eta)): 1 -> 0, 2 -> half (reference)
     weight_decay: float = 0.01
-    decay_params: str = "weights"  # "weights": conv/linear weights only, as the reference; "all"
+    decay_params: str = DECAY_PARAMS[0]  # "weights": conv/linear weights only, as the reference; "all"
     momentum: float = 0.9
     warmup_epochs: int = 0
     reset_optimizer: str = "never"  # fresh optimizer moments at phase changes: never (reference), every, or
@@ -87,8 +88,8 @@ class TrainConfig(options_dataclass()):
             self.phase_options(kind).check()
         for name in ("lr", "lr_eta"):
             check_positive_finite(name, getattr(self, name))
-        if self.optimizer not in ("adamw", "sgd"):
-            raise OptionError(f"optimizer must be adamw or sgd, got {self.optimizer!r}", "optimizer")
+        if self.optimizer not in OPTIMIZERS:
+            raise OptionError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}", "optimizer")
         if self.reset_optimizer not in RESETS:
             raise OptionError(f"reset_optimizer must be one of {', '.join(RESETS)}, got {self.reset_optimizer!r}",
                               "reset_optimizer")
@@ -198,9 +199,9 @@ class Trainer:
         self.ranks = distributed.context()
         common = dict(batch_size=c.batch_size, seed=c.seed, backend=c.backend, device=c.device,
                       rank=self.ranks.rank, world_size=self.ranks.world_size, workers=c.workers)
-        if self.ranks.active and torch.cuda.is_available() and c.device in ("auto", "cuda"):
+        if self.ranks.active and cuda_available() and c.device in ("auto", "cuda"):
             common.update(device="cuda", device_id=self.ranks.local_rank)
-        if c.amp and torch.cuda.is_available() and c.device != "cpu":  # bf16 on CUDA: the student is channels-last
+        if c.amp and cuda_available() and c.device != "cpu":  # bf16 on CUDA: the student is channels-last
             common.update(memory_format="channels_last")
         self.phases: dict[str, PhaseKind] = {}  # the schedule's kinds (in registration order), each with its loader
         for kind in (k for k in PHASE_KINDS if k in self.schedule.kinds()):

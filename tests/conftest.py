@@ -30,6 +30,7 @@ from torch import nn
 
 from hald_store import EvalLoader, LabelStore, build_store
 from hald_store.cli import main
+from hald_store.devices import cuda_available
 from hald_store.models import load_teacher, resolve_model
 from hald_store.testing import shared_data_dir, shared_data_path
 from hald_train.scenes import make_shapes_dataset
@@ -42,6 +43,11 @@ DATA_REASON = (f"needs {DATA_WHAT}, looked for at {shared_data_dir()} (../shared
 # A small, fast build: 4 crops of 32 px per image, top-3 uint8, blocks of 8 images.
 SMALL = dict(num_classes=10, crops_per_image=4, top_k=3, values="uint8", input_size=32, batch_size=16, chunk_images=8,
              backend="torchvision", progress=False)
+
+
+# The two CUDA markers every test file uses (one wording each in the skip summary).
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+no_cuda = pytest.mark.skipif(cuda_available(), reason="checks the no-CUDA error (a CUDA device is present)")
 
 
 def require_data(*parts: str) -> Path:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hald_store.devices import cuda_available, renderer_device, resolve_device
+from hald_store.devices import renderer_device, resolve_device
 from hald_store.errors import OptionError
 from hald_store.render import make_renderer
+
+from .conftest import needs_cuda, no_cuda
 
 
 def test_user_device_names_map_to_renderer_devices_with_their_index():
@@ -20,14 +22,14 @@ def test_user_device_names_map_to_renderer_devices_with_their_index():
     assert resolve_device("cpu") == torch.device("cpu") and make_renderer("torchvision", 8, device="cpu").device == "cpu"
 
 
-@pytest.mark.skipif(cuda_available(), reason="checks the no-CUDA error")
+@no_cuda
 def test_absent_cuda_is_one_error_naming_what_was_asked():
     for ask in (lambda: resolve_device("cuda:1"), lambda: make_renderer("torchvision", 8, device="cuda:1")):
         with pytest.raises(OptionError, match=r"device='cuda:1' was requested but torch.cuda.is_available\(\) is False"):
             ask()
 
 
-@pytest.mark.skipif(not cuda_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+@needs_cuda
 def test_a_cuda_index_reaches_the_renderer():
     last = torch.cuda.device_count() - 1
     r = make_renderer("torchvision", 8, device=f"cuda:{last}")

@@ -20,7 +20,7 @@ from hald_store.loader import HARD_CROP_STREAM, in_background
 from hald_store.crop_plan import plan_crops
 from hald_store.render import default_threads, read_files
 
-from .conftest import agreeing, tiny_store
+from .conftest import agreeing, needs_cuda, no_cuda, tiny_store
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +361,7 @@ def test_batch_size_and_rank_errors(small_store):
         SoftLabelLoader(store, root, batch_size=8).iter_epoch(0, start_batch=9)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+@no_cuda
 def test_gpu_requested_without_cuda(small_store):
     store, root = small_store
     with pytest.raises(HaldStoreError, match="device='cuda' was requested but torch.cuda.is_available"):
@@ -382,7 +382,7 @@ def test_dali_store_without_dali_falls_back_with_warning(small_store, monkeypatc
         SoftLabelLoader(store, root, backend="dali")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
+@needs_cuda
 def test_gpu_loader_matches_cpu_labels(small_store):
     store, root = small_store
     gpu = next(iter(SoftLabelLoader(store, root, batch_size=8, device="cuda")))

@@ -32,12 +32,10 @@ from hald_store.render import (
     read_files,
 )
 
-from .conftest import photo, require_data
+from .conftest import needs_cuda, no_cuda, photo, require_data
 
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable")
-needs_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA device (torch.cuda.is_available() is False)")
-no_cuda = pytest.mark.skipif(cuda_available(), reason="a CUDA device is present")
 
 # torchvision 0.29 deprecates its decoders (TorchCodec replaces them); the reference renderer uses them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")

@@ -23,7 +23,7 @@ from hald_train import (TRAIN_PRESETS, ScheduleError, TrainConfig, Trainer, cutm
                         parse_schedule, smooth_one_hot, soft_kl_loss, soft_target_cross_entropy, train)
 from hald_train.cli import main as train_cli
 
-from .conftest import copy_subset, reevaluate, require_data, tiny_store
+from .conftest import copy_subset, needs_cuda, reevaluate, require_data, tiny_store
 
 
 # ------------------------------------------------------------------------ schedules
@@ -168,7 +168,7 @@ def test_weight_decay_only_on_conv_and_linear_weights(name, convs, head):
 def test_optimizer_bad_input():
     with pytest.raises(HaldStoreError, match="decay_params must be one of"):
         param_groups(nn.Linear(2, 2), 0.01, "bias")
-    with pytest.raises(HaldStoreError, match="optimizer must be adamw or sgd, got 'adam'"):
+    with pytest.raises(HaldStoreError, match=r"optimizer must be one of \('adamw', 'sgd'\), got 'adam'"):
         make_optimizer(nn.Linear(2, 2), "adam", 1e-3, 0.01)
 
 
@@ -281,7 +281,7 @@ def test_mixed_precision_is_off_on_cpu(tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same code, the same numbers
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_mixed_precision_and_channels_last_on_cuda(tiny, tmp_path):
     trainer = Trainer(_config(tiny, tmp_path / "run", device="cuda", backend="torchvision"))
     seen = _precision_probe(trainer)
