@@ -16,7 +16,8 @@ _EXPORTS = {
     **dict.fromkeys(("lr_factor", "make_optimizer", "param_groups"), "optim"),
     "TRAIN_PRESETS": "presets",
     **dict.fromkeys(("PHASE_KINDS", "PhaseKind", "register_phase_kind"), "phases"),
-    **dict.fromkeys(("TrainConfig", "Trainer", "evaluate", "train"), "trainer"),
+    "TrainConfig": "config",
+    **dict.fromkeys(("Trainer", "evaluate", "train"), "trainer"),
 }
 
 __all__ = list(_EXPORTS)

@@ -9,8 +9,9 @@ from typing import Callable
 import click
 
 from hald_store.cli import _friendly_errors
-from hald_store.options import BACKENDS, RenderOptions
+from hald_store.options import BACKENDS
 
+from .config import default
 from .phases import PHASE_KINDS, option_fields
 from .presets import DECAY_PARAMS, OPTIMIZERS, RESETS, TRAIN_PRESETS
 from .schedule import PRESETS
@@ -37,42 +38,42 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.argument("images", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory (checkpoint.pt, metrics.jsonl, final.json, model.pt, learning_curve.png).")
-@click.option("--val", type=click.Path(file_okay=False), default=None, help="Held-out image folder to evaluate on.")
+@click.option("--val", type=click.Path(file_okay=False), default=default("val"), help="Held-out image folder to evaluate on.")
 @click.option("--preset", type=click.Choice(list(TRAIN_PRESETS)), is_eager=True, expose_value=False,
               callback=_preset_defaults, help="Start from a recipe's settings (hald-reference: the HALD reference "
               "run, see the README); flags given override them.")
-@click.option("--student", default="cifar_resnet20", help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
-@click.option("--schedule", default="shs",
+@click.option("--student", default=default("student"), help="cifar_resnet20/56/..., a torchvision name, or pkg.mod:factory.")
+@click.option("--schedule", default=default("schedule"),
               help=f"A named schedule ({', '.join(PRESETS)}) or phases KIND:EPOCHS,... (kinds: "
               f"{', '.join(PHASE_KINDS)}), e.g. soft:75,hard:150,soft:75.")
-@click.option("--epochs", type=int, default=None,
+@click.option("--epochs", type=int, default=default("epochs"),
               help="Total epochs (named schedules need it; an explicit one sums its own).")
-@click.option("--hard-epochs", type=int, default=None,
+@click.option("--hard-epochs", type=int, default=default("hard_epochs"),
               help="Hard epochs of a named schedule [default: half of --epochs].")
-@click.option("--batch-size", type=int, default=64)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=OPTIMIZERS[0])
-@click.option("--lr", type=float, default=1e-3)
-@click.option("--lr-eta", type=float, default=2.0,
+@click.option("--batch-size", type=int, default=default("batch_size"))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=default("optimizer"))
+@click.option("--lr", type=float, default=default("lr"))
+@click.option("--lr-eta", type=float, default=default("lr_eta"),
               help="LR = lr * 0.5 * (1 + cos(pi * epoch / epochs / eta)) per epoch: 1 decays to 0, 2 to half.")
-@click.option("--weight-decay", type=float, default=0.01)
-@click.option("--decay-params", type=click.Choice(DECAY_PARAMS), default=DECAY_PARAMS[0],
+@click.option("--weight-decay", type=float, default=default("weight_decay"))
+@click.option("--decay-params", type=click.Choice(DECAY_PARAMS), default=default("decay_params"),
               help="weights: decay only conv/linear weights (name has 'weight', ndim > 1), as the reference.")
-@click.option("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov).")
-@click.option("--warmup-epochs", type=int, default=0)
+@click.option("--momentum", type=float, default=default("momentum"), help="SGD momentum (Nesterov).")
+@click.option("--warmup-epochs", type=int, default=default("warmup_epochs"))
 @_phase_options
-@click.option("--reset-optimizer", type=click.Choice(list(RESETS)), default="never", is_flag=False, flag_value="every",
+@click.option("--reset-optimizer", type=click.Choice(list(RESETS)), default=default("reset_optimizer"), is_flag=False, flag_value="every",
               help="Fresh optimizer moments at phase changes: every one (the bare flag) or only into phases of one "
               "kind (to-KIND); the reference keeps one optimizer state.")
-@click.option("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay.")
-@click.option("--eval-every", type=int, default=0, help="Evaluate every N epochs (0: at the end only).")
-@click.option("--eval-crop-fraction", type=float, default=1.0, help="Centre crop side / shorter side at evaluation.")
-@click.option("--seed", type=int, default=0)
-@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=RenderOptions.backend)
-@click.option("--device", default=RenderOptions.device, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", type=int, default=RenderOptions.workers,
+@click.option("--adam-beta2", type=float, default=default("adam_beta2"), help="AdamW's second-moment decay.")
+@click.option("--eval-every", type=int, default=default("eval_every"), help="Evaluate every N epochs (0: at the end only).")
+@click.option("--eval-crop-fraction", type=float, default=default("eval_crop_fraction"), help="Centre crop side / shorter side at evaluation.")
+@click.option("--seed", type=int, default=default("seed"))
+@click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=default("backend"))
+@click.option("--device", default=default("device"), help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, default=default("workers"),
               help="Data-path threads (DALI) or worker processes (torchvision) [default: this process's cores].")
-@click.option("--amp/--no-amp", default=True, help="bf16 autocast and channels-last on CUDA (always off on CPU).")
-@click.option("--stop-after", type=int, default=None, help="Stop after N epochs of this call (continue with --resume).")
+@click.option("--amp/--no-amp", default=default("amp"), help="bf16 autocast and channels-last on CUDA (always off on CPU).")
+@click.option("--stop-after", type=int, default=default("stop_after"), help="Stop after N epochs of this call (continue with --resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped (or start it if it has no checkpoint yet; "
               "a finished run gets any missing final files).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, a two-line summary.")

@@ -3,6 +3,7 @@ recorded name, and quick-start mistakes caught early with flag names."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from click.testing import CliRunner
 from hald_store import LabelStore, build_store, load_teacher
 from hald_store.cli import main
 from hald_train.cli import main as train_cli
+from hald_train.config import TrainConfig
+from hald_train.presets import DECAY_PARAMS, OPTIMIZERS
 
 from .conftest import generated_images, random_teacher
 
@@ -85,3 +88,16 @@ def test_quick_start_mistakes_name_flags_early(built, tmp_path):
     assert r.exit_code == 1 and "--batch-size 256 is larger than the 40 images" in r.output, r.output
     r = CliRunner().invoke(train_cli, [str(out), str(images), *run])
     assert r.exit_code == 1 and "--schedule shs needs --epochs N" in r.output, r.output
+
+
+def test_hald_train_flags_take_their_defaults_and_choices_from_train_config():
+    """Declared once: every hald-train flag that is a TrainConfig field has the field's default
+    (and the optimizer/decay choices are presets' tuples)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    flags = {p.name: p for p in train_cli.params if p.name in fields and not p.required}
+    assert len(flags) > 20
+    for name, param in flags.items():
+        if fields[name].default is not dataclasses.MISSING:
+            assert param.default == fields[name].default, name
+    assert tuple(flags["optimizer"].type.choices) == OPTIMIZERS
+    assert tuple(flags["decay_params"].type.choices) == DECAY_PARAMS
