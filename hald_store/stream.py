@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import multiprocessing
 import os
+import sys
 import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -250,6 +252,18 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How :class:`WorkerStream` starts its worker processes: forked (the platform default)
+    unless DALI is loaded in this process, whose threads' state a forked worker inherits
+    (workers died of it: a suite run, tests/test_loader.py); then from a forkserver that
+    preloads this module, so each worker starts clean and cheaply."""
+    if "nvidia.dali" not in sys.modules:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 class WorkerStream(CropStream):
     """Batches rendered by ``workers`` processes of a ``torch.utils.data.DataLoader`` (torch at
     one thread each); ``workers=0`` renders in the calling thread."""
@@ -266,7 +280,8 @@ class WorkerStream(CropStream):
 
     def _run(self, requests, ahead):
         requests = list(requests)
-        extra = dict(worker_init_fn=_one_thread, prefetch_factor=self.prefetch) if self.workers else {}
+        extra = dict(worker_init_fn=_one_thread, prefetch_factor=self.prefetch,
+                     multiprocessing_context=worker_context()) if self.workers else {}
         loader = torch.utils.data.DataLoader(_RenderBatches(self, requests), batch_size=None, shuffle=False,
                                              num_workers=min(self.workers, len(requests)),
                                              pin_memory=self.renderer.device == "gpu", **extra)
