@@ -211,7 +211,7 @@ class CropLoader:
             weakref.finalize(self, self._checks.put, None)  # the thread ends with the loader
         if self._check is not None:
             self._check.cancelled = True  # its epoch was left or is over
-        self._check = FileCheck(self.manifest, self.root, batches)
+        self._check = FileCheck(self.manifest, self.root, batches, self.source.check_unchanged)
         self._checks.put(self._check)
         return self._check
 
@@ -245,31 +245,33 @@ class FileCheck:
     (:func:`serve_checks`), in delivery order: the images of batch ``k`` are checked after the
     epoch started and before :meth:`wait` ``(k)`` returns, so a changed file is refused (the
     error names it) before a batch with its pixels is handed out, while the consumer's thread
-    spends nothing on it. Pieces of batches grow from one batch to :data:`CHECK_PIECE` images
-    (the first batch waits for little); ``cancelled`` stops it (an epoch left early)."""
+    spends nothing on it. ``before`` (the source's :meth:`~hald_store.sources.CropSource.check_unchanged`)
+    runs first. Pieces of batches grow from one batch to :data:`CHECK_PIECE` images (the first
+    batch waits for little); ``cancelled`` stops it (an epoch left early)."""
 
-    def __init__(self, manifest: Manifest, root: Path, batches: Sequence[np.ndarray]) -> None:
-        self.manifest, self.root = manifest, root
+    def __init__(self, manifest: Manifest, root: Path, batches: Sequence[np.ndarray],
+                 before: Callable[[], None] = lambda: None) -> None:
+        self.manifest, self.root, self.before = manifest, root, before
         self.ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
         self.order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
         self.done, self.error, self.cancelled = 0, None, False  # images checked (in delivery order); its error
         self._cond = threading.Condition()
 
     def run(self) -> None:
-        start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
-        while start < len(self.order) and not self.cancelled:
-            end = min(start + piece, len(self.order))
-            try:
+        try:
+            self.before()
+            start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
+            while start < len(self.order) and not self.cancelled:
+                end = min(start + piece, len(self.order))
                 check_image_root(self.manifest, self.root, rows=self.order[start:end])
-            except BaseException as e:  # handed to the consumer by wait()
                 with self._cond:
-                    self.error = e
+                    self.done = start = end
                     self._cond.notify_all()
-                return
+                piece = min(2 * piece, CHECK_PIECE)
+        except BaseException as e:  # handed to the consumer by wait()
             with self._cond:
-                self.done = start = end
+                self.error = e
                 self._cond.notify_all()
-            piece = min(2 * piece, CHECK_PIECE)
 
     def wait(self, k: int) -> None:
         """Return once the images of batches ``0..k`` are checked; raise the check's error if

@@ -148,6 +148,10 @@ class CropSource:
     def crops(self, manifest: Manifest, epoch: int) -> EpochCrops:
         raise NotImplementedError
 
+    def check_unchanged(self) -> None:
+        """Raise if what :meth:`crops` reads was replaced since it was opened. The loader runs it
+        on its file-check thread before each epoch's first batch is handed out."""
+
     def slow_crops(self, manifest: Manifest) -> bool:
         """Whether :meth:`crops` is worth a background thread (else the next epoch is planned
         when first asked for: under load, starting a thread took milliseconds, longer than a
@@ -245,7 +249,6 @@ class StoredCrops(CropSource):
         seeds = self.crop_seeds(epoch)
         kept = self._resident()
         if kept:  # a gather in memory: at 32 px an epoch trains faster than a pass over the store
-            self.store.check_identity()  # as a pass over the store does: no store swapped under a running loader
             rows = np.arange(len(seeds))
             fields = {f: kept[f"labels/{f}"][rows, seeds] for f in self.store.codec.fields()}
             boxes, flips = kept["crops/box"][rows, seeds], kept["crops/flip"][rows, seeds]
@@ -255,6 +258,10 @@ class StoredCrops(CropSource):
 
     def slow_crops(self, manifest) -> bool:
         return not self._resident()
+
+    def check_unchanged(self) -> None:
+        if self._resident():  # a pass over the store checks this itself (read_one_crop_per_image)
+            self.store.check_identity()
 
     def _resident(self) -> dict[str, np.ndarray]:
         """Every crop's label fields, box and flip when they take at most :data:`RESIDENT_BYTES`
