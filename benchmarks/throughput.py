@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import json
 import pstats
@@ -218,6 +219,13 @@ def child(args) -> None:
     store, root = LabelStore.open(args.child_store), Path(args.child_images)
     if args.child == "bare":
         fn = bare_dali(store, root, args.batch_size, default_threads())
+    elif args.child == "ffcv":  # the peer, on the .beton the contenders table wrote (or writes it)
+        fn = ffcv_epochs(store, root, Path(args.work), Path(args.child_store).stem, args.batch_size,
+                         default_threads(), "raw")
+        if isinstance(fn, str):
+            sys.exit(fn)
+    elif args.child == "machine":
+        fn = machine_epochs(default_threads())
     else:
         crops = args.child == "loader"
         fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
@@ -226,6 +234,19 @@ def child(args) -> None:
         return profile(fn, args, store)
     rates = interleaved({"x": fn}, args.child_epochs)["x"]
     print(json.dumps({"rate": float(np.median(rates)), "threads": default_threads()}))
+
+
+def machine_epochs(threads: int, products: int = 64) -> callable:
+    """The cores' own ceiling, no data path at all: ``threads`` torch threads multiplying
+    512x512 float32 matrices (``epoch(e)`` returns ``products``; its rate is products/s)."""
+    torch.set_num_threads(threads)
+    a = torch.randn(512, 512)
+
+    def epoch(e: int) -> int:
+        for _ in range(products):
+            torch.mm(a, a)
+        return products
+    return epoch
 
 
 def profile(fn: callable, args, store: LabelStore) -> None:
@@ -249,7 +270,7 @@ def profile(fn: callable, args, store: LabelStore) -> None:
 
 
 def pinned_rate(kind: str, store: str | Path, root: Path, cores: int, batch_size: int, epochs: int,
-                library: str | None = None, env: dict[str, str] | None = None) -> float:
+                library: str | None = None, env: dict[str, str] | None = None, work: Path = HERE / "results" / "work") -> float:
     """images/s of ``throughput.py --child kind`` in a child process pinned to the first ``cores``
     of this process's cores (``os.sched_setaffinity``; torch at as many threads), importing
     ``hald_store`` from ``library`` when given (a copy of another version), else this one;
@@ -259,7 +280,8 @@ def pinned_rate(kind: str, store: str | Path, root: Path, cores: int, batch_size
         env["PYTHONPATH"] = library
     out = subprocess.run(
         [sys.executable, str(HERE / "throughput.py"), "--child", kind, "--child-store", str(store),
-         "--child-images", str(root), "--batch-size", str(batch_size), "--child-epochs", str(epochs)],
+         "--child-images", str(root), "--batch-size", str(batch_size), "--child-epochs", str(epochs),
+         "--work", str(work)],
         check=True, capture_output=True, text=True, cwd=HERE, env=env,
         preexec_fn=lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores]))
     return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
@@ -270,13 +292,17 @@ def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
     off) and the bare graph (``--scaling-kinds``), pinned to each of ``--cores``, interleaved;
     with ``--baseline DIR``, the same children importing that copy of the library too."""
     libraries = {"": None, **({" [baseline]": args.baseline} if args.baseline else {})}
+    kinds = [k for k in args.scaling_kinds if k != "ffcv" or importlib.util.find_spec("ffcv")]
+    if len(kinds) < len(args.scaling_kinds):
+        print("  FFCV skipped in the scaling runs (not installed: see benchmarks/requirements-ffcv.txt)")
     rates: dict[str, list[float]] = {}
     for _ in range(args.scaling_rounds):
-        for kind in args.scaling_kinds:
+        for kind in kinds:
             for cores in args.cores:
                 for tag, library in libraries.items():
                     busy0, own0 = busy_cpu_seconds()
-                    rate = pinned_rate(kind, store.path, root, cores, args.batch_size, args.child_epochs, library)
+                    rate = pinned_rate(kind, store.path, root, cores, args.batch_size, args.child_epochs, library,
+                                       work=Path(args.work))
                     busy1, own1 = busy_cpu_seconds()
                     rates.setdefault(f"{kind}{tag} on {cores} core(s)", []).append(rate)
                     rates.setdefault(OTHER_CPU, []).append(max(0.0, busy1 - busy0 - (own1 - own0)))
@@ -386,15 +412,17 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="*", default=["cifar-32px", "tiny-64px", "photo-224px"])
     ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to --cores")
     ap.add_argument("--cores", nargs="+", type=int, default=[1, 2], help="core counts the scaling children are pinned to")
-    ap.add_argument("--scaling-kinds", nargs="+", choices=["loader", "rendering", "bare"],
-                    default=["loader", "rendering", "bare"], help="what the scaling children run")
+    ap.add_argument("--scaling-kinds", nargs="+", choices=["loader", "rendering", "bare", "ffcv", "machine"],
+                    default=["loader", "rendering", "bare", "ffcv", "machine"],
+                    help="what the scaling children run: our loader (crops cached), our loader rendering every "
+                         "epoch, the bare DALI graph, FFCV raw, and the machine's own ceiling (torch matmul)")
     ap.add_argument("--scaling-rounds", type=int, default=3)
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling children (no contenders table)")
     ap.add_argument("--baseline", help="a copy of another version of the repository (e.g. `git archive main`): "
                                        "the scaling children run against it too, interleaved")
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
-    ap.add_argument("--child", choices=["loader", "rendering", "bare"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["loader", "rendering", "bare", "ffcv", "machine"], help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help="epochs each scaling child times (after a warm-up)")
