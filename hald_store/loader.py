@@ -217,19 +217,20 @@ class CropLoader:
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator:
         plan = self.epoch_plan(epoch)
-        files = self._check_files(plan.batches[start_batch:])
         make, cache = self.source.make_batch, self._crop_cache()
         if cache is not None:
             crops, filled = cache
             keys = torch.from_numpy(self.source.crop_keys(plan.crops)).to(crops.device)
             rows = [keys[torch.from_numpy(ids).to(crops.device)] for ids in plan.batches]
             if all(bool(filled[r].all()) for r in rows[start_batch:]):  # every crop rendered before: gather
+                check = self._check_files([])  # no file is read (each was checked when its crops were rendered)
                 for k in range(start_batch, len(rows)):
                     with one_torch_thread():
                         images = gather(crops, rows[k])
-                    files.wait(k - start_batch)
+                    check.wait(None)
                     yield make(images, plan, k)
                 return
+        files = self._check_files(plan.batches[start_batch:])
         requests = plan.requests[start_batch:] if start_batch else plan.requests
         for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
             if cache is not None:
@@ -254,12 +255,16 @@ class FileCheck:
         self.manifest, self.root, self.before = manifest, root, before
         self.ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
         self.order = np.concatenate(batches) if len(batches) else np.zeros(0, np.int64)
-        self.done, self.error, self.cancelled = 0, None, False  # images checked (in delivery order); its error
+        self.done, self.error, self.cancelled = -1, None, False  # images checked in delivery order (-1: not
+        # even ``before``); the error
         self._cond = threading.Condition()
 
     def run(self) -> None:
         try:
             self.before()
+            with self._cond:
+                self.done = 0
+                self._cond.notify_all()
             start, piece = 0, int(self.ends[0]) if len(self.ends) else 1
             while start < len(self.order) and not self.cancelled:
                 end = min(start + piece, len(self.order))
@@ -273,10 +278,10 @@ class FileCheck:
                 self.error = e
                 self._cond.notify_all()
 
-    def wait(self, k: int) -> None:
-        """Return once the images of batches ``0..k`` are checked; raise the check's error if
-        one of them changed."""
-        need = int(self.ends[k])
+    def wait(self, k: int | None) -> None:
+        """Return once ``before`` ran and the images of batches ``0..k`` are checked (``None``:
+        ``before`` only); raise the check's error if one failed."""
+        need = 0 if k is None else int(self.ends[k])
         with self._cond:
             self._cond.wait_for(lambda: self.done >= need or self.error is not None)
             if self.done < need:

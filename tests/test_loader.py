@@ -212,6 +212,21 @@ def test_a_file_changed_under_a_running_loader_is_refused_before_its_batch(small
     assert len(_all(loader, 2)) == 6  # its own bytes back (a new time): accepted after a hash
 
 
+def test_an_epoch_gathered_from_the_crop_cache_reads_and_checks_no_file(small_store, tmp_path):
+    store, root = small_store
+    images = Path(shutil.copytree(root, tmp_path / "images"))
+    loader = SoftLabelLoader(store, images, batch_size=4, cache_decoded=False, cache_crops=True)
+    s = store.crops_per_image
+    for epoch in range(s):  # one cycle renders every stored crop once
+        _all(loader, epoch)
+    want = _all(SoftLabelLoader(store, root, batch_size=4, cache_decoded=False, cache_crops=False), s)
+    victim = store.manifest().paths[0]
+    (images / victim).write_bytes(b"not an image any more")
+    _same_batches(want, _all(loader, s))  # the pixels rendered (from checked files) before the change
+    with pytest.raises(ManifestMismatchError, match=rf"1 changed \({victim}\)"):
+        SoftLabelLoader(store, images, batch_size=4)  # a loader that would read the files refuses them
+
+
 def test_next_epoch_crops_are_read_ahead_and_exact(small_store):
     store, root = small_store
     loader = SoftLabelLoader(store, root, batch_size=8, backend="torchvision", device="cpu")
