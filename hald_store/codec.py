@@ -70,13 +70,13 @@ import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
-from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
 
 from hald_store.errors import OptionError, StoreError, TeacherOutputError, preview
+from hald_store.registry import Registry
 
 __all__ = [
     "VALUE_CODECS",
@@ -209,16 +209,8 @@ class ValueCodec:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[ValueCodec]] = {}
-VALUE_CODECS: Mapping[str, type[ValueCodec]] = MappingProxyType(_REGISTRY)  # name -> class, in registration order
-
-
-def register_value_codec(cls: type[ValueCodec]) -> type[ValueCodec]:
-    """Class decorator: make ``cls`` the value codec stored under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a value codec named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
-    _REGISTRY[cls.name] = cls
-    return cls
+VALUE_CODECS: Registry[type[ValueCodec]] = Registry("value codec")  # name -> class, in registration order
+register_value_codec = VALUE_CODECS.register  # class decorator: make ``cls`` the value codec stored under ``cls.name``
 
 
 class _FloatGaps(ValueCodec):

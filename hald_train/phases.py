@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from hald_store.errors import OptionError, check_at_least, check_in_range, check_positive_finite
+from hald_store.registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,27 +64,24 @@ class PhaseKind:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, type[PhaseKind]] = {}
-PHASE_KINDS: Mapping[str, type[PhaseKind]] = MappingProxyType(_REGISTRY)  # name -> class, in registration order
+PHASE_KINDS: Registry[type[PhaseKind]] = Registry("phase kind")  # name -> class, in registration order
 
 
 def register_phase_kind(cls: type[PhaseKind]) -> type[PhaseKind]:
-    """Class decorator: make ``cls`` the phase kind named ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a phase kind named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    """Class decorator: make ``cls`` the phase kind named ``cls.name`` (its options may not clash with another's)."""
     mine = {f.name: f.default for f in dataclasses.fields(cls.Options)}
-    for other in _REGISTRY.values():
+    for other in PHASE_KINDS.values():
         for f in dataclasses.fields(other.Options):
             if f.name in mine and mine[f.name] != f.default:
                 raise ValueError(f"phase option {f.name!r} of {cls.name!r} clashes with {other.name!r}'s")
-    _REGISTRY[cls.name] = cls
+    PHASE_KINDS.register(cls)
     return cls
 
 
 def option_fields() -> list[dataclasses.Field]:
     """Every registered kind's option fields, each name once, in registration order."""
     seen: dict[str, dataclasses.Field] = {}
-    for kind in _REGISTRY.values():
+    for kind in PHASE_KINDS.values():
         for f in dataclasses.fields(kind.Options):
             seen.setdefault(f.name, f)
     return list(seen.values())
@@ -99,7 +96,7 @@ def options_dataclass() -> type:
 
 def options_of(name: str, settings: Any) -> Any:
     """Kind ``name``'s options read from ``settings`` (an object with every option as an attribute)."""
-    cls = _REGISTRY[name].Options
+    cls = PHASE_KINDS[name].Options
     return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
 
 
