@@ -267,6 +267,9 @@ class TorchvisionRenderer(CropRenderer):
     """
 
     backend = "torchvision"
+    # imported when first rendering (torchvision's v2 functional pulls in torch._dynamo: seconds);
+    # a worker stream imports them before its workers start, so each does not pay that again
+    modules = ("torchvision.transforms", "torchvision.transforms.v2.functional", "PIL.Image")
 
     def describe(self) -> dict:
         import torchvision

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import multiprocessing
 import os
 import sys
@@ -260,7 +261,7 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     if "nvidia.dali" not in sys.modules:
         return None
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
+    context.set_forkserver_preload([__name__, *TorchvisionRenderer.modules])
     return context
 
 
@@ -277,6 +278,9 @@ class WorkerStream(CropStream):
         self.cpu_renderer = TorchvisionRenderer(renderer.size, renderer.mean, renderer.std,
                                                 interpolation=renderer.interpolation, antialias=renderer.antialias,
                                                 memory_format=renderer.memory_format)
+        if self.workers:  # forked workers inherit them (a forkserver preloads them: worker_context)
+            for module in TorchvisionRenderer.modules:
+                importlib.import_module(module)
 
     def _run(self, requests, ahead):
         requests = list(requests)

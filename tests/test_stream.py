@@ -3,7 +3,10 @@ boxes included), errors that name the file, and reuse after a failure or an earl
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -106,3 +109,16 @@ def test_one_pixel_wide_columns_of_a_420_jpeg(tmp_path):
     ids, flips = np.zeros(len(boxes), np.int64), np.arange(len(boxes)) % 3 == 0
     (got,) = stream([(ids, boxes, flips)])
     assert torch.equal(got, renderer(read_files([path] * len(boxes)), boxes, flips))
+
+
+def test_worker_streams_import_the_renderer_before_their_workers_start():
+    """A worker started each epoch must not import torchvision's v2 functional again (seconds:
+    it pulls in torch._dynamo); the parent imports it first, so forked workers inherit it."""
+    code = ("import json, sys, numpy as np; from hald_store.render import TorchvisionRenderer, make_renderer; "
+            "from hald_store.stream import WorkerStream; heavy = 'torchvision.transforms.v2.functional'; "
+            "before = heavy in sys.modules; "
+            "WorkerStream(make_renderer('torchvision', 32), [], np.zeros(0), np.zeros(0), workers=1); "
+            "print(json.dumps([before, [m in sys.modules for m in TorchvisionRenderer.modules]]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after = json.loads(out.splitlines()[-1])
+    assert not before and all(after)
