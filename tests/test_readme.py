@@ -143,3 +143,23 @@ def test_readme_quotes_the_committed_demo_output():
 def test_install_size_and_data_are_stated():
     assert "about 6 GB" in README and "CUDA" in README and "docs/testing.md" in README
     assert (ROOT / "docs" / "testing.md").exists() and (ROOT / "docs" / "demo.md").exists()
+
+
+def test_readme_speed_against_ffcv_is_the_committed_benchmark():
+    """The README's loader-against-FFCV ratios are those of the committed throughput.py runs."""
+    quiet = ROOT / "benchmarks" / "results" / "throughput-issue19" / "quiet"
+    runs = {"cifar-32px": "cifar-32px-after-cache-check.json", "photo-224px": "both-workloads.json"}
+    ratios = {}
+    for workload, name in runs.items():
+        for row in json.loads((quiet / name).read_text())["results"]:
+            if row.get("workload") == workload and row.get("vs_ffcv_raw_per_round"):
+                kind = ("cached" if row["what"].startswith("hald-store loader (default")
+                        else "rendering" if row["what"].startswith("hald-store loader, crop cache off (DALI, decoded cache on)")
+                        else None)
+                if kind:
+                    ratios[workload, kind] = f"{row['vs_ffcv_raw_per_round']:.2f}x"
+    said = re.search(r"Loader speed on 2 CPU cores.*?\*\*(\S+)\*\* at 32 px and \*\*(\S+)\*\* at 224 px.*?"
+                     r"rendering every epoch, (\S+) at 32 px and (\S+)\s+at 224 px", README, re.S)
+    assert said, "the README's speed sentence is missing"
+    assert list(said.groups()) == [ratios["cifar-32px", "cached"], ratios["photo-224px", "cached"],
+                                   ratios["cifar-32px", "rendering"], ratios["photo-224px", "rendering"]]
