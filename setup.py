@@ -24,6 +24,7 @@ setup(
         "click>=8.1",
         "tqdm>=4.60",
         "pillow>=9.0",
+        "numba>=0.61",  # the pillow renderer's compiled kernel (hald_store.resample)
         "matplotlib>=3.6",
         "fsspec>=2023.1",
         "filelock>=3.12",

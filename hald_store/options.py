@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 __all__ = ["BACKENDS", "RenderOptions", "LoaderOptions"]
 
-BACKENDS = ("dali", "torchvision")  # renderer backends; "auto" picks one (see hald_store.render.make_renderer)
+BACKENDS = ("dali", "pillow", "torchvision")  # renderer backends; "auto" picks one (see hald_store.render.make_renderer)
 _NOT_LOADING = ("backend", "device", "check_hashes")  # they make the renderer and check the images
 
 
@@ -18,9 +18,9 @@ _NOT_LOADING = ("backend", "device", "check_hashes")  # they make the renderer a
 class RenderOptions:
     """How crops are rendered here (none of these change the pixels).
 
-    ``backend``: ``"auto"`` (a store's recorded backend, else DALI where importable), ``"dali"``
-    or ``"torchvision"``; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or a torch
-    device); ``workers``: rendering threads (DALI) or processes (torchvision), None for this
+    ``backend``: ``"auto"`` (a store's recorded backend, else DALI where importable), ``"dali"``,
+    ``"pillow"`` or ``"torchvision"``; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (or a torch
+    device); ``workers``: rendering threads (DALI, pillow) or processes (torchvision), None for this
     process's cores; ``cache_decoded``: keep decoded images in memory (``"auto"``: small ones,
     see :func:`hald_store.stream.cache_decoded_default`)."""
 

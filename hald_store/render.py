@@ -10,11 +10,13 @@ renderer turns the encoded image files plus those boxes back into network inputs
 3. mirror it horizontally where the flip bit is set (the mirror of the cropped window),
 4. normalize to ``(pixel / 255 - mean) / std`` per RGB channel, float32, NCHW.
 
-Two backends implement the same contract:
+Three backends implement the same contract:
 
 * :class:`DaliRenderer` -- one NVIDIA DALI pipeline (``decoders.image_slice`` ->
   ``resize`` -> ``crop_mirror_normalize``), on the CPU or on the GPU (``"mixed"`` decode).
   ROI decoding means only the window is decoded where the codec allows it.
+* :class:`PillowRenderer` -- Pillow's decode and Pillow's resize, reproduced exactly by a
+  compiled kernel (:mod:`hald_store.resample`) that runs over decoded images on every core.
 * :class:`TorchvisionRenderer` -- the reference path: Pillow decode (as the reference
   pipelines do),
   tensor slicing, ``transforms.v2.functional.resize``; pixel work on the CPU (with
@@ -64,6 +66,7 @@ __all__ = [
     "CropRenderer",
     "TorchvisionRenderer",
     "DaliRenderer",
+    "PillowRenderer",
     "make_renderer",
     "renderer_for",
 ]
@@ -72,6 +75,7 @@ DEVICES = ("cpu", "gpu")
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
+_BACKEND_KWARGS = {"dali": _DALI_ONLY_KWARGS, "pillow": ("num_threads",)}  # beyond the common ones
 _RUNTIME_KEYS = ("device", "device_id", "memory_format") + _DALI_ONLY_KWARGS
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
@@ -172,6 +176,20 @@ def _check_stats(name: str, values: Sequence[float]) -> tuple[float, float, floa
 # ---------------------------------------------------------------------------------------
 # renderers
 # ---------------------------------------------------------------------------------------
+
+
+def pillow_decode(index: int, data: np.ndarray) -> np.ndarray:
+    """Sample ``index``'s image decoded by Pillow: HWC uint8 RGB (16-bit grayscale scaled to 8
+    bits as DALI does; ``convert`` would clip)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode.startswith("I"):
+                im = Image.fromarray(np.round(np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+            return np.array(im.convert("RGB"))
+    except Exception as exc:
+        raise ImageError(f"sample {index}: cannot decode image ({len(data)} bytes): {exc}") from exc
 
 
 class CropRenderer:
@@ -278,18 +296,6 @@ class TorchvisionRenderer(CropRenderer):
         d["torchvision_version"] = torchvision.__version__
         return d
 
-    def _decode(self, index: int, data: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                if im.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits as DALI does (convert() clips)
-                    im = Image.fromarray(np.round(np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
-                rgb = np.array(im.convert("RGB"))
-        except Exception as exc:
-            raise ImageError(f"sample {index}: cannot decode image ({len(data)} bytes): {exc}") from exc
-        return torch.from_numpy(rgb).permute(2, 0, 1)
-
     def _render(self, encoded, boxes, flips, normalize):
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2.functional import resize
@@ -302,7 +308,7 @@ class TorchvisionRenderer(CropRenderer):
         s = self.size
         out = torch.empty((n, 3, s, s), dtype=torch.uint8)
         for i, (data, box) in enumerate(zip(encoded, boxes)):
-            img = self._decode(i, data)
+            img = torch.from_numpy(pillow_decode(i, data)).permute(2, 0, 1)
             check_boxes(box, img.shape[1], img.shape[2], first_index=i)
             top, left, h, w = (int(v) for v in box)
             crop = img[:, top : top + h, left : left + w]
@@ -318,6 +324,54 @@ class TorchvisionRenderer(CropRenderer):
         if self.memory_format == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         return x.to(self.torch_device)
+
+
+class PillowRenderer(CropRenderer):
+    """Pillow's pixels at compiled speed: Pillow decodes, and :mod:`hald_store.resample`
+    resizes each window exactly as ``Image.resize`` (Pillow 13, BILINEAR or BICUBIC) would,
+    then mirrors and normalizes, in parallel over the crops on ``num_threads`` threads
+    (default: this process's cores). Pillow always antialiases, so ``antialias=False`` is
+    refused. ``device="gpu"`` moves the finished tensors to CUDA (same values)."""
+
+    backend = "pillow"
+
+    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 interpolation: str = "bilinear", antialias: bool = True, device: str = "cpu", device_id: int = 0,
+                 memory_format: str = "contiguous", num_threads: int | None = None) -> None:
+        super().__init__(size, mean, std, interpolation, antialias, device, device_id, memory_format)
+        if not self.antialias:
+            raise HaldStoreError("antialias=False is not available with the pillow renderer (Pillow always "
+                                 "antialiases); use backend='dali' or 'torchvision'")
+        self.num_threads = default_threads() if num_threads is None else int(num_threads)
+        if self.num_threads < 1:
+            raise HaldStoreError(f"num_threads must be >= 1, got {num_threads}")
+
+    def describe(self) -> dict:
+        import PIL
+
+        d = super().describe()
+        d["pillow_version"] = PIL.__version__
+        return d
+
+    def render_pixels(self, pixels: Any, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                      normalize: bool = True) -> torch.Tensor:
+        """Crops of decoded images (a :class:`hald_store.resample.Pixels`), boxes already checked."""
+        from .resample import render_crops, set_threads
+
+        set_threads(self.num_threads)
+        channels_last = self.memory_format == "channels_last"
+        stats = dict(mean=np.float32(self.mean), std=np.float32(self.std), channels_last=channels_last) if normalize else {}
+        x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats))
+        if normalize and channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return x.to(self.torch_device)
+
+    def _render(self, encoded, boxes, flips, normalize):
+        from .resample import Pixels
+
+        images = [pillow_decode(i, data) for i, data in enumerate(encoded)]
+        check_boxes(boxes, np.array([im.shape[0] for im in images]), np.array([im.shape[1] for im in images]))
+        return self.render_pixels(Pixels(images), np.arange(len(images)), boxes, flips, normalize)
 
 
 class DaliRenderer(CropRenderer):
@@ -681,17 +735,17 @@ def make_renderer(
 ) -> CropRenderer:
     """Build a renderer.
 
-    ``backend``: ``"auto"`` (DALI when importable, else torchvision), ``"dali"`` or
-    ``"torchvision"``. ``device``: ``"auto"`` (GPU when CUDA is available and the backend is
-    DALI, else CPU), ``"cpu"`` or ``"gpu"``, or a user device name (``cuda``, ``cuda:N``, a
-    torch device: :func:`~hald_store.devices.renderer_device`; ``cuda:N`` sets ``device_id``).
-    ``workers``: DALI threads (ignored by torchvision, which renders in the stream's worker
-    processes). Extra keywords go to the renderer class (``max_batch_size`` and
-    ``num_threads`` for DALI; ``interpolation``, ``antialias``, ``device_id`` and
-    ``memory_format`` for both).
+    ``backend``: ``"auto"`` (DALI when importable, else torchvision), ``"dali"``,
+    ``"pillow"`` (:class:`PillowRenderer`) or ``"torchvision"``. ``device``: ``"auto"`` (GPU
+    when CUDA is available and the backend is DALI, else CPU), ``"cpu"`` or ``"gpu"``, or a
+    user device name (``cuda``, ``cuda:N``, a torch device:
+    :func:`~hald_store.devices.renderer_device`; ``cuda:N`` sets ``device_id``). ``workers``:
+    DALI or pillow threads (torchvision renders in the stream's worker processes). Extra
+    keywords go to the renderer class (``interpolation``, ``antialias``, ``device_id`` and
+    ``memory_format`` for all; ``num_threads`` for DALI and pillow; ``max_batch_size`` for DALI).
     Explicit requests that cannot be met raise :class:`HaldStoreError`; ``"auto"`` falls back
-    silently (and then drops DALI-only keywords). ``device="gpu"`` with the torchvision backend renders on the CPU and returns
-    CUDA tensors.
+    silently (and then drops DALI-only keywords). ``device="gpu"`` with the torchvision or
+    pillow backend renders on the CPU and returns CUDA tensors.
     """
     if backend not in ("auto",) + BACKENDS:
         raise HaldStoreError(f"unknown renderer backend {backend!r}; use one of {('auto',) + BACKENDS}")
@@ -711,19 +765,16 @@ def make_renderer(
     if device == "auto":
         device = "gpu" if backend == "dali" and cuda_available() else "cpu"
 
-    if backend == "dali":
-        if workers is not None:
-            kw.setdefault("num_threads", max(1, int(workers)))
-        return DaliRenderer(size, mean, std, device=device, **kw)
-    if auto_backend:  # fell back: DALI-only tuning knobs do not apply
+    if backend == "torchvision" and auto_backend:  # fell back: DALI-only tuning knobs do not apply
         kw = {k: v for k, v in kw.items() if k not in _DALI_ONLY_KWARGS}
-    unknown = sorted(set(kw) - {"interpolation", "antialias", "device_id", "memory_format"})
+    if backend != "torchvision" and workers is not None:
+        kw.setdefault("num_threads", max(1, int(workers)))
+    allowed = {"interpolation", "antialias", "device_id", "memory_format", *_BACKEND_KWARGS.get(backend, ())}
+    unknown = sorted(set(kw) - allowed)
     if unknown:
-        raise HaldStoreError(
-            f"unknown option(s) {unknown} for the torchvision renderer (only interpolation, "
-            f"antialias, device_id and memory_format apply; {list(_DALI_ONLY_KWARGS)} are DALI-only)"
-        )
-    return TorchvisionRenderer(size, mean, std, device=device, **kw)
+        raise HaldStoreError(f"unknown option(s) {unknown} for the {backend} renderer (only {sorted(allowed)} apply)")
+    cls = {"dali": DaliRenderer, "pillow": PillowRenderer, "torchvision": TorchvisionRenderer}[backend]
+    return cls(size, mean, std, device=device, **kw)
 
 
 def renderer_for(spec: RenderSpec, backend: str = "auto", device: str | torch.device = "auto",

@@ -18,25 +18,31 @@ same request; box checks happen once per epoch, vectorized, against the manifest
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import hashlib
+import itertools
 import importlib
 import multiprocessing
 import os
 import sys
 import weakref
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .errors import HaldStoreError, ImageError, preview
 from .images import DIGEST_SIZE
-from .render import (CropRenderer, DaliRenderer, DaliRunner, TorchvisionRenderer, check_boxes, default_threads,
-                     object_rows, read_files, render_chunk, thin_boxes)
+from .render import (CropRenderer, DaliRenderer, DaliRunner, PillowRenderer, TorchvisionRenderer, check_boxes,
+                     default_threads, object_rows, pillow_decode, read_files, render_chunk, thin_boxes)
 
-__all__ = ["Request", "CropStream", "DaliStream", "WorkerStream", "open_stream", "cache_decoded_default", "fits_cache"]
+if TYPE_CHECKING:
+    from .resample import Pixels
+
+__all__ = ["Request", "CropStream", "DaliStream", "PillowStream", "WorkerStream", "open_stream", "cache_decoded_default", "fits_cache"]
 
 Request = tuple[np.ndarray, np.ndarray, np.ndarray]  # (ids into the file list, (B, 4) boxes, (B,) flips)
 
@@ -110,6 +116,16 @@ class CropStream:
     def close(self) -> None:
         """Release threads and processes (a stream is also cleaned up when garbage-collected)."""
 
+    def _check_digests(self, data: list[np.ndarray]) -> None:
+        if self.digests is None:
+            return
+        known = np.flatnonzero(np.asarray(self.digests).any(axis=1))  # zeros: not recorded (a header-only scan)
+        changed = [self.files[i] for i in known
+                   if hashlib.blake2b(data[i], digest_size=DIGEST_SIZE).digest() != bytes(self.digests[i])]
+        if changed:
+            raise ImageError(f"{len(changed)} image file(s) changed since the store was built (their content differs "
+                             f"from the manifest's hash): {preview(changed)}; restore them or rebuild the store")
+
     def _run(self, requests: Sequence[Request], ahead: Callable[[], Sequence[Request] | None] | None
              ) -> Iterator[torch.Tensor]:
         raise NotImplementedError
@@ -159,16 +175,6 @@ class DaliStream(CropStream):
             # Same-size images (the usual distilled set) go in one array: a batch is then one gather.
             self._decoded = np.stack(images) if len({im.shape for im in images}) == 1 else object_rows(images)
         return self._decoded
-
-    def _check_digests(self, data: list[np.ndarray]) -> None:
-        if self.digests is None:
-            return
-        known = np.flatnonzero(np.asarray(self.digests).any(axis=1))  # zeros: not recorded (a header-only scan)
-        changed = [self.files[i] for i in known
-                   if hashlib.blake2b(data[i], digest_size=DIGEST_SIZE).digest() != bytes(self.digests[i])]
-        if changed:
-            raise ImageError(f"{len(changed)} image file(s) changed since the store was built (their content differs "
-                             f"from the manifest's hash): {preview(changed)}; restore them or rebuild the store")
 
     def _named(self, batches: Iterator, requests: list[Request], chunk: int = 1) -> Iterator:
         """``batches``, with a failure (of a chunk of up to ``chunk`` requests rendered together)
@@ -230,6 +236,94 @@ class DaliStream(CropStream):
 
     def close(self) -> None:
         self._runner, self._ahead = None, None
+
+
+class PillowStream(CropStream):
+    """The pillow renderer's stream: every image decoded once by Pillow and kept
+    (``cache_decoded``; otherwise each batch's files are decoded as it is rendered), and
+    batches rendered by the compiled kernel (:mod:`hald_store.resample`, all the renderer's
+    threads, without the GIL) ``prefetch`` batches ahead on one background thread. Given
+    ``ahead``, the next epoch's first batches are rendered before this one ends (no drain)."""
+
+    def __init__(self, renderer: PillowRenderer, files: Sequence[str | os.PathLike], heights: np.ndarray,
+                 widths: np.ndarray, *, prefetch: int = 2, cache_decoded: bool | str = "auto",
+                 digests: np.ndarray | None = None) -> None:
+        super().__init__(renderer, files, heights, widths, prefetch=prefetch)
+        if cache_decoded not in (True, False, "auto"):
+            raise HaldStoreError(f"cache_decoded must be True, False or 'auto', got {cache_decoded!r}")
+        self.cache_decoded = cache_decoded_default(self.heights, self.widths) if cache_decoded == "auto" \
+            else bool(cache_decoded)
+        self.digests = digests
+        self._pixels: Pixels | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hald-render")
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        self._jobs: collections.deque = collections.deque()  # the first batches of self._ahead, rendering
+
+    def decoded(self) -> Pixels:
+        """Every image decoded, once (the cache of ``cache_decoded``; files checked against
+        ``digests`` first, as :meth:`DaliStream.decoded` does)."""
+        if self._pixels is None:
+            from .resample import Pixels
+
+            data = read_files(self.files)
+            self._check_digests(data)
+            self._pixels = Pixels([self._decode(i, d) for i, d in enumerate(data)])
+        return self._pixels
+
+    def _decode(self, i: int, data: np.ndarray) -> np.ndarray:
+        try:
+            return pillow_decode(i, data)
+        except ImageError as exc:
+            raise ImageError(f"cannot render {self.files[i]}: {exc}") from exc
+
+    def _batch(self, request: Request) -> torch.Tensor:
+        ids, boxes, flips = request
+        if self.cache_decoded:
+            return self.renderer.render_pixels(self.decoded(), ids, boxes, flips)
+        from .resample import Pixels
+
+        data = read_files([self.files[i] for i in ids])
+        pixels = Pixels([self._decode(i, d) for i, d in zip(ids, data)])
+        return self.renderer.render_pixels(pixels, np.arange(len(ids)), boxes, flips)
+
+    def _run(self, requests, ahead):
+        jobs = self._jobs if requests is self._ahead else collections.deque()
+        if jobs is not self._jobs:  # batches rendered ahead for other requests
+            for job in self._jobs:
+                job.cancel()
+        self._ahead, self._jobs = None, collections.deque()
+        later = iter(requests[len(jobs):])
+        try:
+            for request in itertools.islice(later, max(0, self.prefetch - len(jobs))):
+                jobs.append(self._pool.submit(self._batch, request))
+            while jobs:
+                batch = jobs.popleft().result()
+                request = next(later, None)
+                if request is not None:
+                    jobs.append(self._pool.submit(self._batch, request))
+                elif not jobs and ahead is not None:
+                    self._render_ahead(ahead)
+                yield batch
+        finally:
+            for job in jobs:
+                job.cancel()
+
+    def _render_ahead(self, ahead: Callable[[], Sequence[Request] | None]) -> None:
+        """Start the caller's next requests (checked; none if that failed: the error surfaces
+        when they are asked for)."""
+        try:
+            nxt = ahead() or None
+            self.check(nxt or ())
+        except Exception:
+            nxt = None
+        if nxt:
+            self._ahead = nxt
+            self._jobs = collections.deque(self._pool.submit(self._batch, r) for r in nxt[: self.prefetch])
+
+    def close(self) -> None:
+        for job in self._jobs:
+            job.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _RenderBatches(torch.utils.data.Dataset):
@@ -302,4 +396,7 @@ def open_stream(renderer: CropRenderer, files: Sequence[str | Path], heights: np
     if isinstance(renderer, DaliRenderer):
         return DaliStream(renderer, files, heights, widths, batch_size=batch_size, prefetch=prefetch,
                           cache_decoded=cache_decoded, digests=digests)
+    if isinstance(renderer, PillowRenderer):
+        return PillowStream(renderer, files, heights, widths, prefetch=prefetch, cache_decoded=cache_decoded,
+                            digests=digests)
     return WorkerStream(renderer, files, heights, widths, workers=workers, prefetch=prefetch)

@@ -76,7 +76,8 @@ def mini_store(tmp_path_factory, cifar_mini_train):
     return out, ckpt
 
 
-@pytest.mark.parametrize("backend,workers", [("dali", 1), ("dali", 3), ("torchvision", 0), ("torchvision", 2)])
+@pytest.mark.parametrize("backend,workers", [("dali", 1), ("dali", 3), ("pillow", 1), ("torchvision", 0),
+                                            ("torchvision", 2)])
 def test_thread_and_worker_counts_and_cache_give_the_same_store(small_folder, tmp_path, resnet20, backend, workers):
     """Rendering threads (DALI), worker processes (torchvision) and the decoded-image cache
     change the speed only: the store is bit-identical to a default build with that backend."""
@@ -86,6 +87,7 @@ def test_thread_and_worker_counts_and_cache_give_the_same_store(small_folder, tm
     out = tmp_path / "s.zarr"
     build_store(small_folder, out, resnet20, workers=workers, cache_decoded=workers % 2 == 1, **kw)
     assert_stores_equal(ref, out)
+    assert LabelStore.open(out).render_spec.backend == backend
 
 
 def test_scan_once_then_build_from_the_manifest(small_folder, tmp_path, resnet20):

@@ -46,7 +46,7 @@ def test_epoch_crop_seeds_cycle_without_repetition():
     assert (epoch_crop_seeds(5, 1, 7) == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+@pytest.mark.parametrize("backend", ["dali", "pillow", "torchvision"])
 def test_labels_and_pixels_belong_to_the_crop_handed_out(small_store, backend):
     store, root = small_store
     loader = SoftLabelLoader(store, root, batch_size=5, seed=7, backend=backend, prefetch=3)

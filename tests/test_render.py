@@ -40,7 +40,7 @@ needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not
 # torchvision 0.29 deprecates its decoders (TorchCodec replaces them); the reference renderer uses them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
 
-CPU_BACKENDS = [pytest.param("dali", marks=needs_dali), "torchvision"]
+CPU_BACKENDS = [pytest.param("dali", marks=needs_dali), "pillow", "torchvision"]
 
 
 def _files(root: Path, pattern: str, count: int) -> list[Path]:
@@ -344,8 +344,8 @@ def test_dali_matches_torchvision_downscale(synthetic):
 
 
 def test_unknown_backend_and_device():
-    with pytest.raises(HaldStoreError, match="unknown renderer backend 'pillow'"):
-        make_renderer("pillow")
+    with pytest.raises(HaldStoreError, match="unknown renderer backend 'opencv'"):
+        make_renderer("opencv")
     with pytest.raises(HaldStoreError, match="device='tpu': not a device"):
         make_renderer("auto", device="tpu")
     with pytest.raises(HaldStoreError, match="interpolation"):
@@ -422,7 +422,7 @@ def test_auto_works_here(cifar):
     d = r.describe()
     assert json.loads(json.dumps(d)) == d
     assert {"backend", "device", "interpolation", "antialias", "size"} <= set(d)
-    assert set(BACKENDS) == {"dali", "torchvision"}
+    assert set(BACKENDS) == {"dali", "pillow", "torchvision"}
 
 
 def test_without_dali(monkeypatch, cifar):

@@ -16,11 +16,11 @@ from hald_store.crop_plan import CropPolicy, plan_crops
 from hald_store.errors import HaldStoreError, ImageError
 from hald_store.images import scan_image_folder
 from hald_store.render import DaliRunner, dali_available, make_renderer, read_files
-from hald_store.stream import DaliStream, WorkerStream, open_stream
+from hald_store.stream import DaliStream, PillowStream, WorkerStream, open_stream
 
 from .conftest import copy_subset, photo, require_data
 
-BACKENDS = ["torchvision"] + (["dali"] if dali_available() else [])
+BACKENDS = ["torchvision", "pillow"] + (["dali"] if dali_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_stream_equals_the_exact_renderer(folder, backend, cache):
     files = [folder / p for p in m.paths]
     renderer = make_renderer(backend, size=24, device="cpu")
     stream = open_stream(renderer, files, m.heights, m.widths, batch_size=6, workers=2, cache_decoded=cache)
-    assert isinstance(stream, DaliStream if backend == "dali" else WorkerStream)
+    assert isinstance(stream, {"dali": DaliStream, "pillow": PillowStream, "torchvision": WorkerStream}[backend])
     for seed in (0, 1):  # two epochs through one stream
         requests = _requests(m, 6, seed)
         got = list(stream(requests))
