@@ -52,7 +52,7 @@ SIZES = {  # full run on a GPU / --dry-run on the CPU
                 scaling_per_class=4, scaling_cores=(1,), scaling_epochs=2),
 }
 CHECKS = ("exactness", "throughput", "train", "cpu_scaling")  # --steps; the first three need the data and build steps
-SCALING_KINDS = ("loader", "rendering", "bare", "machine")  # throughput.py --child: crops cached / cache off / bare graph / matmul (the cores' ceiling)
+SCALING_KINDS = ("loader", "rendering", "pillow", "bare", "machine")  # throughput.py --child: crops cached / cache off (DALI, pillow) / bare graph / matmul (the cores' ceiling)
 
 
 def exactness(store: LabelStore, root: Path, device: str, batch: int) -> dict[str, Any]:

@@ -226,9 +226,10 @@ def child(args) -> None:
             sys.exit(fn)
     elif args.child == "machine":
         fn = machine_epochs(default_threads())
-    else:
+    else:  # loader (crops cached), rendering (DALI every epoch), pillow (the pillow renderer every epoch)
         crops = args.child == "loader"
-        fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops),
+        backend = "pillow" if args.child == "pillow" else "auto"
+        fn = loader_epochs(SoftLabelLoader(store, root, batch_size=args.batch_size, cache_crops=crops, backend=backend),
                            store.crops_per_image if crops else 0)
     if args.profile:
         return profile(fn, args, store)
@@ -310,6 +311,7 @@ def scaling(store: LabelStore, root: Path, args) -> dict[str, list[float]]:
     return rates
 
 
+CHILD_KINDS = ("loader", "rendering", "pillow", "bare", "ffcv", "machine")
 OTHER_CPU, SCALING_LOAD = "other processes' CPU-s per scaling run", "load average (1 min) after each scaling round"
 
 
@@ -367,6 +369,9 @@ def workload(name: str, root: Path, teacher: torch.nn.Module, work: Path, args, 
             loader_epochs(rendering),
         f"hald-store loader, crop cache off (DALI, decoded cache {'on' if other_cache else 'off'})":
             loader_epochs(SoftLabelLoader(store, root, batch_size=b, cache_decoded=other_cache, cache_crops=False)),
+        f"hald-store loader, pillow renderer, {threads} threads, crop cache off (decoded cache on)":
+            loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="pillow", cache_decoded=True,
+                                          cache_crops=False)),
         f"hald-store loader, torchvision, {threads} worker processes, crop cache off":
             loader_epochs(SoftLabelLoader(store, root, batch_size=b, backend="torchvision", cache_crops=False)),
         "bare DALI graph (physical limit)": bare_dali(store, root, b, threads),
@@ -412,17 +417,17 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="*", default=["cifar-32px", "tiny-64px", "photo-224px"])
     ap.add_argument("--scaling", nargs="*", default=["cifar-32px", "photo-224px"], help="workloads to pin to --cores")
     ap.add_argument("--cores", nargs="+", type=int, default=[1, 2], help="core counts the scaling children are pinned to")
-    ap.add_argument("--scaling-kinds", nargs="+", choices=["loader", "rendering", "bare", "ffcv", "machine"],
-                    default=["loader", "rendering", "bare", "ffcv", "machine"],
+    ap.add_argument("--scaling-kinds", nargs="+", choices=CHILD_KINDS, default=list(CHILD_KINDS),
                     help="what the scaling children run: our loader (crops cached), our loader rendering every "
-                         "epoch, the bare DALI graph, FFCV raw, and the machine's own ceiling (torch matmul)")
+                         "epoch with DALI and with the pillow renderer, the bare DALI graph, FFCV raw, and the "
+                         "machine's own ceiling (torch matmul)")
     ap.add_argument("--scaling-rounds", type=int, default=3)
     ap.add_argument("--scaling-only", action="store_true", help="only the scaling children (no contenders table)")
     ap.add_argument("--baseline", help="a copy of another version of the repository (e.g. `git archive main`): "
                                        "the scaling children run against it too, interleaved")
     ap.add_argument("--work", default=str(HERE / "results" / "work"))
     ap.add_argument("--out", default=str(HERE / "results" / "throughput.json"))
-    ap.add_argument("--child", choices=["loader", "rendering", "bare", "ffcv", "machine"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=CHILD_KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     ap.add_argument("--child-images", help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=2, help="epochs each scaling child times (after a warm-up)")

@@ -34,10 +34,12 @@ EXIF orientation is ignored by both backends (boxes refer to the stored pixel gr
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import io
 import os
 import warnings
+import weakref
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -345,6 +347,10 @@ class PillowRenderer(CropRenderer):
         self.num_threads = default_threads() if num_threads is None else int(num_threads)
         if self.num_threads < 1:
             raise HaldStoreError(f"num_threads must be >= 1, got {num_threads}")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the other num_threads - 1 threads
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
 
     def describe(self) -> dict:
         import PIL
@@ -356,12 +362,15 @@ class PillowRenderer(CropRenderer):
     def render_pixels(self, pixels: Any, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
                       normalize: bool = True) -> torch.Tensor:
         """Crops of decoded images (a :class:`hald_store.resample.Pixels`), boxes already checked."""
-        from .resample import render_crops, set_threads
+        from .resample import render_crops
 
-        set_threads(self.num_threads)
+        if self._pool is None and self.num_threads > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="hald-pillow")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
         channels_last = self.memory_format == "channels_last"
         stats = dict(mean=np.float32(self.mean), std=np.float32(self.std), channels_last=channels_last) if normalize else {}
-        x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats))
+        x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats,
+                                          pool=self._pool, threads=self.num_threads))
         if normalize and channels_last:
             x = x.permute(0, 3, 1, 2)
         return x.to(self.torch_device)

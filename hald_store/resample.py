@@ -8,22 +8,25 @@ flip bit is set and, for float output, normalizes it to ``(pixel / 255 - mean) /
 float32. Integer arithmetic makes the pixels independent of the CPU, the thread count and
 the batch; ``tests/test_resample.py`` checks them against Pillow itself.
 
-The crops of a call are split across threads (numba's ``prange``) and the kernel runs
-without the GIL, so a small image set renders on every core of the process.
+The kernel runs without the GIL, so the crops of a call are split into one piece per thread
+of a thread pool (plain Python threads: numba's own threading layers hung this process at exit
+or are not safe after ``fork``), and a small image set renders on every core of the process.
 """
 
 from __future__ import annotations
 
 import math
 
-import numba
-import numpy as np
-from numba import njit, prange
+from concurrent.futures import Executor
 
-__all__ = ["Pixels", "render_crops", "set_threads"]
+import numpy as np
+from numba import njit
+
+__all__ = ["Pixels", "render_crops"]
 
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit images
 _HALF = 1 << (_BITS - 1)
+PIECES = 4  # pieces per thread that a call's crops are split into (windows differ in cost)
 
 
 class Pixels:
@@ -44,11 +47,6 @@ class Pixels:
     @property
     def nbytes(self) -> int:
         return self.flat.nbytes
-
-
-def set_threads(n: int) -> None:
-    """Threads the kernel uses when called from this thread (at most numba's pool)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
 @njit(cache=True, nogil=True)
@@ -150,9 +148,9 @@ def _crop(flat, start, height, width, top, left, h, w, size, cubic, out):
             _cols(mid, vb, vk, first, out)
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _render_uint8(flat, starts, heights, widths, ids, boxes, flips, size, cubic, out):
-    for i in prange(len(ids)):
+    for i in range(len(ids)):
         j = ids[i]
         crop = np.empty((size, size, 3), np.uint8)
         _crop(flat, starts[j], heights[j], widths[j], boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], size,
@@ -164,10 +162,10 @@ def _render_uint8(flat, starts, heights, widths, ids, boxes, flips, size, cubic,
                     out[i, y, ox, c] = crop[y, x, c]
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _render_normalized(flat, starts, heights, widths, ids, boxes, flips, size, cubic, mean, std, channels_last,
                        out):
-    for i in prange(len(ids)):
+    for i in range(len(ids)):
         j = ids[i]
         crop = np.empty((size, size, 3), np.uint8)
         _crop(flat, starts[j], heights[j], widths[j], boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], size,
@@ -185,22 +183,38 @@ def _render_normalized(flat, starts, heights, widths, ids, boxes, flips, size, c
 
 def render_crops(pixels: Pixels, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray, size: int,
                  interpolation: str = "bilinear", mean: np.ndarray | None = None, std: np.ndarray | None = None,
-                 channels_last: bool = False) -> np.ndarray:
+                 channels_last: bool = False, pool: Executor | None = None, threads: int = 1) -> np.ndarray:
     """Crops of ``pixels[ids]`` at integer ``boxes`` (top, left, height, width; checked by the
     caller), mirrored where ``flips``: uint8 ``(N, size, size, 3)`` without ``mean``/``std``,
-    else normalized float32 ``(N, 3, size, size)`` (``(N, size, size, 3)`` when ``channels_last``)."""
+    else normalized float32 ``(N, 3, size, size)`` (``(N, size, size, 3)`` when ``channels_last``).
+    With a ``pool``, ``threads`` threads (this one and ``threads - 1`` of the pool) render
+    pieces of the crops, each taking the next piece left."""
     ids = np.ascontiguousarray(ids, np.int64)
     boxes = np.ascontiguousarray(boxes, np.int64).reshape(-1, 4)
     flips = np.ascontiguousarray(flips, np.bool_)
-    cubic = interpolation == "bicubic"
-    n, s = len(ids), int(size)
+    cubic, n, s = interpolation == "bicubic", len(ids), int(size)
     if mean is None:
         out = np.empty((n, s, s, 3), np.uint8)
-        if n:
-            _render_uint8(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids, boxes, flips, s, cubic, out)
-        return out
-    out = np.empty((n, s, s, 3) if channels_last else (n, 3, s, s), np.float32)
-    if n:
-        _render_normalized(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids, boxes, flips, s, cubic,
-                           np.asarray(mean, np.float32), np.asarray(std, np.float32), bool(channels_last), out)
+
+        def piece(a: int, b: int) -> None:
+            _render_uint8(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids[a:b], boxes[a:b], flips[a:b],
+                          s, cubic, out[a:b])
+    else:
+        out = np.empty((n, s, s, 3) if channels_last else (n, 3, s, s), np.float32)
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+        def piece(a: int, b: int) -> None:
+            _render_normalized(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids[a:b], boxes[a:b],
+                               flips[a:b], s, cubic, mean, std, bool(channels_last), out[a:b])
+    threads = max(1, min(int(threads), n)) if pool is not None else 1
+    ends = np.linspace(0, n, PIECES * threads + 1 if threads > 1 else 2).astype(int)
+    pieces = iter(list(zip(ends[:-1].tolist(), ends[1:].tolist())))  # shared: each thread takes the next piece
+
+    def work() -> None:
+        for a, b in pieces:
+            piece(a, b)
+    others = [pool.submit(work) for _ in range(threads - 1)]
+    work()
+    for job in others:
+        job.result()
     return out

@@ -5,6 +5,7 @@ output size; independent of threads and batches; normalized as ``(x / 255 - mean
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from hald_store.errors import HaldStoreError
 from hald_store.render import PillowRenderer, make_renderer, read_files
-from hald_store.resample import Pixels, render_crops, set_threads
+from hald_store.resample import Pixels, render_crops
 
 from .conftest import photo, require_data
 
@@ -66,10 +67,9 @@ def test_same_bits_on_any_thread_count_and_batch_split():
     ids = rng.integers(0, 20, 200)
     boxes, flips = _random_boxes(rng, images, ids), rng.random(200) < 0.5
     mean, std = np.float32([0.5, 0.4, 0.3]), np.float32([0.2, 0.25, 0.3])
-    set_threads(1)
     one = render_crops(pixels, ids, boxes, flips, 32, mean=mean, std=std)
-    set_threads(2)
-    two = render_crops(pixels, ids, boxes, flips, 32, mean=mean, std=std)
+    with ThreadPoolExecutor(2) as pool:
+        two = render_crops(pixels, ids, boxes, flips, 32, mean=mean, std=std, pool=pool, threads=3)
     split = np.concatenate([render_crops(pixels, ids[a:a + 7], boxes[a:a + 7], flips[a:a + 7], 32, mean=mean, std=std)
                             for a in range(0, 200, 7)])
     assert np.array_equal(one, two) and np.array_equal(one, split)
