@@ -230,13 +230,16 @@ class CropLoader:
                     check.wait(None)
                     yield make(images, plan, k)
                 return
-        files = self._check_files(plan.batches[start_batch:])
+        # files are checked where this epoch reads them (not once a decoded cache holds them all: decoded from
+        # files checked then, against their hashes where the manifest has them)
+        reads = self.stream.reads_files
+        files = self._check_files(plan.batches[start_batch:] if reads else [])
         requests = plan.requests[start_batch:] if start_batch else plan.requests
         for k, images in enumerate(self.stream(requests, self._next_requests if self._ahead else None), start_batch):
             if cache is not None:
                 crops.index_copy_(0, rows[k], images)
                 filled[rows[k]] = True
-            files.wait(k - start_batch)
+            files.wait(k - start_batch if reads else None)
             yield make(images, plan, k)
 
 

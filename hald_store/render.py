@@ -347,7 +347,7 @@ class PillowRenderer(CropRenderer):
         self.num_threads = default_threads() if num_threads is None else int(num_threads)
         if self.num_threads < 1:
             raise HaldStoreError(f"num_threads must be >= 1, got {num_threads}")
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the other num_threads - 1 threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # num_threads threads, made when needed
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
@@ -364,21 +364,29 @@ class PillowRenderer(CropRenderer):
         """Crops of decoded images (a :class:`hald_store.resample.Pixels`), boxes already checked."""
         from .resample import render_crops
 
-        if self._pool is None and self.num_threads > 1:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="hald-pillow")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
         channels_last = self.memory_format == "channels_last"
         stats = dict(mean=np.float32(self.mean), std=np.float32(self.std), channels_last=channels_last) if normalize else {}
         x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats,
-                                          pool=self._pool, threads=self.num_threads))
+                                          pool=self._threads(), threads=self.num_threads))
         if normalize and channels_last:
             x = x.permute(0, 3, 1, 2)
         return x.to(self.torch_device)
 
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+        """``[fn(x) for x in items]`` on the renderer's threads (Pillow decodes without the GIL)."""
+        pool = self._threads()
+        return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(x) for x in items]
+
+    def _threads(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        if self._pool is None and self.num_threads > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="hald-pillow")
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+        return self._pool
+
     def _render(self, encoded, boxes, flips, normalize):
         from .resample import Pixels
 
-        images = [pillow_decode(i, data) for i, data in enumerate(encoded)]
+        images = self.map(lambda i: pillow_decode(i, encoded[i]), range(len(encoded)))
         check_boxes(boxes, np.array([im.shape[0] for im in images]), np.array([im.shape[1] for im in images]))
         return self.render_pixels(Pixels(images), np.arange(len(images)), boxes, flips, normalize)
 

@@ -113,6 +113,11 @@ class CropStream:
                     return ImageError(f"cannot render {self.files[i]}: {exc}")
         return None
 
+    @property
+    def reads_files(self) -> bool:
+        """Whether rendering reads the image files (False once a decoded cache holds them all)."""
+        return True
+
     def close(self) -> None:
         """Release threads and processes (a stream is also cleaned up when garbage-collected)."""
 
@@ -148,6 +153,10 @@ class DaliStream(CropStream):
         self._names = object_rows([np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files])
         self._decoded: np.ndarray | None = None
         self._runner: DaliRunner | None = None
+
+    @property
+    def reads_files(self) -> bool:
+        return self._decoded is None
 
     def _get_runner(self) -> DaliRunner:
         if self._runner is None or self._runner.broken:
@@ -259,6 +268,10 @@ class PillowStream(CropStream):
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         self._jobs: collections.deque = collections.deque()  # the first batches of self._ahead, rendering
 
+    @property
+    def reads_files(self) -> bool:
+        return self._pixels is None
+
     def decoded(self) -> Pixels:
         """Every image decoded, once (the cache of ``cache_decoded``; files checked against
         ``digests`` first, as :meth:`DaliStream.decoded` does)."""
@@ -267,7 +280,7 @@ class PillowStream(CropStream):
 
             data = read_files(self.files)
             self._check_digests(data)
-            self._pixels = Pixels([self._decode(i, d) for i, d in enumerate(data)])
+            self._pixels = Pixels(self.renderer.map(lambda i: self._decode(i, data[i]), range(len(data))))
         return self._pixels
 
     def _decode(self, i: int, data: np.ndarray) -> np.ndarray:
@@ -283,7 +296,7 @@ class PillowStream(CropStream):
         from .resample import Pixels
 
         data = read_files([self.files[i] for i in ids])
-        pixels = Pixels([self._decode(i, d) for i, d in zip(ids, data)])
+        pixels = Pixels(self.renderer.map(lambda k: self._decode(ids[k], data[k]), range(len(ids))))
         return self.renderer.render_pixels(pixels, np.arange(len(ids)), boxes, flips)
 
     def _run(self, requests, ahead):
@@ -301,8 +314,9 @@ class PillowStream(CropStream):
                 request = next(later, None)
                 if request is not None:
                     jobs.append(self._pool.submit(self._batch, request))
-                elif not jobs and ahead is not None:
+                elif ahead is not None:  # all of this call's batches are queued: queue the next call's first ones
                     self._render_ahead(ahead)
+                    ahead = None
                 yield batch
         finally:
             for job in jobs:
