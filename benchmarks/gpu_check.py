@@ -15,8 +15,8 @@ Steps, each recorded in the JSON even when one fails (the run then exits 1):
 5. **train** -- one soft-label epoch of a ResNet-18 student at the store's input size with
    ``hald_train``'s Trainer (bf16 autocast and channels-last on CUDA);
 6. **cpu_scaling** -- on the host's CPUs (CUDA hidden), a 32-px store of generated images:
-   our loader (crops cached, after a cycle), the loader rendering every epoch and the bare
-   DALI graph, each in a child process pinned to 1, 2, 4, ... cores (``throughput.py --child``).
+   our loader (crops cached, after a cycle), the loader rendering every epoch (DALI, and the
+   pillow renderer) and the bare DALI graph, each in a child process pinned to 1, 2, 4, ... cores (``throughput.py --child``).
 
 The report is rewritten after every step, so a run cut short keeps what it measured.
 """

@@ -26,6 +26,7 @@ import argparse
 import cProfile
 import importlib.util
 import io
+import itertools
 import json
 import pstats
 import os
@@ -176,15 +177,15 @@ def ffcv_epochs(store: LabelStore, root: Path, work: Path, name: str, batch: int
 
 
 def loader_epochs(loader, first: int = 0) -> callable:
-    """``epoch(e)`` runs the loader's epoch ``first + e``; with ``first`` > 0, epochs ``0 ..
-    first - 1`` run once now (a cycle of stored crops: the crop cache's steady state)."""
-    def epoch(e: int) -> int:
-        n = 0
-        for b in loader.iter_epoch(first + e):
-            n += len(b.images)
-        return n
-    for e in range(first):
-        epoch(e - first)
+    """``epoch(_)`` runs the loader's next epoch (epochs follow each other, as in training: a
+    loader may render the next one ahead); with ``first`` > 0, epochs ``0 .. first - 1`` run
+    once now (a cycle of stored crops: the crop cache's steady state)."""
+    following = itertools.count()
+
+    def epoch(_: int) -> int:
+        return sum(len(b.images) for b in loader.iter_epoch(next(following)))
+    for _ in range(first):
+        epoch(0)
     return epoch
 
 
@@ -197,16 +198,26 @@ def reference_epochs(epoch_file: Path, store: LabelStore, root: Path, workers: i
     return epoch
 
 
-def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None = None) -> dict[str, list[float]]:
+ROUND_SECONDS, SETTLE = 2.0, 0.3  # a contender's round runs epochs for at least this long; the pause after it
+
+
+def interleaved(contenders: dict[str, callable], rounds: int, loads: list | None = None,
+                seconds: float = ROUND_SECONDS) -> dict[str, list[float]]:
     """images/s of each contender per round (round 0 is a warm-up and is dropped); each
-    measured round's 1-minute load average is appended to ``loads``."""
+    measured round's 1-minute load average is appended to ``loads``. A contender's round runs
+    epochs until ``seconds`` have passed, then everything pauses for :data:`SETTLE` s: a
+    loader that renders its next epoch ahead finishes that work before the next contender
+    starts (it must not take their cores), and what it rendered ahead is then a small part of
+    its next round (with one short epoch per round, it was most of it: 2x at 32 px)."""
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     for r in range(rounds + 1):
         for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            n = fn(r)
+            n, t0 = 0, time.perf_counter()
+            while not n or time.perf_counter() - t0 < seconds:
+                n += fn(r)
             if r:
                 rates[name].append(n / (time.perf_counter() - t0))
+            time.sleep(SETTLE)
         if r and loads is not None:
             loads.append(os.getloadavg()[0])
     return rates

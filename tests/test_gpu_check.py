@@ -30,6 +30,6 @@ def test_gpu_check_dry_run_writes_one_passing_report(tmp_path):
     assert train["device"] == "cpu" and not train["amp_bf16"] and train["loss"] > 0
     assert report["build"]["crops"] == 24
     scaling = report["cpu_scaling"]
-    assert set(scaling["images_per_s"]) == {"loader", "rendering", "bare", "machine"}
+    assert set(scaling["images_per_s"]) == {"loader", "rendering", "pillow", "bare", "machine"}
     assert all(r["1"] > 0 for r in scaling["images_per_s"].values())
     assert all(s["1"] == 1.0 for s in scaling["speedup_vs_1_core"].values())
