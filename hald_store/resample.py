@@ -149,7 +149,8 @@ def _crop(flat, start, height, width, top, left, h, w, size, cubic, out):
 
 
 @njit(cache=True, nogil=True)
-def _render_uint8(flat, starts, heights, widths, ids, boxes, flips, size, cubic, out):
+def _render(flat, starts, heights, widths, ids, boxes, flips, size, cubic, mean, std, channels_last, out_u8, out):
+    """Crops ``i`` of a piece: uint8 HWC into ``out_u8`` when it is not empty, else normalized into ``out``."""
     for i in range(len(ids)):
         j = ids[i]
         crop = np.empty((size, size, 3), np.uint8)
@@ -159,21 +160,9 @@ def _render_uint8(flat, starts, heights, widths, ids, boxes, flips, size, cubic,
             for x in range(size):
                 ox = size - 1 - x if flips[i] else x
                 for c in range(3):
-                    out[i, y, ox, c] = crop[y, x, c]
-
-
-@njit(cache=True, nogil=True)
-def _render_normalized(flat, starts, heights, widths, ids, boxes, flips, size, cubic, mean, std, channels_last,
-                       out):
-    for i in range(len(ids)):
-        j = ids[i]
-        crop = np.empty((size, size, 3), np.uint8)
-        _crop(flat, starts[j], heights[j], widths[j], boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], size,
-              cubic, crop)
-        for y in range(size):
-            for x in range(size):
-                ox = size - 1 - x if flips[i] else x
-                for c in range(3):
+                    if len(out_u8):
+                        out_u8[i, y, ox, c] = crop[y, x, c]
+                        continue
                     v = (np.float32(crop[y, x, c]) / np.float32(255.0) - mean[c]) / std[c]
                     if channels_last:
                         out[i, y, ox, c] = v
@@ -193,19 +182,16 @@ def render_crops(pixels: Pixels, ids: np.ndarray, boxes: np.ndarray, flips: np.n
     boxes = np.ascontiguousarray(boxes, np.int64).reshape(-1, 4)
     flips = np.ascontiguousarray(flips, np.bool_)
     cubic, n, s = interpolation == "bicubic", len(ids), int(size)
-    if mean is None:
-        out = np.empty((n, s, s, 3), np.uint8)
+    normalize = mean is not None
+    out = np.empty((n, s, s, 3) if channels_last or not normalize else (n, 3, s, s),
+                   np.float32 if normalize else np.uint8)
+    u8 = np.empty((0, 0, 0, 0), np.uint8) if normalize else out
+    f32 = out if normalize else np.empty((0, 0, 0, 0), np.float32)
+    stats = (np.asarray(mean, np.float32), np.asarray(std, np.float32)) if normalize else (np.zeros(3, np.float32),) * 2
 
-        def piece(a: int, b: int) -> None:
-            _render_uint8(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids[a:b], boxes[a:b], flips[a:b],
-                          s, cubic, out[a:b])
-    else:
-        out = np.empty((n, s, s, 3) if channels_last else (n, 3, s, s), np.float32)
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-
-        def piece(a: int, b: int) -> None:
-            _render_normalized(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids[a:b], boxes[a:b],
-                               flips[a:b], s, cubic, mean, std, bool(channels_last), out[a:b])
+    def piece(a: int, b: int) -> None:
+        _render(pixels.flat, pixels.starts, pixels.heights, pixels.widths, ids[a:b], boxes[a:b], flips[a:b], s, cubic,
+                *stats, bool(channels_last), u8[a:b], f32[a:b])
     threads = max(1, min(int(threads), n)) if pool is not None else 1
     ends = np.linspace(0, n, PIECES * threads + 1 if threads > 1 else 2).astype(int)
     pieces = iter(list(zip(ends[:-1].tolist(), ends[1:].tolist())))  # shared: each thread takes the next piece
