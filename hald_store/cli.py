@@ -152,7 +152,7 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=RenderOptions.backend,
               help="Crop renderer (the same one training uses).")
 @click.option("--workers", type=int, default=RenderOptions.workers,
-              help="Rendering threads (DALI) or worker processes (torchvision) [default: this process's cores].")
+              help="Rendering threads (DALI, pillow) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--manifest", type=click.Path(dir_okay=False), default=None,
               help="Reuse a scan made by 'hald-store scan' instead of scanning IMAGES_DIR again.")
 @click.option("--chunk-images", type=int, default=1024, help="Images per chunk (the unit of writing and resuming).")

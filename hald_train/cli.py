@@ -71,7 +71,7 @@ def _preset_defaults(ctx: click.Context, param: click.Parameter, name: str | Non
 @click.option("--backend", type=click.Choice(("auto", *BACKENDS)), default=default("backend"))
 @click.option("--device", default=default("device"), help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=int, default=default("workers"),
-              help="Data-path threads (DALI) or worker processes (torchvision) [default: this process's cores].")
+              help="Data-path threads (DALI, pillow) or worker processes (torchvision) [default: this process's cores].")
 @click.option("--amp/--no-amp", default=default("amp"), help="bf16 autocast and channels-last on CUDA (always off on CPU).")
 @click.option("--stop-after", type=int, default=default("stop_after"), help="Stop after N epochs of this call (continue with --resume).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped (or start it if it has no checkpoint yet; "

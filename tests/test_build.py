@@ -79,7 +79,7 @@ def mini_store(tmp_path_factory, cifar_mini_train):
 @pytest.mark.parametrize("backend,workers", [("dali", 1), ("dali", 3), ("pillow", 1), ("torchvision", 0),
                                             ("torchvision", 2)])
 def test_thread_and_worker_counts_and_cache_give_the_same_store(small_folder, tmp_path, resnet20, backend, workers):
-    """Rendering threads (DALI), worker processes (torchvision) and the decoded-image cache
+    """Rendering threads (DALI, pillow), worker processes (torchvision) and the decoded-image cache
     change the speed only: the store is bit-identical to a default build with that backend."""
     kw = {**SMALL, "backend": backend}
     ref = tmp_path / "ref.zarr"
