@@ -71,4 +71,4 @@ def test_build_and_the_clis_share_the_rendering_options():
     assert {f.name for f in dataclasses.fields(RenderOptions)} <= {f.name for f in dataclasses.fields(LoaderOptions)}
     for cli, command in ((store_cli, ["build", "--help"]), (train_cli, ["--help"])):
         text = CliRunner().invoke(cli, command, terminal_width=200).output
-        assert "[auto|dali|torchvision]" in text, text
+        assert "[auto|dali|pillow|torchvision]" in text, text
