@@ -65,6 +65,13 @@ def cache_decoded_default(heights: np.ndarray, widths: np.ndarray) -> bool:
     return fits_cache(3 * int(np.sum(np.asarray(heights, np.int64) * np.asarray(widths, np.int64))))
 
 
+def decoded_cache_on(cache_decoded: bool | str, heights: np.ndarray, widths: np.ndarray, cpu: bool) -> bool:
+    """A stream's ``cache_decoded`` (True, False or ``"auto"``: on the CPU, :func:`cache_decoded_default`)."""
+    if cache_decoded not in (True, False, "auto"):
+        raise HaldStoreError(f"cache_decoded must be True, False or 'auto', got {cache_decoded!r}")
+    return cpu and cache_decoded_default(heights, widths) if cache_decoded == "auto" else bool(cache_decoded)
+
+
 class CropStream:
     """Base class: ``stream(requests)`` yields one rendered batch per request, in order."""
 
@@ -144,12 +151,8 @@ class DaliStream(CropStream):
                  digests: np.ndarray | None = None) -> None:
         super().__init__(renderer, files, heights, widths, prefetch=prefetch)
         self.digests = digests
-        if cache_decoded not in (True, False, "auto"):
-            raise HaldStoreError(f"cache_decoded must be True, False or 'auto', got {cache_decoded!r}")
-        if cache_decoded == "auto":
-            cache_decoded = renderer.device == "cpu" and cache_decoded_default(self.heights, self.widths)
         self.batch_size = int(batch_size)
-        self.cache_decoded = bool(cache_decoded)
+        self.cache_decoded = decoded_cache_on(cache_decoded, self.heights, self.widths, renderer.device == "cpu")
         self._names = object_rows([np.frombuffer(os.fsencode(f), dtype=np.uint8) for f in self.files])
         self._decoded: np.ndarray | None = None
         self._runner: DaliRunner | None = None
@@ -258,10 +261,7 @@ class PillowStream(CropStream):
                  widths: np.ndarray, *, prefetch: int = 2, cache_decoded: bool | str = "auto",
                  digests: np.ndarray | None = None) -> None:
         super().__init__(renderer, files, heights, widths, prefetch=prefetch)
-        if cache_decoded not in (True, False, "auto"):
-            raise HaldStoreError(f"cache_decoded must be True, False or 'auto', got {cache_decoded!r}")
-        self.cache_decoded = cache_decoded_default(self.heights, self.widths) if cache_decoded == "auto" \
-            else bool(cache_decoded)
+        self.cache_decoded = decoded_cache_on(cache_decoded, self.heights, self.widths, cpu=True)  # Pillow decodes on the CPU
         self.digests = digests
         self._pixels: Pixels | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hald-render")
@@ -284,10 +284,15 @@ class PillowStream(CropStream):
         return self._pixels
 
     def _decode(self, i: int, data: np.ndarray) -> np.ndarray:
+        """Image ``i`` decoded, of the size the boxes were checked against (the kernel does not check bounds)."""
         try:
-            return pillow_decode(i, data)
+            image = pillow_decode(i, data)
         except ImageError as exc:
             raise ImageError(f"cannot render {self.files[i]}: {exc}") from exc
+        if image.shape[:2] != (self.heights[i], self.widths[i]):
+            raise ImageError(f"cannot render {self.files[i]}: it decodes to {image.shape[1]}x{image.shape[0]} pixels, "
+                             f"not the {self.widths[i]}x{self.heights[i]} recorded for it")
+        return image
 
     def _batch(self, request: Request) -> torch.Tensor:
         ids, boxes, flips = request

@@ -122,3 +122,17 @@ def test_worker_streams_import_the_renderer_before_their_workers_start():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     before, after = json.loads(out.splitlines()[-1])
     assert not before and all(after)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_pillow_stream_refuses_an_image_of_another_size_than_recorded(folder, cache):
+    """The pillow kernel reads pixels without bounds checks: boxes are checked against the
+    recorded sizes, so an image that decodes to another size is refused, naming it."""
+    m = scan_image_folder(folder, progress=False)
+    files = [folder / p for p in m.paths]
+    heights = m.heights.copy()
+    heights[3] += 40  # as a crafted manifest would say
+    request = (np.array([3]), np.array([[0, 0, 60, 20]]), np.zeros(1, bool))  # 60 rows: inside the recorded size
+    with pytest.raises(ImageError, match=rf"{files[3].name}: it decodes to 32x32 pixels, not the 32x72 recorded"):
+        list(open_stream(make_renderer("pillow", size=16, device="cpu"), files, heights, m.widths, batch_size=4,
+                         cache_decoded=cache)([request]))
