@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -185,6 +186,7 @@ class LabelStore:
         self.crop_policy = self.settings.crop_policy
         self.identity: str = self.attrs.get("identity") or store_identity(self.settings)
         self._done_cache: np.ndarray | None = None
+        self._identity_stamp: tuple[int, int, int] | None = None  # see check_identity
         self._arrays: dict[str, CheckedArray] = {}
         self._manifest: Manifest | None = None
         # every chunk carries a checksum and is written (older stores read the same, without these guarantees)
@@ -514,7 +516,13 @@ class LabelStore:
 
     def check_identity(self) -> None:
         """Raise :class:`StoreError` if the store at this path is no longer the one opened (rebuilt or
-        converted with other settings or images, or removed): its labels would not match."""
+        converted with other settings or images, or removed): its labels would not match. A local
+        store whose metadata file is the same file, of the same size and time, as at the last
+        check that passed (and older than 2 s then) is not read again (a loader checks every epoch:
+        reading took 1 ms). The stamp is taken before the read: a file replaced since is read next time."""
+        stamp = self._metadata_stamp()
+        if stamp is not None and stamp == self._identity_stamp:
+            return
         try:
             now = LabelStore(open_group(self.path, "r", self.storage_options), self.path, self.storage_options).identity
         except Exception as e:  # gone, mid-swap, or no longer a store
@@ -522,6 +530,18 @@ class LabelStore:
         if now != self.identity:
             raise StoreError(f"store {self.path!r} was replaced while in use (identity {self.identity} is now {now}): "
                              "the labels read so far belong to the old store; restart with the new one")
+        if stamp is not None and time.time_ns() - stamp[2] > 2 * 10**9:  # file times are coarse: a file
+            self._identity_stamp = stamp  # written in the last 2 s may change again keeping its time (as git's "racy clean")
+
+    def _metadata_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, modification time in ns) of a local store's ``zarr.json``; None if remote or unreadable."""
+        if is_remote(self.path):
+            return None
+        try:
+            st = os.stat(os.path.join(self.path, "zarr.json"))
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def read_one_crop_per_image(self, seeds, images=None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """Codec fields, boxes and flips of crop ``seeds[i]`` of every image ``i`` (rows of images

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,6 +215,23 @@ def test_a_store_replaced_under_a_running_loader_stops_it(built, tmp_path, small
         for epoch in (1, 2):  # the next epoch may have been read ahead, from the old store
             list(loader.iter_epoch(epoch))
     assert "\n" not in str(e.value)
+
+
+def test_store_metadata_rewritten_in_place_under_a_running_loader_stops_it(built):
+    """The per-epoch check skips reading a metadata file that is unchanged (same file, size and
+    time): one edited in place, keeping its inode, is read again and refused."""
+    store, root = built
+    loader = SoftLabelLoader(store, root, batch_size=8)
+    list(loader.iter_epoch(0))
+    meta = Path(store) / "zarr.json"
+    ino, text = meta.stat().st_ino, meta.read_text()
+    identity = json.loads(text)["attributes"]["hald_store"]["identity"]
+    with open(meta, "r+") as f:  # same file, same size, later time
+        f.write(text.replace(identity, identity[::-1]))
+    assert meta.stat().st_ino == ino and meta.stat().st_size == len(text.encode())
+    with pytest.raises(StoreError, match=r"was replaced while in use"):
+        for epoch in (1, 2):
+            list(loader.iter_epoch(epoch))
 
 
 def test_resume_refuses_a_store_rebuilt_with_other_settings(built, tmp_path, small_folder, resnet20):
