@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .buffers import BufferPool
 from .crop_plan import CropPolicy
 from .errors import HaldStoreError, OptionError, preview
 from .images import Manifest, check_image_root, scan_image_folder
@@ -103,6 +104,7 @@ class CropLoader:
             raise HaldStoreError(f"cache_crops must be True, False or 'auto', got {cache_crops!r}")
         self.cache_crops = cache_crops
         self._crops: tuple[CropSource, torch.Tensor, torch.Tensor] | None = None  # (source, crops, filled)
+        self._buffers = BufferPool()  # batches gathered from the crop cache, written again once let go of
         self._ahead: tuple[CropSource, int, Callable[[], EpochPlan]] | None = None  # (source, epoch, its plan)
         self._checks: queue.SimpleQueue | None = None  # FileCheck jobs for the file-check thread
         self._check: FileCheck | None = None  # the latest
@@ -226,7 +228,7 @@ class CropLoader:
                 check = self._check_files([])  # no file is read (each was checked when its crops were rendered)
                 for k in range(start_batch, len(rows)):
                     with one_torch_thread():
-                        images = gather(crops, rows[k])
+                        images = gather(crops, rows[k], self._buffers)
                     check.wait(None)
                     yield make(images, plan, k)
                 return
@@ -301,11 +303,17 @@ def serve_checks(jobs: queue.SimpleQueue) -> None:
 CHECK_PIECE = 16384  # images checked per call at most (each call resolves the class folders' real paths)
 
 
-def gather(crops: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``crops[rows]`` in the memory format of ``crops`` (contiguous or channels-last NCHW)."""
-    if crops.is_contiguous():
-        return crops.index_select(0, rows)
-    return crops.permute(0, 2, 3, 1).index_select(0, rows).permute(0, 3, 1, 2)
+def gather(crops: torch.Tensor, rows: torch.Tensor, buffers: BufferPool | None = None) -> torch.Tensor:
+    """``crops[rows]`` in the memory format of ``crops`` (contiguous or channels-last NCHW),
+    written into a free buffer of ``buffers`` when given and the crops are on the CPU."""
+    nhwc = not crops.is_contiguous()
+    src = crops.permute(0, 2, 3, 1) if nhwc else crops
+    if buffers is None or src.device.type != "cpu":
+        out = src.index_select(0, rows)
+    else:
+        out = torch.from_numpy(buffers.empty((len(rows), *src.shape[1:]), src.new_empty(0).numpy().dtype))
+        torch.index_select(src, 0, rows, out=out)
+    return out.permute(0, 3, 1, 2) if nhwc else out
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

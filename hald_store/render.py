@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .buffers import BufferPool
 from .choices import IMAGENET_MEAN, IMAGENET_STD
 from .devices import cuda_available, renderer_device, require_cuda
 from .distributed import default_threads
@@ -348,6 +349,7 @@ class PillowRenderer(CropRenderer):
         if self.num_threads < 1:
             raise HaldStoreError(f"num_threads must be >= 1, got {num_threads}")
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # num_threads threads, made when needed
+        self._buffers = BufferPool()  # output batches written again once the consumer let go of them
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
@@ -367,7 +369,7 @@ class PillowRenderer(CropRenderer):
         channels_last = self.memory_format == "channels_last"
         stats = dict(mean=np.float32(self.mean), std=np.float32(self.std), channels_last=channels_last) if normalize else {}
         x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats,
-                                          pool=self._threads(), threads=self.num_threads))
+                                          pool=self._threads(), threads=self.num_threads, buffers=self._buffers))
         if normalize and channels_last:
             x = x.permute(0, 3, 1, 2)
         return x.to(self.torch_device)

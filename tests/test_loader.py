@@ -181,7 +181,7 @@ def test_cached_crops_are_the_rendered_ones(small_store):
     assert all(torch.equal(a, b.images) for a, b in zip(first, _all(evaluate), strict=True))
 
 
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
+@pytest.mark.parametrize("backend", ["dali", "pillow", "torchvision"])
 def test_channels_last_delivery_has_the_same_values(small_store, backend):
     store, root = small_store
     kw = dict(batch_size=5, seed=3, backend=backend, device="cpu")
