@@ -32,7 +32,8 @@ __all__ = ["Pixels", "render_crops"]
 
 _BITS = 22  # Pillow's PRECISION_BITS for 8-bit images
 _HALF = 1 << (_BITS - 1)
-PIECES = 16  # pieces per thread that a call's crops are split into (windows differ in cost: the last piece leaves a thread idle)
+PIECES = 16  # pieces per thread a call's crops are split into at most (windows differ in cost: the last piece leaves a
+PIECE_PIXELS = 16384  # thread idle), each of this many output pixels at least (each piece costs a call under the GIL)
 
 
 class Pixels:
@@ -222,7 +223,8 @@ def render_crops(pixels: Pixels, ids: np.ndarray, boxes: np.ndarray, flips: np.n
         _render(pixels.flat, pixels.starts, pixels.widths, ids[a:b], boxes[a:b], flips[a:b], s, cubic,
                 table, bool(channels_last), u8[a:b], f32[a:b])
     threads = max(1, min(int(threads), n)) if pool is not None else 1
-    ends = np.linspace(0, n, PIECES * threads + 1 if threads > 1 else 2).astype(int)
+    count = min(PIECES * threads, max(threads, n * s * s // PIECE_PIXELS)) if threads > 1 else 1
+    ends = np.linspace(0, n, count + 1).astype(int)
     pieces = iter(list(zip(ends[:-1].tolist(), ends[1:].tolist())))  # shared: each thread takes the next piece
 
     def work() -> None:

@@ -252,10 +252,12 @@ class DaliStream(CropStream):
 
 class PillowStream(CropStream):
     """The pillow renderer's stream: every image decoded once by Pillow and kept
-    (``cache_decoded``; otherwise each batch's files are decoded as it is rendered), and
-    batches rendered by the compiled kernel (:mod:`hald_store.resample`, all the renderer's
-    threads, without the GIL) ``prefetch`` batches ahead on one background thread. Given
-    ``ahead``, the next epoch's first batches are rendered before this one ends (no drain)."""
+    (``cache_decoded``; otherwise each chunk's files are decoded as it is rendered), and
+    chunks of batches (:func:`~hald_store.render.render_chunk`: 16 batches of 128 at 32 px, one
+    at 224 px) rendered by one call of the compiled kernel each (:mod:`hald_store.resample`, all
+    the renderer's threads, without the GIL) and handed out as slices, ``prefetch`` chunks ahead
+    on one background thread. Given ``ahead``, the next epoch's first chunks are rendered
+    before this one ends (no drain)."""
 
     def __init__(self, renderer: PillowRenderer, files: Sequence[str | os.PathLike], heights: np.ndarray,
                  widths: np.ndarray, *, prefetch: int = 2, cache_decoded: bool | str = "auto",
@@ -266,7 +268,8 @@ class PillowStream(CropStream):
         self._pixels: Pixels | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hald-render")
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-        self._jobs: collections.deque = collections.deque()  # the first batches of self._ahead, rendering
+        self._jobs: collections.deque = collections.deque()  # the first chunks of self._ahead, rendering
+        self._ahead_chunks: list[Sequence[Request]] = []
 
     @property
     def reads_files(self) -> bool:
@@ -304,25 +307,43 @@ class PillowStream(CropStream):
         pixels = Pixels(self.renderer.map(lambda k: self._decode(ids[k], data[k]), range(len(ids))))
         return self.renderer.render_pixels(pixels, np.arange(len(ids)), boxes, flips)
 
+    def _chunks(self, requests: Sequence[Request]) -> list[Sequence[Request]]:
+        """``requests`` in chunks rendered by one kernel call each (:func:`render_chunk` requests)."""
+        per = render_chunk(len(requests[0][0]), self.renderer.size) if len(requests) else 1
+        return [requests[a : a + per] for a in range(0, len(requests), per)]
+
+    def _render_chunk(self, chunk: Sequence[Request]) -> list[torch.Tensor]:
+        """The batches of ``chunk``: one render of all their crops, sliced (views)."""
+        if len(chunk) == 1:
+            return [self._batch(chunk[0])]
+        sizes = [len(r[0]) for r in chunk]
+        x = self._batch((np.concatenate([np.asarray(r[0], np.int64) for r in chunk]),
+                         np.concatenate([np.asarray(r[1], np.int64).reshape(-1, 4) for r in chunk]),
+                         np.concatenate([np.asarray(r[2], np.bool_).reshape(-1) for r in chunk])))
+        ends = np.cumsum(sizes).tolist()
+        return [x[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
     def _run(self, requests, ahead):
-        jobs = self._jobs if requests is self._ahead else collections.deque()
-        if jobs is not self._jobs:  # batches rendered ahead for other requests
-            for job in self._jobs:
+        if requests is self._ahead:  # its first chunks are rendering
+            chunks, jobs = self._ahead_chunks, self._jobs
+        else:
+            chunks, jobs = self._chunks(requests), collections.deque()
+            for job in self._jobs:  # chunks rendered ahead for other requests
                 job.cancel()
-        self._ahead, self._jobs = None, collections.deque()
-        later = iter(requests[len(jobs):])
+        self._ahead, self._ahead_chunks, self._jobs = None, [], collections.deque()
+        later = iter(chunks[len(jobs):])
         try:
-            for request in itertools.islice(later, max(0, self.prefetch - len(jobs))):
-                jobs.append(self._pool.submit(self._batch, request))
+            for chunk in itertools.islice(later, max(0, self.prefetch - len(jobs))):
+                jobs.append(self._pool.submit(self._render_chunk, chunk))
             while jobs:
-                batch = jobs.popleft().result()
-                request = next(later, None)
-                if request is not None:
-                    jobs.append(self._pool.submit(self._batch, request))
-                elif ahead is not None:  # all of this call's batches are queued: queue the next call's first ones
+                batches = jobs.popleft().result()
+                chunk = next(later, None)
+                if chunk is not None:
+                    jobs.append(self._pool.submit(self._render_chunk, chunk))
+                elif ahead is not None:  # all of this call's chunks are queued: queue the next call's first ones
                     self._render_ahead(ahead)
                     ahead = None
-                yield batch
+                yield from batches
         finally:
             for job in jobs:
                 job.cancel()
@@ -336,8 +357,9 @@ class PillowStream(CropStream):
         except Exception:
             nxt = None
         if nxt:
-            self._ahead = nxt
-            self._jobs = collections.deque(self._pool.submit(self._batch, r) for r in nxt[: self.prefetch])
+            self._ahead, self._ahead_chunks = nxt, self._chunks(nxt)
+            self._jobs = collections.deque(self._pool.submit(self._render_chunk, c)
+                                           for c in self._ahead_chunks[: self.prefetch])
 
     def close(self) -> None:
         for job in self._jobs:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hald_store import render as render_module
 from hald_store.crop_plan import CropPolicy, plan_crops
 from hald_store.errors import HaldStoreError, ImageError
 from hald_store.images import scan_image_folder
@@ -51,6 +52,26 @@ def test_stream_equals_the_exact_renderer(folder, backend, cache):
         assert [len(x) for x in got] == [6, 6, 6, 2]
         for (ids, boxes, flips), x in zip(requests, got):
             assert torch.equal(x, renderer(read_files([files[i] for i in ids]), boxes, flips))
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_pillow_chunks_and_the_next_epochs_are_exact(folder, monkeypatch, memory_format):
+    """The pillow stream renders 2 requests per kernel call here (a 2-batch chunk, then one of
+    6 + 2 crops), slices them back, and renders the next epoch's first chunk ahead."""
+    monkeypatch.setattr(render_module, "CHUNK_PIXELS", 2 * 6 * 24 * 24)
+    m = scan_image_folder(folder, progress=False)
+    files = [folder / p for p in m.paths]
+    renderer = make_renderer("pillow", size=24, device="cpu", memory_format=memory_format)
+    stream = open_stream(renderer, files, m.heights, m.widths, batch_size=6, workers=2, prefetch=1)
+    first, second = _requests(m, 6, 0), _requests(m, 6, 1)
+    got = list(stream(first, lambda: second))
+    assert stream._ahead is second and len(stream._jobs) == 1  # the next epoch's first chunk, rendering
+    got += list(stream(second))
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    assert [len(x) for x in got] == [6, 6, 6, 2] * 2 and got[0].data_ptr() != got[1].data_ptr()
+    for (ids, boxes, flips), x in zip(first + second, got, strict=True):
+        assert x.is_contiguous(memory_format=fmt)
+        assert torch.equal(x, renderer(read_files([files[i] for i in ids]), boxes, flips))
 
 
 @pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
