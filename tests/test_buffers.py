@@ -23,7 +23,7 @@ def _request(rng, n=6, size=40):
     return ids, boxes, rng.random(n) < 0.5
 
 
-def test_a_held_batch_is_never_written_again_and_a_free_one_is():
+def test_a_held_batch_is_never_written_again_and_free_ones_are():
     renderer = make_renderer("pillow", size=24, device="cpu", workers=2)
     pixels = Pixels([photo(40, 40, k) for k in range(4)])
     rng = np.random.default_rng(0)
@@ -31,16 +31,14 @@ def test_a_held_batch_is_never_written_again_and_a_free_one_is():
     batches = [renderer.render_pixels(pixels, *r) for r in requests[:3]]
     held = [batches[0], batches[1].permute(0, 2, 3, 1)[1:], batches[2].numpy()]  # a tensor, a view, an array
     want = [h.copy() if isinstance(h, np.ndarray) else h.clone() for h in held]
-    pointers = {b.data_ptr() for b in batches}
+    held_pointers = {b.data_ptr() for b in batches}
     del batches
-    for r in requests[3:] * 3:  # more renders than the pool keeps buffers
-        renderer.render_pixels(pixels, *r)
+    written = [renderer.render_pixels(pixels, *r).data_ptr() for r in requests[3:] * 3]  # each let go at once
     for h, w in zip(held, want):
         assert (np.array_equal(h, w) if isinstance(h, np.ndarray) else torch.equal(h, w))
-    first = held.pop(0).data_ptr()  # the first batch let go of: its buffer is the pool's first free one
-    again = renderer.render_pixels(pixels, *requests[0])
-    assert again.data_ptr() == first and first in pointers  # the freed batch's memory, written again
-    assert torch.equal(again, want[0])
+    assert not held_pointers & set(written)  # no held batch was written into
+    assert set(written) <= {b.ctypes.data for b in renderer._buffers._buffers}  # let-go batches written again, none
+    assert len(set(written)) < len(written)  # made outside the pool (which one is taken: see the pool test)
 
 
 def test_pool_keeps_at_most_keep_buffers_and_pickles_empty():
