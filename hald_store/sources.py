@@ -226,6 +226,7 @@ class StoredCrops(CropSource):
         self.store, self.temperature, self.dense, self.seed = store, float(temperature), bool(dense), int(seed)
         self.sampling = sampling
         self._kept: dict[str, np.ndarray] | None = None  # a small store's label and crop arrays, read once
+        self._table: torch.Tensor | None = None  # ... and its dense labels, decoded once (see labels)
 
     def crop_seeds(self, epoch: int) -> np.ndarray:
         return self.store.epoch_crop_seeds(epoch, self.seed)
@@ -279,9 +280,29 @@ class StoredCrops(CropSource):
 
     def labels(self, ids: np.ndarray, crops: StoredEpoch, dev: torch.device) -> torch.Tensor | TopKLabels:
         """Decoded labels of images ``ids`` (any number of rows, one vectorized call): top-k
-        moved to ``dev``, then made dense there."""
+        moved to ``dev``, then made dense there. Dense labels of a store read once (see
+        ``_resident``) are decoded once for every stored crop, when they take at most
+        :data:`RESIDENT_BYTES`, and gathered: the same values (decoding is row by row), without
+        an epoch's decode on the training thread."""
+        table = self._dense_table(dev) if self.dense else None
+        if table is not None:
+            rows = ids * self.store.crops_per_image + crops.seeds[ids]
+            return table[torch.from_numpy(rows).to(dev)]
         labels = self.store.codec.decode({k: v[ids] for k, v in crops.fields.items()}).to(dev)
         return labels.probs(self.temperature) if self.dense else labels
+
+    def _dense_table(self, dev: torch.device) -> torch.Tensor | None:
+        """Every stored crop's dense label on ``dev`` (row ``image * S + crop``), or None where
+        the store is not kept in memory or the table would exceed :data:`RESIDENT_BYTES`."""
+        kept = self._resident()
+        rows = self.store.num_images * self.store.crops_per_image
+        if not kept or rows * self.store.num_classes * 4 > RESIDENT_BYTES:
+            return None
+        if self._table is None or self._table.device != dev:
+            fields = {f: kept[f"labels/{f}"].reshape(rows, *kept[f"labels/{f}"].shape[2:])
+                      for f in self.store.codec.fields()}
+            self._table = self.store.codec.decode(fields).to(dev).probs(self.temperature)
+        return self._table
 
     def batch_labels(self, crops: StoredEpoch, batches: list[np.ndarray], delivery: Delivery) -> BatchLabels:
         """Per-batch ``(soft, hard, image ids, crop seeds)``, decoded a chunk of batches at a time."""

@@ -333,24 +333,24 @@ class PillowStream(CropStream):
         self._ahead, self._ahead_chunks, self._jobs = None, [], collections.deque()
         later = iter(chunks[len(jobs):])
         try:
-            for chunk in itertools.islice(later, max(0, self.prefetch - len(jobs))):
-                jobs.append(self._pool.submit(self._render_chunk, chunk))
-            while jobs:
-                batches = jobs.popleft().result()
-                chunk = next(later, None)
-                if chunk is not None:
+            while True:
+                for chunk in itertools.islice(later, max(0, self.prefetch - len(jobs))):
                     jobs.append(self._pool.submit(self._render_chunk, chunk))
-                elif ahead is not None:  # all of this call's chunks are queued: queue the next call's first ones
-                    self._render_ahead(ahead)
+                if ahead is not None and len(jobs) < self.prefetch:  # room left: this call's chunks are all
+                    # queued, so the next call's first ones follow at once (the render thread goes on from one
+                    # epoch to the next while this one is handed out)
+                    self._render_ahead(ahead, self.prefetch - len(jobs))
                     ahead = None
-                yield from batches
+                if not jobs:
+                    return
+                yield from jobs.popleft().result()
         finally:
             for job in jobs:
                 job.cancel()
 
-    def _render_ahead(self, ahead: Callable[[], Sequence[Request] | None]) -> None:
-        """Start the caller's next requests (checked; none if that failed: the error surfaces
-        when they are asked for)."""
+    def _render_ahead(self, ahead: Callable[[], Sequence[Request] | None], count: int) -> None:
+        """Start the caller's next requests, ``count`` chunks of them (checked; none if that
+        failed: the error surfaces when they are asked for)."""
         try:
             nxt = ahead() or None
             self.check(nxt or ())
@@ -359,7 +359,7 @@ class PillowStream(CropStream):
         if nxt:
             self._ahead, self._ahead_chunks = nxt, self._chunks(nxt)
             self._jobs = collections.deque(self._pool.submit(self._render_chunk, c)
-                                           for c in self._ahead_chunks[: self.prefetch])
+                                           for c in self._ahead_chunks[:count])
 
     def close(self) -> None:
         for job in self._jobs:

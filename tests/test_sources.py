@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hald_store import CropLoader, LabelStore
+from hald_store import CropLoader, LabelStore, SoftLabelLoader
 from hald_store.render import read_files, renderer_for
 from hald_store.sources import FixedCrops
 
@@ -45,3 +45,19 @@ def test_fixed_crops_deliver_crop_zero_of_every_image_every_epoch(fixed_store):
             assert loader._crops[1].shape[0] == 18 and bool(loader._crops[2].all())
             loader.stream = None  # epoch 1 is gathered from them: no rendering
     assert not np.array_equal(seen[0], seen[1])  # a new order, the same crops
+
+
+@pytest.mark.parametrize("values, top_k", [("uint8", 5), ("fp16", 10)])
+def test_stored_labels_equal_the_stores_rows_when_decoded_once(tmp_path, resnet20, values, top_k):
+    """A small store's dense labels are decoded once for every stored crop and gathered per
+    epoch: each delivered label equals, bit for bit, its row decoded from the store alone."""
+    out, root = tiny_store(tmp_path, resnet20, classes=3, per_class=6, num_classes=10, crops_per_image=4,
+                           input_size=32, values=values, top_k=top_k)
+    store = LabelStore.open(out)
+    for temperature in (None, 2.0):
+        loader = SoftLabelLoader(store, root, batch_size=5, temperature=temperature, backend="pillow", seed=1)
+        for epoch in range(3):
+            for b in loader.iter_epoch(epoch):
+                i, s = b.image_ids.numpy(), b.crop_seeds.numpy()
+                assert torch.equal(b.soft, store.soft_labels(i, s, temperature))
+        assert loader.source._table is not None and loader.source._table.shape == (18 * 4, 10)
