@@ -38,6 +38,7 @@ import concurrent.futures
 import functools
 import io
 import os
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -81,6 +82,7 @@ _DALI_ONLY_KWARGS = ("max_batch_size", "num_threads")
 _BACKEND_KWARGS = {"dali": _DALI_ONLY_KWARGS, "pillow": ("num_threads",)}  # beyond the common ones
 _RUNTIME_KEYS = ("device", "device_id", "memory_format") + _DALI_ONLY_KWARGS
 MEMORY_FORMATS = ("contiguous", "channels_last")
+_POOL_LOCK = threading.Lock()  # guards the pillow renderers' lazily made thread pools
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,14 +364,17 @@ class PillowRenderer(CropRenderer):
         return d
 
     def render_pixels(self, pixels: Any, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
-                      normalize: bool = True) -> torch.Tensor:
-        """Crops of decoded images (a :class:`hald_store.resample.Pixels`), boxes already checked."""
+                      normalize: bool = True, threads: int | None = None) -> torch.Tensor:
+        """Crops of decoded images (a :class:`hald_store.resample.Pixels`), boxes already checked,
+        on ``threads`` of the renderer's threads (all by default)."""
         from .resample import render_crops
 
         channels_last = self.memory_format == "channels_last"
         stats = dict(mean=np.float32(self.mean), std=np.float32(self.std), channels_last=channels_last) if normalize else {}
+        threads = self.num_threads if threads is None else min(int(threads), self.num_threads)
         x = torch.from_numpy(render_crops(pixels, ids, boxes, flips, self.size, self.interpolation, **stats,
-                                          pool=self._threads(), threads=self.num_threads, buffers=self._buffers))
+                                          pool=self._threads() if threads > 1 else None, threads=threads,
+                                          buffers=self._buffers))
         if normalize and channels_last:
             x = x.permute(0, 3, 1, 2)
         return x.to(self.torch_device)
@@ -380,9 +385,10 @@ class PillowRenderer(CropRenderer):
         return list(pool.map(fn, items)) if pool is not None and len(items) > 1 else [fn(x) for x in items]
 
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor | None:
-        if self._pool is None and self.num_threads > 1:
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="hald-pillow")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
+        with _POOL_LOCK:  # a stream's render threads may ask at once
+            if self._pool is None and self.num_threads > 1:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="hald-pillow")
+                weakref.finalize(self, self._pool.shutdown, wait=False)
         return self._pool
 
     def _render(self, encoded, boxes, flips, normalize):

@@ -27,6 +27,7 @@ import importlib
 import multiprocessing
 import os
 import sys
+import threading
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -254,10 +255,11 @@ class PillowStream(CropStream):
     """The pillow renderer's stream: every image decoded once by Pillow and kept
     (``cache_decoded``; otherwise each chunk's files are decoded as it is rendered), and
     chunks of batches (:func:`~hald_store.render.render_chunk`: 16 batches of 128 at 32 px, one
-    at 224 px) rendered by one call of the compiled kernel each (:mod:`hald_store.resample`, all
-    the renderer's threads, without the GIL) and handed out as slices, ``prefetch`` chunks ahead
-    on one background thread. Given ``ahead``, the next epoch's first chunks are rendered
-    before this one ends (no drain)."""
+    at 224 px) rendered by one call of the compiled kernel each (:mod:`hald_store.resample`,
+    without the GIL) and handed out as slices, ``prefetch`` chunks ahead, min(``prefetch``,
+    threads) chunks at once on as many render threads, each call on its share of the renderer's
+    threads. Given ``ahead``, the next epoch's first chunks are queued as soon as this one's are
+    (no drain)."""
 
     def __init__(self, renderer: PillowRenderer, files: Sequence[str | os.PathLike], heights: np.ndarray,
                  widths: np.ndarray, *, prefetch: int = 2, cache_decoded: bool | str = "auto",
@@ -266,7 +268,13 @@ class PillowStream(CropStream):
         self.cache_decoded = decoded_cache_on(cache_decoded, self.heights, self.widths, cpu=True)  # Pillow decodes on the CPU
         self.digests = digests
         self._pixels: Pixels | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hald-render")
+        self._decoding = threading.Lock()
+        # chunks rendered at once (at most prefetch), each on its share of the renderer's threads: a render
+        # thread's Python between kernel calls then overlaps another's kernel call (at 32 px, one chunk per
+        # render thread gained 1.18x on 2 cores against one chunk on both: benchmarks/results/profiles/)
+        self._renders = min(self.prefetch, renderer.num_threads)
+        self._kernel_threads = -(-renderer.num_threads // self._renders)
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._renders, thread_name_prefix="hald-render")
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         self._jobs: collections.deque = collections.deque()  # the first chunks of self._ahead, rendering
         self._ahead_chunks: list[Sequence[Request]] = []
@@ -278,12 +286,13 @@ class PillowStream(CropStream):
     def decoded(self) -> Pixels:
         """Every image decoded, once (the cache of ``cache_decoded``; files checked against
         ``digests`` first, as :meth:`DaliStream.decoded` does)."""
-        if self._pixels is None:
-            from .resample import Pixels
+        with self._decoding:  # render threads may ask at once
+            if self._pixels is None:
+                from .resample import Pixels
 
-            data = read_files(self.files)
-            self._check_digests(data)
-            self._pixels = Pixels(self.renderer.map(lambda i: self._decode(i, data[i]), range(len(data))))
+                data = read_files(self.files)
+                self._check_digests(data)
+                self._pixels = Pixels(self.renderer.map(lambda i: self._decode(i, data[i]), range(len(data))))
         return self._pixels
 
     def _decode(self, i: int, data: np.ndarray) -> np.ndarray:
@@ -300,12 +309,12 @@ class PillowStream(CropStream):
     def _batch(self, request: Request) -> torch.Tensor:
         ids, boxes, flips = request
         if self.cache_decoded:
-            return self.renderer.render_pixels(self.decoded(), ids, boxes, flips)
+            return self.renderer.render_pixels(self.decoded(), ids, boxes, flips, threads=self._kernel_threads)
         from .resample import Pixels
 
         data = read_files([self.files[i] for i in ids])
         pixels = Pixels(self.renderer.map(lambda k: self._decode(ids[k], data[k]), range(len(ids))))
-        return self.renderer.render_pixels(pixels, np.arange(len(ids)), boxes, flips)
+        return self.renderer.render_pixels(pixels, np.arange(len(ids)), boxes, flips, threads=self._kernel_threads)
 
     def _chunks(self, requests: Sequence[Request]) -> list[Sequence[Request]]:
         """``requests`` in chunks rendered by one kernel call each (:func:`render_chunk` requests)."""
