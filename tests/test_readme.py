@@ -150,7 +150,7 @@ def test_readme_speed_against_ffcv_is_the_committed_benchmark():
     quiet = ROOT / "benchmarks" / "results" / "throughput-issue19" / "quiet"
     ratios = {}
     for workload in ("cifar-32px", "photo-224px"):
-        for row in json.loads((quiet / "render-threads-both-workloads.json").read_text())["results"]:
+        for row in json.loads((quiet / "five-rounds-both-workloads.json").read_text())["results"]:
             if row.get("workload") == workload and row.get("vs_ffcv_raw_per_round"):
                 kind = ("cached" if row["what"].startswith("hald-store loader (default")
                         else "rendering" if row["what"].startswith("hald-store loader, pillow renderer")
