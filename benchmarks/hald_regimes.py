@@ -5,7 +5,8 @@
 
 Reads every ``benchmarks/results/storage-*/runs.jsonl`` (written by ``storage_vs_accuracy.py``)
 and writes ``benchmarks/results/hald-regimes/``: ``regimes.md`` (the table the README quotes),
-``regimes.json``, ``shs_vs_drift.png`` and, with ``--stores``, ``drift/*.json``.
+``regimes.json``, ``shs_vs_drift.png``, ``collapse_curves.png`` (from ``storage-ipc10-curves-t*``) and,
+with ``--stores``, ``drift/*.json``.
 
 A regime is (data set, how the labels were made, crops per image S). In each regime:
 
@@ -49,6 +50,8 @@ def load_runs(root: Path = RESULTS) -> list[dict]:
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                if r.get("test_images"):  # evaluated on a test subset: not comparable
+                    continue
                 r.setdefault("labels", "eval")
                 runs[r["dataset"], r["labels"], r["key"]] = r
     return list(runs.values())
@@ -236,22 +239,23 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def curves(work: Path, path: Path) -> None:
-    """Test top-1 and training loss per epoch of the IPC 10, S = 16 collapse diagnostics (every
-    schedule run there with periodic evaluation), mean over the seeds that have the curve."""
+def curves(root: Path, path: Path) -> None:
+    """Test top-1 and training loss per epoch of the IPC 10, S = 16 collapse diagnostics: the
+    runs of ``storage-ipc10-curves-t*-e300`` (every schedule evaluated every few epochs on one
+    fixed test subset; their ``metrics.jsonl`` are committed), mean over the seeds that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     found: dict[str, list[list[dict]]] = {}
-    for metrics in sorted(work.glob("storage-ipc10*-e300/runs/s16-fp16-probs-*/metrics.jsonl")):
+    sweeps = sorted(root.glob("storage-ipc10-curves-t*-e300"))
+    for metrics in sorted(p for d in sweeps for p in d.glob("runs/s16-fp16-probs-*/metrics.jsonl")):
         schedule = metrics.parent.name.removeprefix("s16-fp16-probs-").rsplit("-seed", 1)[0]
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        if sum("val_top1" in r for r in rows) > 3 and "reference" not in str(metrics):
-            found.setdefault(schedule, []).append(rows)
+        found.setdefault(schedule, []).append([json.loads(x) for x in metrics.read_text().splitlines() if x.strip()])
     if not found:
         return
+    subset = sweeps[-1].name.removeprefix("storage-ipc10-curves-t").removesuffix("-e300")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for i, (schedule, runs) in enumerate(sorted(found.items())):
         epochs = sorted({r["epoch"] for run in runs for r in run if "val_top1" in r})
@@ -263,7 +267,7 @@ def curves(work: Path, path: Path) -> None:
     for ax in (top, bottom):
         ax.axvspan(75.5, 225.5, color="grey", alpha=0.12)
         ax.grid(alpha=0.3)
-    top.set_ylabel("test top-1 (%)")
+    top.set_ylabel(f"test top-1 (%), fixed {subset}-image subset")
     bottom.set_ylabel("training loss (KL or CE)")
     bottom.set_xlabel("epoch (hard phase shaded)")
     top.legend(fontsize=7)
@@ -284,8 +288,7 @@ def main() -> None:
     (OUT / "regimes.json").write_text(json.dumps({"rows": rows, "drift": drift}, indent=2))
     if drift:
         plot(rows, drift, OUT / "shs_vs_drift.png")
-    if args.stores:
-        curves(Path(args.stores), OUT / "collapse_curves.png")
+    curves(Path(args.results), OUT / "collapse_curves.png")
     print(text)
 
 

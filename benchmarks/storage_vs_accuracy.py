@@ -8,7 +8,8 @@ with the reference layout (a dense fp16 probability vector per crop) trained as 
 
 Data: the IPC subsets are drawn (fixed seed) from ``cifar10/cifar10-jpg.tar.gz`` among the
 train images the tests do not use (cifar10-mini holds the first 50 per class by name);
-every student is evaluated on the full 10,000-image test set. Both are extracted once under
+every student is evaluated on the full 10,000-image test set (``--test-images N``: a fixed
+class-balanced subset, for learning curves at ``--eval-every 5``). Both are extracted once under
 ``benchmarks/results/data/``. Teacher: the pretrained CIFAR ResNet-56; student: ResNet-20,
 trained with ``--preset hald-reference`` settings (AdamW 1e-3, eta 2, batch 16/16, T = 20,
 CutMix 1, smoothing 0.8) for ``--epochs``.
@@ -30,6 +31,8 @@ import argparse
 import csv
 import json
 import math
+import os
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -144,6 +147,25 @@ def dataset_folders(name: str) -> tuple[Path, Path]:
     return cifar_folders(int(name.removeprefix("ipc")))
 
 
+def test_subset(test: Path, n: int) -> Path:
+    """A fixed class-balanced subset of ``n`` images of the test folder ``test`` (hard links
+    beside it), drawn with a fixed seed: learning curves at a fraction of the full set's cost."""
+    root = test.parent / f"{test.name}-{n}"
+    with FileLock(DATA / "extract.lock"):
+        if not root.exists():
+            classes = sorted(p for p in test.iterdir() if p.is_dir())
+            tmp = root.with_name(root.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            rng = np.random.default_rng(SUBSET_SEED)
+            for c in classes:
+                files = sorted(c.iterdir())
+                (tmp / c.name).mkdir(parents=True)
+                for f in np.asarray(files)[rng.permutation(len(files))[: n // len(classes)]]:
+                    os.link(f, tmp / c.name / f.name)
+            tmp.rename(root)
+    return root
+
+
 # ---------------------------------------------------------------------------------- baseline
 class ReferenceProbs(StoredCrops):
     """The reference's soft labels: a stored fp16 ``softmax(z / T)`` vector per crop, used as
@@ -186,6 +208,9 @@ class Sweep:
         self.args = args
         self.images, self.test = dataset_folders(args.dataset)
         suffix = "" if args.labels == "eval" else f"-{args.labels}-labels"
+        if args.test_images:
+            self.test = test_subset(self.test, args.test_images)
+            suffix += f"-curves-t{args.test_images}"  # not replicates: hald_regimes.py plots them only
         self.work = Path(args.out or RESULTS / f"storage-{args.dataset}{suffix}-e{args.epochs}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.runs_file = self.work / "runs.jsonl"
@@ -258,7 +283,7 @@ class Sweep:
                "bytes_per_crop": info["label_bytes"] / n, "raw_bytes_per_crop": info["raw_bytes_per_crop"],
                "mean_kl": info["mean_kl"], "top1_agreement": info["top1_agreement"],
                "test_top1": final["val_top1"], "test_top5": final["val_top5"], "labels": self.args.labels,
-               "eval_every": self.args.eval_every, "best_test_top1": final.get("best_val_top1"),
+               "eval_every": self.args.eval_every, "test_images": self.args.test_images or None, "best_test_top1": final.get("best_val_top1"),
                "best_epoch": final.get("best_epoch"), "train_seconds": seconds}
         self.done[key] = row
         with open(self.runs_file, "a") as f:
@@ -447,6 +472,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--labels", choices=sorted(LABELS), default="eval", help="how the store's labels were made")
     ap.add_argument("--eval-every", type=int, default=25, help="test accuracy every N epochs (best beside final)")
+    ap.add_argument("--test-images", type=int, default=0,
+                    help="evaluate on a fixed class-balanced subset of N test images (learning curves; not a replicate of full-set runs) [all 10,000]")
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="[benchmarks/results/storage-<dataset>-e<epochs>]")
@@ -458,6 +485,8 @@ def main() -> None:
         assert len(args.shard) == 2 and 0 <= args.shard[0] < args.shard[1]
     except (ValueError, AssertionError):
         ap.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    if args.test_images and args.test_images < 10:
+        ap.error(f"--test-images must be 0 (all) or at least 10 (one per class), got {args.test_images}")
     for spec in args.schedules:
         schedule_options(spec)  # a bad spec stops here, not after the first runs
     args.crops = args.crops or GRIDS[args.dataset]["crops"]
