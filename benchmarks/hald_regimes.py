@@ -270,8 +270,8 @@ def curves(root: Path, path: Path) -> None:
     top.set_ylabel(f"test top-1 (%), fixed {subset}-image subset")
     bottom.set_ylabel("training loss (KL or CE)")
     bottom.set_xlabel("epoch (hard phase shaded)")
-    top.legend(fontsize=7)
-    top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks", fontsize=10)
+    top.legend(fontsize=7, ncol=2, loc="lower right")
+    top.set_title("IPC 10, S = 16, fp16 probs: where shs breaks (mean over seeds)", fontsize=10)
     save_figure(fig, path)
 
 
