@@ -266,21 +266,25 @@ def plot(rows: list[dict], drift: dict[str, dict], path: Path) -> None:
 
 def curves(root: Path, path: Path) -> None:
     """Test top-1 and training loss per epoch of the IPC 10, S = 16 collapse diagnostics: the
-    runs of ``storage-ipc10-curves-t*-e300`` (every schedule evaluated every few epochs on one
-    fixed test subset; their ``metrics.jsonl`` are committed), mean over the seeds that ran."""
+    runs of ``storage-ipc10-curves-tN-e300`` with the largest N (every schedule evaluated every few
+    epochs on one fixed N-image test subset; their ``metrics.jsonl`` are committed), mean over the
+    seeds that ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     found: dict[str, list[list[dict]]] = {}
-    sweeps = sorted(root.glob("storage-ipc10-curves-t*-e300"))
-    for metrics in sorted(p for d in sweeps for p in d.glob("runs/s16-fp16-probs-*/metrics.jsonl")):
+    sweeps = {int(d.name.removeprefix("storage-ipc10-curves-t").removesuffix("-e300")): d
+              for d in root.glob("storage-ipc10-curves-t*-e300")}
+    if not sweeps:
+        return
+    subset = max(sweeps)  # one test subset per plot: the largest swept
+    for metrics in sorted(sweeps[subset].glob("runs/s16-fp16-probs-*/metrics.jsonl")):
         schedule = metrics.parent.name.removeprefix("s16-fp16-probs-").rsplit("-seed", 1)[0]
         found.setdefault(schedule, []).append([json.loads(x) for x in metrics.read_text().splitlines() if x.strip()])
     if not found:
         return
-    subset = sweeps[-1].name.removeprefix("storage-ipc10-curves-t").removesuffix("-e300")
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
     for i, (schedule, runs) in enumerate(sorted(found.items())):
         epochs = sorted({r["epoch"] for run in runs for r in run if "val_top1" in r})
