@@ -144,13 +144,13 @@ def _cell(d: dict | None) -> str:
 
 
 def table(rows: list[dict], drift: dict[str, dict] | None = None, schedule: str | None = None) -> str:
-    """The regime table in Markdown (drift columns when measured); one schedule's rows only, without
-    the schedule column, when ``schedule`` is given."""
+    """The regime table in Markdown (drift columns when measured): final top-1 (the headline) and
+    the best evaluated epoch's; one schedule's rows only, final top-1 only, when ``schedule`` is given."""
     drift = drift or {}
-    name = "| schedule | top-1 |" if schedule is None else f"| {schedule} top-1 |"
+    name = "| schedule | top-1 | best epoch's |" if schedule is None else f"| {schedule} top-1 |"
     head = (f"| data | labels | S | steps/epoch {name} soft-only | hard-only | "
             f"{'' if schedule is None else schedule + ' '}vs better control (95% interval) | drift tr(Σ), T=1 | off-class crops |")
-    lines = [head, "| --- | --- | ---: | ---: | " + ("--- | " if schedule is None else "") + "---: | ---: | ---: | --- | ---: | ---: |"]
+    lines = [head, "| --- | --- | ---: | ---: | " + ("--- | ---: | " if schedule is None else "") + "---: | ---: | ---: | --- | ---: | ---: |"]
     for r in rows:
         if schedule is not None and r["schedule"] != schedule:
             continue
@@ -160,8 +160,8 @@ def table(rows: list[dict], drift: dict[str, dict] | None = None, schedule: str 
         vs = r.get("vs_better_control")
         lines.append(
             f"| {r['dataset']} | {r['labels']} | {r['crops_per_image']} | {r['steps_per_epoch']} | "
-            f"{'' if schedule is not None else r['schedule'] + ' | '}"
-            f"{_cell(r['top1'])} | {_cell(r['soft-only'])} | {_cell(r['hard-only'])} | "
+            f"{'' if schedule is not None else r['schedule'] + ' | '}{_cell(r['top1'])} | "
+            f"{'' if schedule is not None else (_cell(r['best_top1']) if r['best_top1']['n'] else 'not recorded') + ' | '}{_cell(r['soft-only'])} | {_cell(r['hard-only'])} | "
             f"{(r['better_control'] + ': ' + verdict(vs)) if vs else 'no control'} | "
             f"{'' if tr is None else f'{tr:.4f}'} | {'' if off is None else f'{100 * off:.1f}%'} |")
     return "\n".join(lines)
