@@ -4,7 +4,9 @@
     python benchmarks/hald_regimes.py --stores DIR    # also measure drift of each regime's store
 
 Reads every ``benchmarks/results/storage-*/runs.jsonl`` (written by ``storage_vs_accuracy.py``)
-and writes ``benchmarks/results/hald-regimes/``: ``regimes.md`` (the table the README quotes),
+and writes ``benchmarks/results/hald-regimes/``: ``regimes.md`` (``shs`` per regime, every schedule per
+regime, each schedule counted across the grid with the preset criterion, drift; the README and
+docs/hald.md quote them),
 ``regimes.json``, ``shs_vs_drift.png``, ``collapse_curves.png`` (from ``storage-ipc10-curves-t*``) and,
 with ``--stores``, ``drift/*.json``.
 
