@@ -131,12 +131,16 @@ def regimes(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def outcome(d: dict) -> str:
+    """Where a paired difference's 95% interval lies: above zero, below it, or across it."""
+    return "beats it" if d["low"] > 0 else "below it" if d["high"] < 0 else "within noise"
+
+
 def verdict(d: dict) -> str:
     """Plain words for a paired difference against the better control."""
     if d["n"] < 2 or math.isnan(d["low"]):
         return f"{d['mean']:+.2f} (n={d['n']}: too few seeds)"
-    word = "beats it" if d["low"] > 0 else "below it" if d["high"] < 0 else "within noise"
-    return f"{d['mean']:+.2f} ({d['low']:+.2f} .. {d['high']:+.2f}): {word}"
+    return f"{d['mean']:+.2f} ({d['low']:+.2f} .. {d['high']:+.2f}): {outcome(d)}"
 
 
 def _cell(d: dict | None) -> str:
@@ -178,7 +182,7 @@ def variants(rows: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for schedule in sorted({r["schedule"] for r in rows}, key=lambda s: (s != "shs", s)):
         mine = [r for r in rows if r["schedule"] == schedule and r.get("vs_better_control", {}).get("n", 0) > 1]
-        words = [verdict(r["vs_better_control"]).rsplit(": ", 1)[1] for r in mine]
+        words = [outcome(r["vs_better_control"]) for r in mine]
         paired = [d for r in mine for d in r["paired"]]
         missing = len(grid - {regime_name(r) for r in mine})
         below = words.count("below it")
